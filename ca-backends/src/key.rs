@@ -1,0 +1,176 @@
+//! The seam between the issuer and whatever holds the issuing key.
+
+use crate::Error;
+use aws_lc_rs::signature::{self as sig, UnparsedPublicKey, VerificationAlgorithm};
+use const_oid::ObjectIdentifier;
+use const_oid::db::{rfc5912, rfc8410};
+use der::{Decode, Reader, SliceReader, asn1::UintRef};
+use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoRef};
+
+/// The kind of a public key: the facts the domain policy's `key_types` rule needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    P256,
+    P384,
+    Ed25519,
+    /// RSA with the modulus size in bits.
+    Rsa(usize),
+}
+
+/// The signature algorithm an issuing key signs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigAlg {
+    EcdsaP256Sha256,
+    EcdsaP384Sha384,
+    Ed25519,
+    RsaPkcs1Sha256,
+}
+
+impl SigAlg {
+    /// The X.509 `AlgorithmIdentifier` of this algorithm.
+    pub fn algorithm_identifier(self) -> AlgorithmIdentifierOwned {
+        let (oid, null_params) = match self {
+            SigAlg::EcdsaP256Sha256 => (rfc5912::ECDSA_WITH_SHA_256, false),
+            SigAlg::EcdsaP384Sha384 => (rfc5912::ECDSA_WITH_SHA_384, false),
+            SigAlg::Ed25519 => (rfc8410::ID_ED_25519, false),
+            // RFC 4055: the parameters of sha256WithRSAEncryption are an explicit NULL.
+            SigAlg::RsaPkcs1Sha256 => (rfc5912::SHA_256_WITH_RSA_ENCRYPTION, true),
+        };
+        AlgorithmIdentifierOwned {
+            oid,
+            parameters: null_params.then(|| der::asn1::Null.into()),
+        }
+    }
+}
+
+/// A key that signs certificates and CRLs. The software key and the PKCS#11 token key are
+/// two implementations; nothing above this trait knows where the key lives.
+///
+/// `sign` may block (an HSM round trip): callers run it off the async reactor.
+pub trait KeySigner: Send + Sync {
+    /// The key's SubjectPublicKeyInfo, DER.
+    fn public_key_der(&self) -> &[u8];
+    /// The algorithm `sign` produces.
+    fn algorithm(&self) -> SigAlg;
+    /// Signs `message` (the whole TBS, hashing included), returning the signature as it goes
+    /// into the certificate's BIT STRING (DER `Ecdsa-Sig-Value` for ECDSA).
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, Error>;
+}
+
+/// What a public key is, for policy (`key_types`) and for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKeyInfo {
+    pub kind: KeyKind,
+}
+
+impl PublicKeyInfo {
+    /// A human description such as `ECDSA P-256` or `RSA 2048`.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            KeyKind::P256 => "ECDSA P-256".into(),
+            KeyKind::P384 => "ECDSA P-384".into(),
+            KeyKind::Ed25519 => "Ed25519".into(),
+            KeyKind::Rsa(bits) => format!("RSA {bits}"),
+        }
+    }
+}
+
+/// Classifies a SubjectPublicKeyInfo and checks the key itself is well formed (an EC point
+/// on its curve, an RSA modulus that parses).
+pub fn classify_spki(spki_der: &[u8]) -> Result<PublicKeyInfo, Error> {
+    let spki = SubjectPublicKeyInfoRef::from_der(spki_der)
+        .map_err(|e| Error::Encoding(format!("public key does not parse: {e}")))?;
+    let key = spki
+        .subject_public_key
+        .as_bytes()
+        .ok_or_else(|| Error::Encoding("public key bit string is not whole bytes".into()))?;
+    let oid = spki.algorithm.oid;
+    let kind = if oid == rfc5912::ID_EC_PUBLIC_KEY {
+        let curve: ObjectIdentifier = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.decode_as().ok())
+            .ok_or_else(|| Error::UnsupportedKey("EC key without a named curve".into()))?;
+        if curve == rfc5912::SECP_256_R_1 {
+            p256::PublicKey::from_sec1_bytes(key)
+                .map_err(|_| Error::Encoding("P-256 point is not on the curve".into()))?;
+            KeyKind::P256
+        } else if curve == rfc5912::SECP_384_R_1 {
+            if key.len() != 97 || key[0] != 4 {
+                return Err(Error::Encoding(
+                    "P-384 point is not an uncompressed point".into(),
+                ));
+            }
+            KeyKind::P384
+        } else {
+            return Err(Error::UnsupportedKey(format!("EC curve {curve} is not supported")));
+        }
+    } else if oid == rfc8410::ID_ED_25519 {
+        if key.len() != 32 {
+            return Err(Error::Encoding("Ed25519 key is not 32 bytes".into()));
+        }
+        KeyKind::Ed25519
+    } else if oid == rfc5912::RSA_ENCRYPTION {
+        KeyKind::Rsa(rsa_modulus_bits(key)?)
+    } else {
+        return Err(Error::UnsupportedKey(format!(
+            "public key algorithm {oid} is not supported"
+        )));
+    };
+    Ok(PublicKeyInfo { kind })
+}
+
+fn rsa_modulus_bits(key: &[u8]) -> Result<usize, Error> {
+    let bad = |e: der::Error| Error::Encoding(format!("RSA key does not parse: {e}"));
+    let mut reader = SliceReader::new(key).map_err(bad)?;
+    let n = reader
+        .sequence(|r| {
+            let n = UintRef::decode(r)?;
+            let _e = UintRef::decode(r)?;
+            Ok(n.as_bytes().to_vec())
+        })
+        .map_err(bad)?;
+    let first = *n.first().unwrap_or(&0);
+    Ok(n.len() * 8 - first.leading_zeros() as usize)
+}
+
+/// Verifies `signature` over `message` with the key in `spki_der`, for the X.509 signature
+/// algorithm `alg` (an OID as found in a CSR, certificate or CRL).
+pub fn verify_signature(
+    spki_der: &[u8],
+    alg: &ObjectIdentifier,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), Error> {
+    let info = classify_spki(spki_der)?;
+    let spki = SubjectPublicKeyInfoRef::from_der(spki_der)?;
+    let key = spki.subject_public_key.raw_bytes();
+    let algorithm: &'static dyn VerificationAlgorithm = match (info.kind, *alg) {
+        (KeyKind::P256, a) if a == rfc5912::ECDSA_WITH_SHA_256 => &sig::ECDSA_P256_SHA256_ASN1,
+        (KeyKind::P256, a) if a == rfc5912::ECDSA_WITH_SHA_384 => &sig::ECDSA_P256_SHA384_ASN1,
+        (KeyKind::P384, a) if a == rfc5912::ECDSA_WITH_SHA_256 => &sig::ECDSA_P384_SHA256_ASN1,
+        (KeyKind::P384, a) if a == rfc5912::ECDSA_WITH_SHA_384 => &sig::ECDSA_P384_SHA384_ASN1,
+        (KeyKind::Ed25519, a) if a == rfc8410::ID_ED_25519 => &sig::ED25519,
+        // Legacy-size verification so that a short RSA key is reported as a weak key by the
+        // policy rather than as a bad signature.
+        (KeyKind::Rsa(_), a) if a == rfc5912::SHA_256_WITH_RSA_ENCRYPTION => {
+            &sig::RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY
+        }
+        (KeyKind::Rsa(_), a) if a == rfc5912::SHA_384_WITH_RSA_ENCRYPTION => {
+            &sig::RSA_PKCS1_2048_8192_SHA384
+        }
+        (KeyKind::Rsa(_), a) if a == rfc5912::SHA_512_WITH_RSA_ENCRYPTION => {
+            &sig::RSA_PKCS1_1024_8192_SHA512_FOR_LEGACY_USE_ONLY
+        }
+        (kind, a) => {
+            return Err(Error::UnsupportedKey(format!(
+                "signature algorithm {a} with a {} key is not supported",
+                PublicKeyInfo { kind }.describe()
+            )));
+        }
+    };
+    UnparsedPublicKey::new(algorithm, key)
+        .verify(message, signature)
+        .map_err(|_| Error::Signing("signature does not verify".into()))
+}

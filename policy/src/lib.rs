@@ -1,0 +1,590 @@
+//! ECSP domain policy: what an ECSP security team writes under `[domains.*]`, checked and
+//! decided without any I/O.
+//!
+//! This crate owns the policy as data (serde types that mirror `contract/operator.md` §1), its
+//! validation (what `ecsd serve` refuses at start and `ecsd policy lint` reports), and the pure
+//! decisions of the onboarding path: may this token issuer onboard this EES ID in this domain,
+//! with this key, for how long, and with or without a Secret_token.
+//!
+//! It must not do I/O, read a clock (time is always an argument) or know about HTTP: the
+//! daemon gathers the facts, this crate decides, and every refusal carries the stable
+//! identifier of the rule that decided it (`domains.ecsp-a.key_types`) and a sentence for
+//! the operator.
+#![forbid(unsafe_code)]
+
+mod duration;
+mod glob;
+
+pub use duration::PolicyDuration;
+pub use glob::glob_match;
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The longest certificate validity the EES certificate profile allows (TS 33.310: 3 years).
+pub const MAX_CERT_VALIDITY_SECS: u64 = 3 * 365 * 86_400;
+
+/// A key algorithm and size an EES may present, as named in `key_types`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyType {
+    P256,
+    P384,
+    Ed25519,
+    Rsa2048,
+    Rsa3072,
+    Rsa4096,
+}
+
+impl KeyType {
+    /// The name used in configuration files.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyType::P256 => "p256",
+            KeyType::P384 => "p384",
+            KeyType::Ed25519 => "ed25519",
+            KeyType::Rsa2048 => "rsa2048",
+            KeyType::Rsa3072 => "rsa3072",
+            KeyType::Rsa4096 => "rsa4096",
+        }
+    }
+
+    /// The key types accepted when a domain does not say (`contract/api.md` §6).
+    pub fn defaults() -> Vec<KeyType> {
+        vec![
+            KeyType::P256,
+            KeyType::P384,
+            KeyType::Ed25519,
+            KeyType::Rsa2048,
+            KeyType::Rsa3072,
+            KeyType::Rsa4096,
+        ]
+    }
+}
+
+impl fmt::Display for KeyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Whether a domain hands out the optional Secret_token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretTokenMode {
+    Never,
+    #[default]
+    OnRequest,
+    Always,
+}
+
+/// Acceptance of third-party EES client certificates (`[domains.X.third_party]`).
+///
+/// Parsed and validated here so that a configuration written for it is accepted; the
+/// decision on a presented chain belongs to the third-party issue.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThirdPartyPolicy {
+    #[serde(default)]
+    pub accept: bool,
+    #[serde(default)]
+    pub trust_anchors: Vec<String>,
+    #[serde(default)]
+    pub require_eku: Vec<String>,
+    #[serde(default = "default_true")]
+    pub names_must_match: bool,
+    #[serde(default)]
+    pub max_validity: Option<PolicyDuration>,
+    #[serde(default)]
+    pub crls: Vec<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// One ECSP domain's policy, keyed in the configuration by the `eesProf.provId` it governs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainPolicy {
+    /// Names of `[token_issuers.*]` whose onboarding tokens this domain accepts.
+    #[serde(default)]
+    pub token_issuers: Vec<String>,
+    /// Glob patterns (`*` matches any run of characters) that the `eesId` must match.
+    #[serde(default)]
+    pub ees_ids: Vec<String>,
+    /// The `[backends.*]` name that signs this domain's EES certificates; may be left out when
+    /// the configuration has exactly one signing backend.
+    #[serde(default)]
+    pub backend: Option<String>,
+    #[serde(default = "default_cert_validity")]
+    pub cert_validity: PolicyDuration,
+    #[serde(default = "default_max_registration")]
+    pub max_registration: PolicyDuration,
+    #[serde(default = "KeyType::defaults")]
+    pub key_types: Vec<KeyType>,
+    #[serde(default)]
+    pub secret_token: SecretTokenMode,
+    #[serde(default)]
+    pub third_party: Option<ThirdPartyPolicy>,
+}
+
+fn default_cert_validity() -> PolicyDuration {
+    PolicyDuration::from_secs(30 * 86_400)
+}
+
+fn default_max_registration() -> PolicyDuration {
+    PolicyDuration::from_secs(365 * 86_400)
+}
+
+/// How bad a finding of [`DomainPolicy::validate`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Warning,
+    Error,
+}
+
+/// One problem found in a domain's policy, naming the configuration key at fault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    /// The full key, e.g. `domains.ecsp-a.cert_validity`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sev = match self.severity {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        };
+        write!(f, "{sev}: {}: {}", self.key, self.message)
+    }
+}
+
+/// What the rest of the configuration offers, so that a domain's references can be checked.
+pub struct Known<'a> {
+    pub backends: &'a [&'a str],
+    pub token_issuers: &'a [&'a str],
+}
+
+impl DomainPolicy {
+    /// Checks this domain's policy; `Error` findings make `ecsd serve` refuse to start.
+    pub fn validate(&self, domain: &str, known: &Known<'_>) -> Vec<Finding> {
+        let mut out = Vec::new();
+        let key = |k: &str| format!("domains.{domain}.{k}");
+        let mut push = |severity, k: &str, message: String| {
+            out.push(Finding {
+                severity,
+                key: key(k),
+                message,
+            })
+        };
+        if self.token_issuers.is_empty() {
+            push(
+                Severity::Warning,
+                "token_issuers",
+                "no token issuer is trusted: this domain can onboard no EES".into(),
+            );
+        }
+        for name in &self.token_issuers {
+            if !known.token_issuers.contains(&name.as_str()) {
+                push(
+                    Severity::Error,
+                    "token_issuers",
+                    format!("unknown token issuer {name:?}: no [token_issuers.{name}] section"),
+                );
+            }
+        }
+        if self.ees_ids.is_empty() {
+            push(
+                Severity::Warning,
+                "ees_ids",
+                "no eesId pattern: this domain admits no EES".into(),
+            );
+        }
+        for pattern in &self.ees_ids {
+            if pattern.trim().is_empty() {
+                push(
+                    Severity::Error,
+                    "ees_ids",
+                    "an empty pattern matches nothing".into(),
+                );
+            }
+        }
+        match &self.backend {
+            Some(b) if !known.backends.contains(&b.as_str()) => push(
+                Severity::Error,
+                "backend",
+                format!("unknown backend {b:?}: no [backends.{b}] section"),
+            ),
+            None if known.backends.len() != 1 => push(
+                Severity::Error,
+                "backend",
+                "missing: the configuration has several backends, name the one for this domain"
+                    .into(),
+            ),
+            _ => {}
+        }
+        let validity = self.cert_validity.as_secs();
+        if validity == 0 {
+            push(
+                Severity::Error,
+                "cert_validity",
+                "must be longer than zero".into(),
+            );
+        } else if validity > MAX_CERT_VALIDITY_SECS {
+            push(
+                Severity::Error,
+                "cert_validity",
+                format!("{} is longer than 3 years", self.cert_validity),
+            );
+        } else if validity > 398 * 86_400 {
+            push(
+                Severity::Warning,
+                "cert_validity",
+                format!("{} is longer than 398 days", self.cert_validity),
+            );
+        }
+        if self.max_registration.as_secs() == 0 {
+            push(
+                Severity::Error,
+                "max_registration",
+                "must be longer than zero".into(),
+            );
+        }
+        if self.key_types.is_empty() {
+            push(
+                Severity::Error,
+                "key_types",
+                "empty: no EES key would be accepted".into(),
+            );
+        }
+        if self.key_types.contains(&KeyType::Rsa2048) {
+            push(
+                Severity::Warning,
+                "key_types",
+                "rsa2048 is allowed; 3072 bits or more is recommended".into(),
+            );
+        }
+        out
+    }
+}
+
+/// The facts of one onboarding (or re-key) request, gathered by the daemon.
+#[derive(Debug, Clone)]
+pub struct OnboardingFacts<'a> {
+    /// The configuration name of the token issuer whose signature was verified.
+    pub token_issuer: &'a str,
+    pub ees_id: &'a str,
+    /// The type of the key in the CSR.
+    pub key_type: Option<KeyType>,
+    /// A human description of the key when `key_type` is `None` (e.g. "RSA 1024").
+    pub key_description: &'a str,
+    /// The `expTime` the EES proposed, in seconds since the Unix epoch.
+    pub requested_expiry: Option<i64>,
+    pub secret_token_requested: bool,
+    /// The decision time, seconds since the Unix epoch.
+    pub now: i64,
+}
+
+/// Why a request was refused; the daemon maps each kind to one contract cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// The key is outside `key_types`: `WEAK_KEY`.
+    WeakKey,
+    /// Any other rule: `POLICY_REJECTED`.
+    Rejected,
+}
+
+/// A refusal, naming the rule that decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    /// Stable identifier of the rule, e.g. `domains.ecsp-a.ees_ids`.
+    pub rule: String,
+    pub reason: String,
+}
+
+/// What the policy approved for an onboarding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approval {
+    pub backend: Option<String>,
+    /// Requested certificate lifetime in seconds, before the issuer caps it at its own
+    /// `notAfter`.
+    pub cert_validity_secs: u64,
+    /// The registration's expiry (seconds since the epoch) as the ECS decided it.
+    pub registration_expiry: i64,
+    pub issue_secret_token: bool,
+}
+
+/// One rule evaluated, in order, with its result: what `policy explain` prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleResult {
+    pub rule: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// The decision for one request: every rule evaluated and the outcome.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub evaluated: Vec<RuleResult>,
+    pub outcome: Result<Approval, Refusal>,
+}
+
+impl DomainPolicy {
+    /// Decides an onboarding (POST, or a re-key by CSR) in domain `domain`.
+    ///
+    /// Rules are evaluated in a fixed order and evaluation stops at the first refusal, so the
+    /// refusal names the first rule that failed.
+    pub fn decide_onboarding(&self, domain: &str, facts: &OnboardingFacts<'_>) -> Decision {
+        let mut evaluated = Vec::new();
+        let outcome = self.evaluate(domain, facts, &mut evaluated);
+        Decision { evaluated, outcome }
+    }
+
+    fn evaluate(
+        &self,
+        domain: &str,
+        facts: &OnboardingFacts<'_>,
+        log: &mut Vec<RuleResult>,
+    ) -> Result<Approval, Refusal> {
+        let rule = |k: &str| format!("domains.{domain}.{k}");
+        let mut check = |k: &str, passed: bool, detail: String, kind: RefusalKind| {
+            log.push(RuleResult {
+                rule: rule(k),
+                passed,
+                detail: detail.clone(),
+            });
+            if passed {
+                Ok(())
+            } else {
+                Err(Refusal {
+                    kind,
+                    rule: rule(k),
+                    reason: detail,
+                })
+            }
+        };
+
+        let issuer_ok = self.token_issuers.iter().any(|i| i == facts.token_issuer);
+        check(
+            "token_issuers",
+            issuer_ok,
+            if issuer_ok {
+                format!("token issuer {:?} is trusted", facts.token_issuer)
+            } else {
+                format!(
+                    "token issuer {:?} is not trusted by domain {domain:?}",
+                    facts.token_issuer
+                )
+            },
+            RefusalKind::Rejected,
+        )?;
+
+        let pattern = self
+            .ees_ids
+            .iter()
+            .find(|p| glob_match(p, facts.ees_id));
+        check(
+            "ees_ids",
+            pattern.is_some(),
+            match pattern {
+                Some(p) => format!("eesId {:?} matches {p:?}", facts.ees_id),
+                None => format!(
+                    "eesId {:?} matches none of {:?}",
+                    facts.ees_id, self.ees_ids
+                ),
+            },
+            RefusalKind::Rejected,
+        )?;
+
+        let key_ok = facts
+            .key_type
+            .is_some_and(|k| self.key_types.contains(&k));
+        let key_names: Vec<&str> = self.key_types.iter().map(|k| k.name()).collect();
+        check(
+            "key_types",
+            key_ok,
+            if key_ok {
+                format!("key {} is allowed", facts.key_description)
+            } else {
+                format!(
+                    "key {} is not allowed; allowed: {}",
+                    facts.key_description,
+                    key_names.join(", ")
+                )
+            },
+            RefusalKind::WeakKey,
+        )?;
+
+        let secret_ok = !(facts.secret_token_requested && self.secret_token == SecretTokenMode::Never);
+        check(
+            "secret_token",
+            secret_ok,
+            if secret_ok {
+                "Secret_token rule holds".into()
+            } else {
+                "a Secret_token was requested but this domain never issues one".into()
+            },
+            RefusalKind::Rejected,
+        )?;
+        let issue_secret_token = match self.secret_token {
+            SecretTokenMode::Never => false,
+            SecretTokenMode::OnRequest => facts.secret_token_requested,
+            SecretTokenMode::Always => true,
+        };
+
+        let registration_expiry = self.registration_expiry(facts.requested_expiry, facts.now);
+        check(
+            "max_registration",
+            true,
+            format!(
+                "registration expires at {registration_expiry} (cap {} from now)",
+                self.max_registration
+            ),
+            RefusalKind::Rejected,
+        )?;
+
+        Ok(Approval {
+            backend: self.backend.clone(),
+            cert_validity_secs: self.cert_validity.as_secs().min(MAX_CERT_VALIDITY_SECS),
+            registration_expiry,
+            issue_secret_token,
+        })
+    }
+
+    /// The registration expiry the ECS grants: the proposal, capped at `max_registration`
+    /// from `now`; with no proposal, the cap itself.
+    pub fn registration_expiry(&self, requested: Option<i64>, now: i64) -> i64 {
+        let cap = now.saturating_add(self.max_registration.as_secs() as i64);
+        match requested {
+            Some(t) => t.min(cap),
+            None => cap,
+        }
+    }
+
+    /// Whether an update may keep this EES ID (a PUT or PATCH re-checks the profile).
+    pub fn admits_ees_id(&self, domain: &str, ees_id: &str) -> Result<(), Refusal> {
+        if self.ees_ids.iter().any(|p| glob_match(p, ees_id)) {
+            Ok(())
+        } else {
+            Err(Refusal {
+                kind: RefusalKind::Rejected,
+                rule: format!("domains.{domain}.ees_ids"),
+                reason: format!("eesId {ees_id:?} matches none of {:?}", self.ees_ids),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> DomainPolicy {
+        toml::from_str(
+            r#"
+            token_issuers = ["ecsp-a-as"]
+            ees_ids = ["*.ecsp-a.example"]
+            backend = "hsm"
+            cert_validity = "30d"
+            max_registration = "365d"
+            key_types = ["p256", "p384", "ed25519", "rsa3072", "rsa4096"]
+            secret_token = "on_request"
+            "#,
+        )
+        .unwrap()
+    }
+
+    fn facts<'a>() -> OnboardingFacts<'a> {
+        OnboardingFacts {
+            token_issuer: "ecsp-a-as",
+            ees_id: "ees1.edn1.ecsp-a.example",
+            key_type: Some(KeyType::P256),
+            key_description: "ECDSA P-256",
+            requested_expiry: None,
+            secret_token_requested: true,
+            now: 1_000_000,
+        }
+    }
+
+    #[test]
+    fn the_contract_example_is_approved() {
+        let d = policy().decide_onboarding("ecsp-a", &facts());
+        let a = d.outcome.unwrap();
+        assert_eq!(a.backend.as_deref(), Some("hsm"));
+        assert_eq!(a.cert_validity_secs, 30 * 86_400);
+        assert_eq!(a.registration_expiry, 1_000_000 + 365 * 86_400);
+        assert!(a.issue_secret_token);
+        assert!(d.evaluated.iter().all(|r| r.passed));
+    }
+
+    #[test]
+    fn each_refusal_names_its_rule() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut OnboardingFacts)>, RefusalKind)> = vec![
+            ("domains.ecsp-a.token_issuers", Box::new(|f| f.token_issuer = "other"), RefusalKind::Rejected),
+            ("domains.ecsp-a.ees_ids", Box::new(|f| f.ees_id = "ees1.ecsp-b.example"), RefusalKind::Rejected),
+            ("domains.ecsp-a.key_types", Box::new(|f| f.key_type = Some(KeyType::Rsa2048)), RefusalKind::WeakKey),
+            ("domains.ecsp-a.key_types", Box::new(|f| f.key_type = None), RefusalKind::WeakKey),
+        ];
+        for (rule, change, kind) in cases {
+            let mut f = facts();
+            change(&mut f);
+            let refusal = policy().decide_onboarding("ecsp-a", &f).outcome.unwrap_err();
+            assert_eq!(refusal.rule, rule);
+            assert_eq!(refusal.kind, kind);
+        }
+    }
+
+    #[test]
+    fn secret_token_modes() {
+        let mut p = policy();
+        p.secret_token = SecretTokenMode::Never;
+        let r = p.decide_onboarding("ecsp-a", &facts()).outcome.unwrap_err();
+        assert_eq!(r.rule, "domains.ecsp-a.secret_token");
+        let mut f = facts();
+        f.secret_token_requested = false;
+        assert!(!p.decide_onboarding("ecsp-a", &f).outcome.unwrap().issue_secret_token);
+        p.secret_token = SecretTokenMode::Always;
+        assert!(p.decide_onboarding("ecsp-a", &f).outcome.unwrap().issue_secret_token);
+    }
+
+    #[test]
+    fn expiry_is_capped_by_max_registration() {
+        let p = policy();
+        assert_eq!(p.registration_expiry(Some(2_000_000), 1_000_000), 2_000_000);
+        assert_eq!(
+            p.registration_expiry(Some(i64::MAX), 1_000_000),
+            1_000_000 + 365 * 86_400
+        );
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut p = policy();
+        p.cert_validity = PolicyDuration::from_secs(4 * 365 * 86_400);
+        p.backend = Some("nope".into());
+        let known = Known {
+            backends: &["hsm"],
+            token_issuers: &["ecsp-a-as"],
+        };
+        let f = p.validate("ecsp-a", &known);
+        let keys: Vec<_> = f
+            .iter()
+            .filter(|f| f.severity == Severity::Error)
+            .map(|f| f.key.as_str())
+            .collect();
+        assert_eq!(keys, ["domains.ecsp-a.backend", "domains.ecsp-a.cert_validity"]);
+        assert!(policy().validate("ecsp-a", &known).is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<DomainPolicy>("ees_idz = []").unwrap_err();
+        assert!(err.to_string().contains("ees_idz"));
+    }
+}
