@@ -1,0 +1,547 @@
+//! The configuration file of `contract/operator.md` §1: TOML, `ECS__SECTION__KEY` environment
+//! overrides, paths relative to the file's folder, and every unknown key or bad value refused
+//! at start in one line that names it.
+
+use ecs_policy::{DomainPolicy, Finding, Known, PolicyDuration, Severity};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The name of the domain that governs a profile without `provId`.
+pub const DEFAULT_DOMAIN: &str = "default";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The ECS's identifier: the audience every onboarding token must name.
+    pub ecs_id: String,
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub backends: BTreeMap<String, BackendConfig>,
+    #[serde(default)]
+    pub token_issuers: BTreeMap<String, TokenIssuerConfig>,
+    #[serde(default)]
+    pub domains: BTreeMap<String, DomainPolicy>,
+    /// Where the file was read from; relative paths were resolved against its folder.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: String,
+    /// Base of `Location` headers and of the CRL URL in certificates.
+    pub public_url: String,
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// The backend that issues the server certificate when `tls_cert` is absent, and whose
+    /// CA `/pki/v1/ca` and `/pki/v1/crl` serve.
+    #[serde(default)]
+    pub tls_backend: Option<String>,
+    #[serde(default)]
+    pub admin_listen: Option<String>,
+    /// How often expired registrations are swept (implicit de-registration).
+    #[serde(default = "default_sweep")]
+    pub sweep_interval: PolicyDuration,
+    /// How long a CRL is valid (`nextUpdate - thisUpdate`); a new one is signed at half-life.
+    #[serde(default = "default_crl_validity")]
+    pub crl_validity: PolicyDuration,
+    /// Longest time to wait for in-flight requests on SIGTERM.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: PolicyDuration,
+}
+
+fn default_sweep() -> PolicyDuration {
+    PolicyDuration::from_secs(5)
+}
+fn default_crl_validity() -> PolicyDuration {
+    PolicyDuration::from_secs(86_400)
+}
+fn default_shutdown_grace() -> PolicyDuration {
+    PolicyDuration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default = "default_storage_kind")]
+    pub kind: String,
+    #[serde(default = "default_storage_path")]
+    pub path: PathBuf,
+}
+
+fn default_storage_kind() -> String {
+    "sled".into()
+}
+fn default_storage_path() -> PathBuf {
+    PathBuf::from("data/ecs.sled")
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            kind: default_storage_kind(),
+            path: default_storage_path(),
+        }
+    }
+}
+
+/// A signing backend, selected by `kind`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BackendConfig {
+    Software {
+        /// PKCS#8 PEM private key of the issuing CA.
+        key: PathBuf,
+        /// The issuing CA certificate, followed by its chain up to the root.
+        cert: PathBuf,
+    },
+    Pkcs11 {
+        module: PathBuf,
+        key: String,
+        pin: String,
+        cert: PathBuf,
+        #[serde(default)]
+        max_sessions: Option<usize>,
+    },
+    Cfssl {
+        url: String,
+        #[serde(default)]
+        profile: Option<String>,
+        #[serde(default)]
+        auth_key: Option<String>,
+        cert: PathBuf,
+    },
+}
+
+impl BackendConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendConfig::Software { .. } => "software",
+            BackendConfig::Pkcs11 { .. } => "pkcs11",
+            BackendConfig::Cfssl { .. } => "cfssl",
+        }
+    }
+}
+
+/// An OAuth 2.0 authorization server trusted for onboarding tokens.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenIssuerConfig {
+    /// Must equal the token's `iss`.
+    pub issuer: String,
+    /// A JWKS file.
+    #[serde(default)]
+    pub jwks: Option<PathBuf>,
+    /// A JWKS URL, fetched over HTTPS and cached.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// PEM file of the CA that signs the `jwks_url` server's certificate; absent: the
+    /// issuing CA chains of this ECS's backends.
+    #[serde(default)]
+    pub jwks_ca: Option<PathBuf>,
+    /// PEM public keys (SPKI), each used with its file stem as `kid`.
+    #[serde(default)]
+    pub keys: Vec<PathBuf>,
+    /// The issuer's private key (PKCS#8 PEM) when this ECS may mint tokens for it: the
+    /// development issuer of `ecsd init`. Never set this for a production authorization server.
+    #[serde(default)]
+    pub private_key: Option<PathBuf>,
+    /// The `kid` used when minting.
+    #[serde(default)]
+    pub kid: Option<String>,
+}
+
+/// A configuration problem, naming the file and key at fault.
+#[derive(Debug, Clone)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads `path`, applies `ECS__…` overrides from the process environment, resolves paths
+    /// and validates. Warnings are returned for the caller to log.
+    pub fn load(path: &Path) -> Result<(Config, Vec<Finding>), ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Self::load_with_env(path, env)
+    }
+
+    /// [`Config::load`] with an explicit environment (tests must not mutate the process's).
+    pub fn load_with_env(
+        path: &Path,
+        env: HashMap<String, String>,
+    ) -> Result<(Config, Vec<Finding>), ConfigError> {
+        let shown = path.display();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{shown}: cannot read: {e}")))?;
+        // The file alone first: toml's errors carry the line and column, which the merged
+        // view below no longer knows.
+        if let Err(e) = toml::from_str::<Config>(&text) {
+            let env_overrides = env.keys().any(|k| k.starts_with("ECS__"));
+            // A required key may legitimately come from the environment only.
+            if !(env_overrides && e.message().starts_with("missing field")) {
+                return Err(ConfigError(toml_error(&shown.to_string(), &text, &e)));
+            }
+        }
+        let mut envsrc = config::Environment::with_prefix("ECS")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .source(Some(
+                env.into_iter()
+                    .filter(|(k, _)| k.starts_with("ECS__"))
+                    .collect(),
+            ));
+        for key in list_keys(&text) {
+            envsrc = envsrc.with_list_parse_key(&key);
+        }
+        let merged = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .add_source(envsrc)
+            .build()
+            .map_err(|e| ConfigError(format!("{shown}: {}", one_line(&e.to_string()))))?;
+        let mut cfg: Config = merged
+            .try_deserialize()
+            .map_err(|e| ConfigError(format!("{shown}: {}", one_line(&e.to_string()))))?;
+        cfg.source = path.to_path_buf();
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        cfg.resolve_paths(&base);
+        let findings = cfg.validate();
+        if let Some(err) = findings.iter().find(|f| f.severity == Severity::Error) {
+            return Err(ConfigError(format!("{shown}: {}: {}", err.key, err.message)));
+        }
+        Ok((cfg, findings))
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = self.server.tls_cert.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.server.tls_key.as_mut() {
+            fix(p);
+        }
+        fix(&mut self.storage.path);
+        for b in self.backends.values_mut() {
+            match b {
+                BackendConfig::Software { key, cert } => {
+                    fix(key);
+                    fix(cert);
+                }
+                BackendConfig::Pkcs11 { module, cert, .. } => {
+                    fix(module);
+                    fix(cert);
+                }
+                BackendConfig::Cfssl { cert, .. } => fix(cert),
+            }
+        }
+        for i in self.token_issuers.values_mut() {
+            for p in i.jwks.iter_mut().chain(i.jwks_ca.iter_mut()).chain(i.private_key.iter_mut()) {
+                fix(p);
+            }
+            for p in &mut i.keys {
+                fix(p);
+            }
+        }
+        for d in self.domains.values_mut() {
+            if let Some(tp) = d.third_party.as_mut() {
+                for a in &mut tp.trust_anchors {
+                    let mut p = PathBuf::from(&*a);
+                    fix(&mut p);
+                    *a = p.display().to_string();
+                }
+            }
+        }
+    }
+
+    /// Every finding about this configuration: what `serve` refuses (errors) and what an
+    /// auditor should look at (warnings).
+    pub fn validate(&self) -> Vec<Finding> {
+        let mut out = Vec::new();
+        let mut err = |key: String, message: String| {
+            out.push(Finding {
+                severity: Severity::Error,
+                key,
+                message,
+            })
+        };
+        if self.ecs_id.trim().is_empty() {
+            err("ecs_id".into(), "must not be empty".into());
+        }
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            err(
+                "server.listen".into(),
+                format!("{:?} is not an address:port", self.server.listen),
+            );
+        }
+        if let Some(a) = &self.server.admin_listen
+            && a.parse::<std::net::SocketAddr>().is_err()
+        {
+            err(
+                "server.admin_listen".into(),
+                format!("{a:?} is not an address:port"),
+            );
+        }
+        match url_host(&self.server.public_url) {
+            Some(_) => {}
+            None => err(
+                "server.public_url".into(),
+                format!(
+                    "{:?} is not an https:// URL with a host",
+                    self.server.public_url
+                ),
+            ),
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            err(
+                "server.tls_key".into(),
+                "tls_cert and tls_key go together".into(),
+            );
+        }
+        if self.storage.kind != "sled" {
+            err(
+                "storage.kind".into(),
+                format!("{:?} is not a storage kind (sled)", self.storage.kind),
+            );
+        }
+        if self.backends.is_empty() {
+            err("backends".into(), "no signing backend is configured".into());
+        }
+        match &self.server.tls_backend {
+            Some(b) if !self.backends.contains_key(b) => err(
+                "server.tls_backend".into(),
+                format!("unknown backend {b:?}"),
+            ),
+            None if self.backends.len() > 1 => err(
+                "server.tls_backend".into(),
+                "missing: several backends are configured, name the default one".into(),
+            ),
+            _ => {}
+        }
+        for (name, b) in &self.backends {
+            if !matches!(b, BackendConfig::Software { .. }) {
+                err(
+                    format!("backends.{name}.kind"),
+                    format!("kind {:?} is not available in this version", b.kind()),
+                );
+            }
+        }
+        for (name, i) in &self.token_issuers {
+            let sources = i.jwks.is_some() as usize
+                + i.jwks_url.is_some() as usize
+                + (!i.keys.is_empty()) as usize;
+            if sources != 1 {
+                err(
+                    format!("token_issuers.{name}"),
+                    "give exactly one of jwks, jwks_url and keys".into(),
+                );
+            }
+            if let Some(u) = &i.jwks_url
+                && !u.starts_with("https://")
+            {
+                err(
+                    format!("token_issuers.{name}.jwks_url"),
+                    "must be an https:// URL".into(),
+                );
+            }
+        }
+        let backends: Vec<&str> = self.backends.keys().map(String::as_str).collect();
+        let issuers: Vec<&str> = self.token_issuers.keys().map(String::as_str).collect();
+        let known = Known {
+            backends: &backends,
+            token_issuers: &issuers,
+        };
+        for (name, d) in &self.domains {
+            out.extend(d.validate(name, &known));
+        }
+        out
+    }
+
+    /// The backend that signs this domain's certificates.
+    pub fn domain_backend<'a>(&'a self, domain: &'a DomainPolicy) -> &'a str {
+        domain
+            .backend
+            .as_deref()
+            .unwrap_or_else(|| self.default_backend())
+    }
+
+    /// The default backend: `server.tls_backend`, or the only one.
+    pub fn default_backend(&self) -> &str {
+        self.server
+            .tls_backend
+            .as_deref()
+            .or_else(|| self.backends.keys().next().map(String::as_str))
+            .unwrap_or("")
+    }
+
+    /// The public URL without a trailing slash.
+    pub fn public_base(&self) -> &str {
+        self.server.public_url.trim_end_matches('/')
+    }
+
+    /// A content hash of the policy part of the configuration (domains, issuers, backends),
+    /// recorded in every audit record so each decision ties to the exact policy that made it.
+    pub fn policy_hash(&self) -> String {
+        let v = serde_json::json!({
+            "ecs_id": self.ecs_id,
+            "domains": self.domains,
+            "token_issuers": self.token_issuers,
+            "backends": self.backends,
+        });
+        ecs_ca_backends::sha256_hex(v.to_string().as_bytes())
+    }
+}
+
+/// The host of an `https://host[:port][/...]` URL.
+pub fn url_host(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("https://")?;
+    let authority = rest.split('/').next()?;
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next()?.to_string()
+    } else {
+        authority.split(':').next()?.to_string()
+    };
+    (!host.is_empty()).then_some(host)
+}
+
+/// `file:line:col: message (in `the line`)`, the way compilers name a place.
+fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            let line_text = text.lines().nth(line - 1).unwrap_or("").trim();
+            format!("{file}:{line}:{col}: {} (in `{line_text}`)", one_line(e.message()))
+        }
+        None => format!("{file}: {}", one_line(e.message())),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The list-valued keys present in the file, so that `ECS__DOMAINS__X__EES_IDS=a,b` parses
+/// as a list.
+fn list_keys(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(v) = text.parse::<toml::Table>()
+        && let Some(toml::Value::Table(domains)) = v.get("domains")
+    {
+        for name in domains.keys() {
+            for k in ["token_issuers", "ees_ids", "key_types"] {
+                out.push(format!("domains.{name}.{k}"));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+ecs_id = "ecs.mno.example"
+[server]
+listen = "127.0.0.1:8443"
+public_url = "https://127.0.0.1:8443"
+admin_listen = "127.0.0.1:9443"
+[storage]
+kind = "sled"
+path = "data/ecs.sled"
+[backends.soft]
+kind = "software"
+key = "keys/issuing-ca.key"
+cert = "keys/issuing-ca.pem"
+[token_issuers.ecsp-a-as]
+issuer = "https://as.ecsp-a.example"
+jwks = "keys/ecsp-a.jwks.json"
+[domains.ecsp-a]
+token_issuers = ["ecsp-a-as"]
+ees_ids = ["*.ecsp-a.example"]
+cert_validity = "30d"
+max_registration = "365d"
+key_types = ["p256", "p384", "ed25519", "rsa3072", "rsa4096"]
+secret_token = "on_request"
+"#;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ecs.toml");
+        std::fs::write(&p, text).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn the_contract_example_loads_with_paths_resolved() {
+        let (dir, p) = write(SAMPLE);
+        let (cfg, _) = Config::load_with_env(&p, HashMap::new()).unwrap();
+        assert_eq!(cfg.storage.path, dir.path().join("data/ecs.sled"));
+        assert_eq!(cfg.domain_backend(&cfg.domains["ecsp-a"]), "soft");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let (_dir, p) = write(SAMPLE);
+        let env = HashMap::from([
+            ("ECS__SERVER__LISTEN".to_string(), "127.0.0.1:9999".to_string()),
+            (
+                "ECS__DOMAINS__ECSP-A__EES_IDS".to_string(),
+                "a.example,b.example".to_string(),
+            ),
+        ]);
+        let (cfg, _) = Config::load_with_env(&p, env).unwrap();
+        assert_eq!(cfg.server.listen, "127.0.0.1:9999");
+        assert_eq!(cfg.domains["ecsp-a"].ees_ids, ["a.example", "b.example"]);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key_and_line() {
+        let cases = [
+            ("[server]\nlisten", "[server]\nlistn = \"x\"\nlisten", "listn"),
+            ("cert_validity = \"30d\"", "cert_validity = \"30 days\"", "ecs.toml:20:17"),
+            ("secret_token = \"on_request\"", "secret_token = \"sometimes\"", "sometimes"),
+            ("kind = \"software\"", "kind = \"softwar\"", "softwar"),
+        ];
+        for (from, to, expect) in cases {
+            let (_dir, p) = write(&SAMPLE.replacen(from, to, 1));
+            let err = Config::load_with_env(&p, HashMap::new()).unwrap_err().0;
+            assert!(err.contains(expect), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+        let (_dir, p) = write(SAMPLE);
+        let env = HashMap::from([("ECS__SERVER__NOPE".to_string(), "1".to_string())]);
+        let err = Config::load_with_env(&p, env).unwrap_err().0;
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn references_are_checked() {
+        let (_dir, p) = write(&SAMPLE.replace("token_issuers = [\"ecsp-a-as\"]", "token_issuers = [\"nobody\"]"));
+        let err = Config::load_with_env(&p, HashMap::new()).unwrap_err().0;
+        assert!(err.contains("domains.ecsp-a.token_issuers"), "{err}");
+    }
+}

@@ -1,0 +1,12 @@
+//! `ecsd`: the ECS registration authority daemon and its command line.
+//!
+//! This crate owns what connects the other two to the world: configuration, TLS and HTTP,
+//! onboarding-token validation, client-certificate binding, the registration pipeline, the
+//! store, the audit log, the admin endpoints and the CLI. Certificate and key logic lives in
+//! `ecs-ca-backends`, policy decisions in `ecs-policy`; this crate gathers facts, asks them,
+//! and records the outcome.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod audit;
+pub mod store;

@@ -1,0 +1,513 @@
+//! Durable state: registrations, certificates, spent token IDs and the audit log.
+//!
+//! The pipeline describes each state change as one [`Commit`]; a store applies it atomically
+//! (all of it or nothing) and makes it durable before returning, so the HTTP answer is sent
+//! only for what survives a crash. The trait holds no sled types: a PostgreSQL store for
+//! replicated deployments is another implementation.
+
+use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH, chain_hash};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The lifecycle of a registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegState {
+    Active,
+    Deregistered,
+    Expired,
+}
+
+/// One EES registration as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistrationRecord {
+    pub id: String,
+    pub state: RegState,
+    pub ees_id: String,
+    pub prov_id: Option<String>,
+    /// The ECSP domain whose policy governs it.
+    pub domain: String,
+    /// The backend that issues its certificates.
+    pub backend: String,
+    /// `eesProf` as the EES sent it (validated).
+    pub profile: serde_json::Value,
+    /// Expiry, seconds since the epoch.
+    pub exp_time: i64,
+    pub supp_feat: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// `ECS_ISSUED` or `THIRD_PARTY`.
+    pub cert_source: String,
+    /// Serial (hex) of the certificate that authenticates it now.
+    pub current_cert: String,
+    /// Every certificate serial ever issued for it, oldest first.
+    pub certs: Vec<String>,
+    /// SHA-256 of the Secret_token bound to the EES ID, never the token.
+    pub secret_token_hash: Option<String>,
+    /// Configuration name of the token issuer that onboarded it.
+    pub token_issuer: String,
+}
+
+/// A certificate the ECS issued (or accepted).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertRecord {
+    pub serial: String,
+    pub registration_id: String,
+    pub backend: String,
+    /// DER, hex-encoded.
+    pub der_hex: String,
+    /// SHA-256 of the DER, hex.
+    pub fingerprint: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub revoked: Option<Revocation>,
+}
+
+impl CertRecord {
+    pub fn der(&self) -> Vec<u8> {
+        hex::decode(&self.der_hex).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub at: i64,
+    /// RFC 5280 reason name: `superseded`, `cessationOfOperation`, ...
+    pub reason: String,
+}
+
+/// A token ID spent by a registration; kept until the token has expired.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpentToken {
+    pub iss: String,
+    pub jti: String,
+    pub exp: i64,
+}
+
+/// One atomic change. Applied all or nothing, then flushed.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// The registration after the change.
+    pub registration: Option<RegistrationRecord>,
+    /// Creating: refuse if another active registration holds this EES ID.
+    pub claim_ees_id: bool,
+    pub new_certs: Vec<CertRecord>,
+    /// (serial, revocation) of certificates to revoke.
+    pub revocations: Vec<(String, Revocation)>,
+    pub spend_token: Option<SpentToken>,
+    pub audit: Option<AuditEvent>,
+}
+
+/// Why a commit was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the token ID was already used")]
+    TokenReplayed,
+    #[error("an active registration exists for this EES ID")]
+    EesAlreadyRegistered,
+    #[error("certificate serial already used")]
+    SerialCollision,
+    #[error("storage failure: {0}")]
+    Io(String),
+    #[error("corrupt record {key}: {detail}")]
+    Corrupt { key: String, detail: String },
+}
+
+/// What the registration pipeline needs from storage.
+pub trait Store: Send + Sync {
+    /// Applies `c` atomically and durably; returns the audit record written, if any.
+    fn commit(&self, c: Commit) -> Result<Option<AuditRecord>, StoreError>;
+    fn registration(&self, id: &str) -> Result<Option<RegistrationRecord>, StoreError>;
+    fn active_registration_for(&self, ees_id: &str) -> Result<Option<String>, StoreError>;
+    fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError>;
+    fn cert_by_fingerprint(&self, fingerprint: &str) -> Result<Option<CertRecord>, StoreError>;
+    fn token_spent(&self, iss: &str, jti: &str) -> Result<bool, StoreError>;
+    /// Active registrations whose `exp_time` is at or before `now`, at most `limit`.
+    fn due_expiries(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// Revoked certificates of `backend`, for its CRL.
+    fn revoked(&self, backend: &str) -> Result<Vec<CertRecord>, StoreError>;
+    /// Forgets spent token IDs whose tokens expired before `before`.
+    fn purge_spent_tokens(&self, before: i64) -> Result<usize, StoreError>;
+    /// The next CRL number of `backend` (strictly increasing, durable).
+    fn next_crl_number(&self, backend: &str) -> Result<u64, StoreError>;
+    /// Audit records with `seq >= from`, in order.
+    fn audit_records(&self, from: u64) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The hash of the newest audit record.
+    fn audit_head(&self) -> Result<(u64, String), StoreError>;
+    fn counts(&self) -> Result<StoreCounts, StoreError>;
+}
+
+/// Sizes, for metrics and the admin API.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct StoreCounts {
+    pub active_registrations: usize,
+    pub audit_records: u64,
+}
+
+/// sled, the embedded default: one tree with prefixed keys, so that a commit is one
+/// single-tree transaction.
+pub struct SledStore {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+const AUDIT_HEAD: &[u8] = b"meta/audit_head";
+
+fn k(prefix: &str, rest: &str) -> Vec<u8> {
+    format!("{prefix}{rest}").into_bytes()
+}
+
+fn exp_key(exp: i64, id: &str) -> Vec<u8> {
+    // Offset so that the big-endian order of the key is the numeric order.
+    let v = (exp as i128 + (1i128 << 62)).max(0) as u64;
+    let mut key = b"exp/".to_vec();
+    key.extend_from_slice(&v.to_be_bytes());
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialise")
+}
+
+#[derive(Serialize, Deserialize)]
+struct Head {
+    seq: u64,
+    hash: String,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store at `path`. Fails when another process holds it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
+        let tree = db.open_tree("ecs").map_err(io)?;
+        Ok(SledStore { db, tree })
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.tree.get(key).map_err(io)? {
+            Some(v) => decode(key, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+type TxError = sled::transaction::ConflictableTransactionError<StoreError>;
+
+fn tx_get<T: for<'de> Deserialize<'de>>(
+    tx: &sled::transaction::TransactionalTree,
+    key: &[u8],
+) -> Result<Option<T>, TxError> {
+    match tx.get(key)? {
+        Some(v) => decode(key, &v)
+            .map(Some)
+            .map_err(sled::transaction::ConflictableTransactionError::Abort),
+        None => Ok(None),
+    }
+}
+
+impl Store for SledStore {
+    fn commit(&self, c: Commit) -> Result<Option<AuditRecord>, StoreError> {
+        use sled::transaction::ConflictableTransactionError::Abort;
+        let result = self.tree.transaction(|tx| {
+            if let Some(t) = &c.spend_token {
+                let key = k("jti/", &format!("{}\0{}", t.iss, t.jti));
+                if tx.get(&key)?.is_some() {
+                    return Err(Abort(StoreError::TokenReplayed));
+                }
+                tx.insert(key, encode(t))?;
+            }
+            if let Some(reg) = &c.registration {
+                let reg_key = k("reg/", &reg.id);
+                let old: Option<RegistrationRecord> = tx_get(tx, &reg_key)?;
+                let ees_key = k("ees/", &reg.ees_id.to_ascii_lowercase());
+                if c.claim_ees_id && tx.get(&ees_key)?.is_some() {
+                    return Err(Abort(StoreError::EesAlreadyRegistered));
+                }
+                if let Some(old) = &old
+                    && old.state == RegState::Active
+                {
+                    tx.remove(exp_key(old.exp_time, &old.id))?;
+                }
+                if reg.state == RegState::Active {
+                    tx.insert(ees_key, reg.id.as_bytes())?;
+                    tx.insert(exp_key(reg.exp_time, &reg.id), b"".as_slice())?;
+                } else if tx.get(&ees_key)?.as_deref() == Some(reg.id.as_bytes()) {
+                    tx.remove(ees_key)?;
+                }
+                tx.insert(reg_key, encode(reg))?;
+            }
+            for cert in &c.new_certs {
+                let key = k("cert/", &cert.serial);
+                if tx.get(&key)?.is_some() {
+                    return Err(Abort(StoreError::SerialCollision));
+                }
+                tx.insert(key, encode(cert))?;
+                tx.insert(k("fp/", &cert.fingerprint), cert.serial.as_bytes())?;
+            }
+            for (serial, rev) in &c.revocations {
+                let key = k("cert/", serial);
+                let mut cert: CertRecord = match tx_get(tx, &key)? {
+                    Some(c) => c,
+                    None => continue,
+                };
+                if cert.revoked.is_some() {
+                    continue;
+                }
+                cert.revoked = Some(rev.clone());
+                tx.insert(key, encode(&cert))?;
+                tx.insert(k(&format!("rev/{}/", cert.backend), serial), b"".as_slice())?;
+            }
+            let mut written = None;
+            if let Some(event) = &c.audit {
+                let head: Option<Head> = tx_get(tx, AUDIT_HEAD)?;
+                let (seq, prev) = match head {
+                    Some(h) => (h.seq + 1, h.hash),
+                    None => (1, GENESIS_HASH.to_string()),
+                };
+                let hash = chain_hash(&prev, event);
+                let rec = AuditRecord {
+                    seq,
+                    prev_hash: prev,
+                    event: event.clone(),
+                    hash: hash.clone(),
+                };
+                tx.insert(format!("audit/{seq:020}").into_bytes(), encode(&rec))?;
+                tx.insert(AUDIT_HEAD, encode(&Head { seq, hash }))?;
+                written = Some(rec);
+            }
+            Ok(written)
+        });
+        let written = result.map_err(|e| match e {
+            sled::transaction::TransactionError::Abort(e) => e,
+            sled::transaction::TransactionError::Storage(e) => io(e),
+        })?;
+        // Durable before the caller answers.
+        self.db.flush().map_err(io)?;
+        Ok(written)
+    }
+
+    fn registration(&self, id: &str) -> Result<Option<RegistrationRecord>, StoreError> {
+        self.get(&k("reg/", id))
+    }
+
+    fn active_registration_for(&self, ees_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tree
+            .get(k("ees/", &ees_id.to_ascii_lowercase()))
+            .map_err(io)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
+        self.get(&k("cert/", serial))
+    }
+
+    fn cert_by_fingerprint(&self, fingerprint: &str) -> Result<Option<CertRecord>, StoreError> {
+        match self.tree.get(k("fp/", fingerprint)).map_err(io)? {
+            Some(serial) => self.cert(&String::from_utf8_lossy(&serial)),
+            None => Ok(None),
+        }
+    }
+
+    fn token_spent(&self, iss: &str, jti: &str) -> Result<bool, StoreError> {
+        self.tree
+            .contains_key(k("jti/", &format!("{iss}\0{jti}")))
+            .map_err(io)
+    }
+
+    fn due_expiries(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        let end = exp_key(now, "\u{10ffff}");
+        let mut out = Vec::new();
+        for item in self.tree.range(b"exp/".to_vec()..end).take(limit) {
+            let (key, _) = item.map_err(io)?;
+            out.push(String::from_utf8_lossy(&key[12..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    fn revoked(&self, backend: &str) -> Result<Vec<CertRecord>, StoreError> {
+        let prefix = format!("rev/{backend}/");
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(prefix.as_bytes()) {
+            let (key, _) = item.map_err(io)?;
+            let serial = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            if let Some(c) = self.cert(&serial)? {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    fn purge_spent_tokens(&self, before: i64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.tree.scan_prefix(b"jti/") {
+            let (key, v) = item.map_err(io)?;
+            let t: SpentToken = decode(&key, &v)?;
+            if t.exp < before {
+                self.tree.remove(key).map_err(io)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn next_crl_number(&self, backend: &str) -> Result<u64, StoreError> {
+        let key = k("meta/crl_number/", backend);
+        let v = self
+            .tree
+            .update_and_fetch(&key, |old| {
+                let n = old
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                Some((n + 1).to_be_bytes().to_vec())
+            })
+            .map_err(io)?
+            .ok_or_else(|| io("CRL number vanished"))?;
+        self.db.flush().map_err(io)?;
+        let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+            key: String::from_utf8_lossy(&key).into_owned(),
+            detail: "not 8 bytes".into(),
+        })?;
+        Ok(u64::from_be_bytes(bytes))
+    }
+
+    fn audit_records(&self, from: u64) -> Result<Vec<AuditRecord>, StoreError> {
+        let start = format!("audit/{from:020}").into_bytes();
+        let mut out = Vec::new();
+        for item in self.tree.range(start..b"audit0".to_vec()) {
+            let (key, v) = item.map_err(io)?;
+            out.push(decode(&key, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn audit_head(&self) -> Result<(u64, String), StoreError> {
+        Ok(match self.get::<Head>(AUDIT_HEAD)? {
+            Some(h) => (h.seq, h.hash),
+            None => (0, GENESIS_HASH.to_string()),
+        })
+    }
+
+    fn counts(&self) -> Result<StoreCounts, StoreError> {
+        Ok(StoreCounts {
+            active_registrations: self.tree.scan_prefix(b"ees/").count(),
+            audit_records: self.audit_head()?.0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(id: &str, ees: &str, exp: i64) -> RegistrationRecord {
+        RegistrationRecord {
+            id: id.into(),
+            state: RegState::Active,
+            ees_id: ees.into(),
+            prov_id: None,
+            domain: "default".into(),
+            backend: "soft".into(),
+            profile: serde_json::json!({}),
+            exp_time: exp,
+            supp_feat: None,
+            created_at: 0,
+            updated_at: 0,
+            cert_source: "ECS_ISSUED".into(),
+            current_cert: "01".into(),
+            certs: vec!["01".into()],
+            secret_token_hash: None,
+            token_issuer: "dev".into(),
+        }
+    }
+
+    fn cert(serial: &str, reg: &str) -> CertRecord {
+        CertRecord {
+            serial: serial.into(),
+            registration_id: reg.into(),
+            backend: "soft".into(),
+            der_hex: "00".into(),
+            fingerprint: format!("fp{serial}"),
+            not_before: 0,
+            not_after: 10,
+            revoked: None,
+        }
+    }
+
+    fn create(id: &str, ees: &str, jti: &str, serial: &str) -> Commit {
+        Commit {
+            registration: Some(reg(id, ees, 100)),
+            claim_ees_id: true,
+            new_certs: vec![cert(serial, id)],
+            spend_token: Some(SpentToken {
+                iss: "iss".into(),
+                jti: jti.into(),
+                exp: 50,
+            }),
+            audit: Some(AuditEvent::test("register")),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_refused_commit_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.commit(create("r1", "ees1", "j1", "01")).unwrap();
+        // Same token: refused, and neither the registration nor the certificate appears.
+        let err = s.commit(create("r2", "ees2", "j1", "02")).unwrap_err();
+        assert!(matches!(err, StoreError::TokenReplayed));
+        assert!(s.registration("r2").unwrap().is_none());
+        assert!(s.cert("02").unwrap().is_none());
+        // Same EES ID with another token: refused.
+        let err = s.commit(create("r3", "EES1", "j3", "03")).unwrap_err();
+        assert!(matches!(err, StoreError::EesAlreadyRegistered));
+        assert!(!s.token_spent("iss", "j3").unwrap());
+        assert_eq!(s.audit_head().unwrap().0, 1);
+    }
+
+    #[test]
+    fn expiry_index_and_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.commit(create("r1", "ees1", "j1", "01")).unwrap();
+        assert_eq!(s.due_expiries(99, 10).unwrap(), Vec::<String>::new());
+        assert_eq!(s.due_expiries(100, 10).unwrap(), vec!["r1".to_string()]);
+        let mut r = s.registration("r1").unwrap().unwrap();
+        r.state = RegState::Deregistered;
+        s.commit(Commit {
+            registration: Some(r),
+            revocations: vec![(
+                "01".into(),
+                Revocation {
+                    at: 5,
+                    reason: "cessationOfOperation".into(),
+                },
+            )],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(s.due_expiries(1000, 10).unwrap().is_empty());
+        assert!(s.active_registration_for("ees1").unwrap().is_none());
+        assert_eq!(s.revoked("soft").unwrap().len(), 1);
+        assert_eq!(s.next_crl_number("soft").unwrap(), 1);
+        assert_eq!(s.next_crl_number("soft").unwrap(), 2);
+        assert_eq!(s.purge_spent_tokens(51).unwrap(), 1);
+    }
+}
