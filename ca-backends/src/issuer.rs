@@ -107,6 +107,41 @@ pub struct CaParams {
     pub path_len: Option<u8>,
 }
 
+/// Something that issues certificates for approved templates and signs its CA's CRL: the
+/// local issuer over any [`KeySigner`] today; an external CA behind a passthrough is another.
+pub trait CertIssuer: Send + Sync {
+    /// Issues an end-entity certificate from an approved template. May block.
+    fn issue(&self, t: &CertTemplate) -> Result<IssuedCert, Error>;
+    /// The chain returned with each certificate: issuing CA first, up to the root.
+    fn chain_der(&self) -> &[Vec<u8>];
+    /// Signs a CRL of the issuing CA. May block.
+    fn sign_crl(
+        &self,
+        number: u64,
+        this_update: i64,
+        next_update: i64,
+        revoked: &[RevokedEntry],
+    ) -> Result<Vec<u8>, Error>;
+}
+
+impl CertIssuer for LocalIssuer {
+    fn issue(&self, t: &CertTemplate) -> Result<IssuedCert, Error> {
+        LocalIssuer::issue(self, t)
+    }
+    fn chain_der(&self) -> &[Vec<u8>] {
+        LocalIssuer::chain_der(self)
+    }
+    fn sign_crl(
+        &self,
+        number: u64,
+        this_update: i64,
+        next_update: i64,
+        revoked: &[RevokedEntry],
+    ) -> Result<Vec<u8>, Error> {
+        LocalIssuer::sign_crl(self, number, this_update, next_update, revoked)
+    }
+}
+
 /// SHA-256 of `data`, lower-case hex.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(digest::digest(&digest::SHA256, data))
@@ -395,7 +430,7 @@ fn build_and_sign(
 }
 
 /// Verifies that `cert_der` is signed by the key of `issuer_der`.
-fn verify_cert_signed_by(cert_der: &[u8], issuer_der: &[u8]) -> Result<(), Error> {
+pub fn verify_cert_signed_by(cert_der: &[u8], issuer_der: &[u8]) -> Result<(), Error> {
     let cert = Certificate::from_der(cert_der)?;
     let issuer = Certificate::from_der(issuer_der)?;
     let tbs = cert.tbs_certificate().to_der()?;

@@ -10,3 +10,7 @@
 pub mod config;
 pub mod audit;
 pub mod store;
+pub mod client;
+pub mod token;
+pub mod model;
+pub mod problem;

@@ -1,0 +1,224 @@
+//! A small HTTPS client (rustls + hyper): the reference EES client, the `jwks_url` fetcher
+//! and the tests all speak to servers through it.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// A response, whole.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Vec<u8>,
+    /// The ALPN protocol the server chose, if any.
+    pub alpn: Option<Vec<u8>>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Client errors, as text: the callers only report them.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientError(pub String);
+
+fn err(e: impl std::fmt::Display) -> ClientError {
+    ClientError(e.to_string())
+}
+
+/// Which HTTP version to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+/// An HTTPS client with fixed trust roots and an optional client certificate.
+#[derive(Clone)]
+pub struct HttpsClient {
+    config: Arc<rustls::ClientConfig>,
+    version: HttpVersion,
+    timeout: Duration,
+}
+
+/// The crypto provider for every TLS endpoint of this process: aws-lc-rs, named explicitly
+/// so that feature unification elsewhere can never switch it.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Trust roots from a PEM bundle.
+pub fn root_store(roots_pem: &[u8]) -> Result<rustls::RootCertStore, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(roots_pem) {
+        roots.add(c.map_err(err)?).map_err(err)?;
+    }
+    if roots.is_empty() {
+        return Err(ClientError("no CA certificate in the trust file".into()));
+    }
+    Ok(roots)
+}
+
+impl HttpsClient {
+    /// A client trusting the PEM roots, presenting `identity` (certificate chain PEM, key PEM)
+    /// when given.
+    pub fn new(
+        roots_pem: &[u8],
+        identity: Option<(&[u8], &[u8])>,
+        version: HttpVersion,
+    ) -> Result<Self, ClientError> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(err)?
+            .with_root_certificates(root_store(roots_pem)?);
+        let mut config = match identity {
+            Some((chain, key)) => {
+                let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
+                    .collect::<Result<_, _>>()
+                    .map_err(err)?;
+                let key = PrivateKeyDer::from_pem_slice(key).map_err(err)?;
+                builder.with_client_auth_cert(chain, key).map_err(err)?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = match version {
+            HttpVersion::Http1 => vec![b"http/1.1".to_vec()],
+            HttpVersion::Http2 => vec![b"h2".to_vec()],
+        };
+        Ok(Self::from_config(Arc::new(config), version))
+    }
+
+    /// A client over a caller-built rustls configuration (tests use it to pin versions).
+    pub fn from_config(config: Arc<rustls::ClientConfig>, version: HttpVersion) -> Self {
+        HttpsClient {
+            config,
+            version,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Sends one request on a new connection and reads the whole answer.
+    pub async fn request(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Response, ClientError> {
+        tokio::time::timeout(self.timeout, self.request_inner(method, url, headers, body))
+            .await
+            .map_err(|_| ClientError(format!("{method} {url}: timed out")))?
+    }
+
+    async fn request_inner(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Response, ClientError> {
+        let (host, port, path) = split_url(url)?;
+        let tcp = TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| ClientError(format!("connect {host}:{port}: {e}")))?;
+        let name = ServerName::try_from(host.clone()).map_err(err)?;
+        let tls = TlsConnector::from(self.config.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| ClientError(format!("TLS with {host}:{port}: {e}")))?;
+        let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+        let io = TokioIo::new(tls);
+        let authority = if port == 443 {
+            host.clone()
+        } else {
+            format!("{host}:{port}")
+        };
+        let mut req = Request::builder().method(method);
+        req = match self.version {
+            HttpVersion::Http1 => req.uri(&path).header("host", &authority),
+            HttpVersion::Http2 => req.uri(format!("https://{authority}{path}")),
+        };
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(err)?;
+        let resp = match self.version {
+            HttpVersion::Http1 => {
+                let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+                    .await
+                    .map_err(err)?;
+                tokio::spawn(conn);
+                send.send_request(req).await.map_err(err)?
+            }
+            HttpVersion::Http2 => {
+                let (mut send, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                        .await
+                        .map_err(err)?;
+                tokio::spawn(conn);
+                send.send_request(req).await.map_err(err)?
+            }
+        };
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(err)?
+            .to_bytes()
+            .to_vec();
+        Ok(Response {
+            status,
+            headers,
+            body,
+            alpn,
+        })
+    }
+}
+
+/// `https://host[:port]/path` → (host, port, path).
+pub fn split_url(url: &str) -> Result<(String, u16, String), ClientError> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| ClientError(format!("{url:?} is not an https:// URL")))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].to_string()),
+        None => (rest, "/".to_string()),
+    };
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, p) = v6
+            .split_once(']')
+            .ok_or_else(|| ClientError(format!("{url:?}: bad IPv6 host")))?;
+        (h.to_string(), p.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (authority.to_string(), None),
+        }
+    };
+    let port = match port {
+        Some(p) => p
+            .parse()
+            .map_err(|_| ClientError(format!("{url:?}: bad port")))?,
+        None => 443,
+    };
+    Ok((host, port, path))
+}
