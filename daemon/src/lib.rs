@@ -14,3 +14,6 @@ pub mod client;
 pub mod token;
 pub mod model;
 pub mod problem;
+pub mod app;
+pub mod metrics;
+pub mod registrations;

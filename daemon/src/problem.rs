@@ -111,6 +111,9 @@ pub struct ApiError {
     /// The policy rule that decided a refusal, for the audit log.
     pub rule: Option<String>,
     pub retry_after: Option<u64>,
+    /// Where the contract gives a cause another status than its usual one (a PUT that
+    /// changes `eesId`: 403 `MANDATORY_IE_INCORRECT`).
+    pub status_override: Option<u16>,
 }
 
 impl ApiError {
@@ -121,6 +124,7 @@ impl ApiError {
             invalid_params: Vec::new(),
             rule: None,
             retry_after: None,
+            status_override: None,
         }
     }
 
@@ -140,7 +144,7 @@ impl ApiError {
     }
 
     pub fn status(&self) -> u16 {
-        self.cause.status()
+        self.status_override.unwrap_or(self.cause.status())
     }
 
     /// The `application/problem+json` body.

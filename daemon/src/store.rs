@@ -117,6 +117,9 @@ pub enum StoreError {
 pub trait Store: Send + Sync {
     /// Applies `c` atomically and durably; returns the audit record written, if any.
     fn commit(&self, c: Commit) -> Result<Option<AuditRecord>, StoreError>;
+    /// Appends the audit record of a refusal. Not flushed at once: a refusal changes no
+    /// state, and its record reaches the disk with the next flush (at most 500 ms later).
+    fn record(&self, event: AuditEvent) -> Result<Option<AuditRecord>, StoreError>;
     fn registration(&self, id: &str) -> Result<Option<RegistrationRecord>, StoreError>;
     fn active_registration_for(&self, ees_id: &str) -> Result<Option<String>, StoreError>;
     fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError>;
@@ -206,22 +209,8 @@ impl SledStore {
     }
 }
 
-type TxError = sled::transaction::ConflictableTransactionError<StoreError>;
-
-fn tx_get<T: for<'de> Deserialize<'de>>(
-    tx: &sled::transaction::TransactionalTree,
-    key: &[u8],
-) -> Result<Option<T>, TxError> {
-    match tx.get(key)? {
-        Some(v) => decode(key, &v)
-            .map(Some)
-            .map_err(sled::transaction::ConflictableTransactionError::Abort),
-        None => Ok(None),
-    }
-}
-
-impl Store for SledStore {
-    fn commit(&self, c: Commit) -> Result<Option<AuditRecord>, StoreError> {
+impl SledStore {
+    fn apply(&self, c: &Commit) -> Result<Option<AuditRecord>, StoreError> {
         use sled::transaction::ConflictableTransactionError::Abort;
         let result = self.tree.transaction(|tx| {
             if let Some(t) = &c.spend_token {
@@ -292,13 +281,40 @@ impl Store for SledStore {
             }
             Ok(written)
         });
-        let written = result.map_err(|e| match e {
+        result.map_err(|e| match e {
             sled::transaction::TransactionError::Abort(e) => e,
             sled::transaction::TransactionError::Storage(e) => io(e),
-        })?;
+        })
+    }
+}
+
+type TxError = sled::transaction::ConflictableTransactionError<StoreError>;
+
+fn tx_get<T: for<'de> Deserialize<'de>>(
+    tx: &sled::transaction::TransactionalTree,
+    key: &[u8],
+) -> Result<Option<T>, TxError> {
+    match tx.get(key)? {
+        Some(v) => decode(key, &v)
+            .map(Some)
+            .map_err(sled::transaction::ConflictableTransactionError::Abort),
+        None => Ok(None),
+    }
+}
+
+impl Store for SledStore {
+    fn commit(&self, c: Commit) -> Result<Option<AuditRecord>, StoreError> {
+        let written = self.apply(&c)?;
         // Durable before the caller answers.
         self.db.flush().map_err(io)?;
         Ok(written)
+    }
+
+    fn record(&self, event: AuditEvent) -> Result<Option<AuditRecord>, StoreError> {
+        self.apply(&Commit {
+            audit: Some(event),
+            ..Default::default()
+        })
     }
 
     fn registration(&self, id: &str) -> Result<Option<RegistrationRecord>, StoreError> {

@@ -1,0 +1,226 @@
+//! The running ECS: configuration, store, token verifier, signing backends and the CRL cache,
+//! built once at start and shared by every connection.
+
+use crate::config::{BackendConfig, Config};
+use crate::metrics::Metrics;
+use crate::store::{SledStore, Store};
+use crate::token::TokenVerifier;
+use ecs_ca_backends::{
+    CertIssuer, LocalIssuer, RevocationReason, RevokedEntry, SoftwareKey, der_to_pem,
+    pem_chain_to_der,
+};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds since the epoch.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A CRL as signed, kept until it is half-way to its `nextUpdate` or a revocation happens.
+struct CachedCrl {
+    der: Arc<Vec<u8>>,
+    this_update: i64,
+}
+
+/// A configured signing backend with the issuer over it.
+pub struct Backend {
+    pub name: String,
+    pub issuer: Arc<dyn CertIssuer>,
+    /// Where this backend's CRL is published (put in every certificate it issues).
+    pub crl_url: String,
+    crl: tokio::sync::Mutex<Option<CachedCrl>>,
+}
+
+impl Backend {
+    /// The chain as a PEM bundle, issuing CA first.
+    pub fn chain_pem(&self) -> Vec<String> {
+        self.issuer
+            .chain_der()
+            .iter()
+            .map(|d| der_to_pem(d, "CERTIFICATE"))
+            .collect()
+    }
+
+    /// Forgets the cached CRL, so the next request signs a new one.
+    pub async fn invalidate_crl(&self) {
+        *self.crl.lock().await = None;
+    }
+
+    /// The current CRL: cached, or freshly signed with the next CRL number.
+    pub async fn crl(&self, app: &App) -> Result<Arc<Vec<u8>>, crate::problem::ApiError> {
+        let validity = app.cfg.server.crl_validity.as_secs() as i64;
+        let mut cache = self.crl.lock().await;
+        let now = now();
+        if let Some(c) = cache.as_ref()
+            && now < c.this_update + validity / 2
+        {
+            return Ok(c.der.clone());
+        }
+        let store = app.store.clone();
+        let issuer = self.issuer.clone();
+        let name = self.name.clone();
+        let der = tokio::task::spawn_blocking(move || {
+            let revoked: Vec<RevokedEntry> = store
+                .revoked(&name)?
+                .into_iter()
+                .filter_map(|c| {
+                    let r = c.revoked?;
+                    Some(RevokedEntry {
+                        serial_hex: c.serial,
+                        revoked_at: r.at,
+                        reason: reason_of(&r.reason),
+                    })
+                })
+                .collect();
+            let number = store.next_crl_number(&name)?;
+            issuer
+                .sign_crl(number, now, now + validity, &revoked)
+                .map_err(crate::problem::ApiError::from)
+        })
+        .await
+        .map_err(crate::problem::ApiError::internal)??;
+        let der = Arc::new(der);
+        *cache = Some(CachedCrl {
+            der: der.clone(),
+            this_update: now,
+        });
+        Ok(der)
+    }
+}
+
+/// RFC 5280 reason names as stored.
+pub fn reason_name(r: RevocationReason) -> &'static str {
+    match r {
+        RevocationReason::Unspecified => "unspecified",
+        RevocationReason::KeyCompromise => "keyCompromise",
+        RevocationReason::Superseded => "superseded",
+        RevocationReason::CessationOfOperation => "cessationOfOperation",
+    }
+}
+
+fn reason_of(name: &str) -> RevocationReason {
+    match name {
+        "keyCompromise" => RevocationReason::KeyCompromise,
+        "superseded" => RevocationReason::Superseded,
+        "cessationOfOperation" => RevocationReason::CessationOfOperation,
+        _ => RevocationReason::Unspecified,
+    }
+}
+
+/// Everything a request needs.
+pub struct App {
+    pub cfg: Config,
+    pub store: Arc<dyn Store>,
+    pub tokens: TokenVerifier,
+    pub backends: BTreeMap<String, Arc<Backend>>,
+    pub policy_hash: String,
+    pub metrics: Metrics,
+    /// Token IDs and EES IDs of registrations being created right now, so that two
+    /// concurrent requests never both sign a certificate for one token or one EES.
+    inflight: Mutex<HashSet<String>>,
+}
+
+/// Releases an in-flight reservation when the request ends, however it ends.
+pub struct Reservation<'a> {
+    app: &'a App,
+    keys: Vec<String>,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut set = self.app.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        for k in &self.keys {
+            set.remove(k);
+        }
+    }
+}
+
+impl App {
+    /// Builds the ECS from a loaded configuration: opens the store, loads and checks every
+    /// backend's key against its certificate, loads the token issuers' keys.
+    pub async fn build(cfg: Config) -> Result<Arc<App>, String> {
+        let store = SledStore::open(&cfg.storage.path).map_err(|e| format!("storage.path: {e}"))?;
+        let mut backends = BTreeMap::new();
+        let mut roots = Vec::new();
+        for (name, b) in &cfg.backends {
+            let issuer = load_backend(name, b)?;
+            for d in issuer.chain_der() {
+                roots.extend_from_slice(der_to_pem(d, "CERTIFICATE").as_bytes());
+            }
+            let crl_url = if name == cfg.default_backend() {
+                format!("{}/pki/v1/crl", cfg.public_base())
+            } else {
+                format!("{}/pki/v1/crl/{name}", cfg.public_base())
+            };
+            backends.insert(
+                name.clone(),
+                Arc::new(Backend {
+                    name: name.clone(),
+                    issuer,
+                    crl_url,
+                    crl: tokio::sync::Mutex::new(None),
+                }),
+            );
+        }
+        let tokens = TokenVerifier::from_config(&cfg, &roots).await?;
+        let policy_hash = cfg.policy_hash();
+        Ok(Arc::new(App {
+            cfg,
+            store: Arc::new(store),
+            tokens,
+            backends,
+            policy_hash,
+            metrics: Metrics::new(),
+            inflight: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    pub fn backend(&self, name: &str) -> Option<&Arc<Backend>> {
+        self.backends.get(name)
+    }
+
+    pub fn default_backend(&self) -> &Arc<Backend> {
+        self.backends
+            .get(self.cfg.default_backend())
+            .expect("validated: the default backend exists")
+    }
+
+    /// Reserves `keys` for this request; `Err(key)` names the first one already taken.
+    pub fn reserve(&self, keys: Vec<String>) -> Result<Reservation<'_>, String> {
+        let mut set = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = keys.iter().find(|k| set.contains(*k)) {
+            return Err(k.clone());
+        }
+        for k in &keys {
+            set.insert(k.clone());
+        }
+        Ok(Reservation { app: self, keys })
+    }
+}
+
+fn load_backend(name: &str, b: &BackendConfig) -> Result<Arc<dyn CertIssuer>, String> {
+    match b {
+        BackendConfig::Software { key, cert } => {
+            let key_pem = std::fs::read_to_string(key)
+                .map_err(|e| format!("backends.{name}.key: {}: {e}", key.display()))?;
+            let signer = SoftwareKey::from_pkcs8_pem(&key_pem)
+                .map_err(|e| format!("backends.{name}.key: {}: {e}", key.display()))?;
+            let cert_pem = std::fs::read_to_string(cert)
+                .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))?;
+            let chain = pem_chain_to_der(&cert_pem)
+                .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))?;
+            let issuer = LocalIssuer::new(Arc::new(signer), chain)
+                .map_err(|e| format!("backends.{name}: {e}"))?;
+            Ok(Arc::new(issuer))
+        }
+        other => Err(format!(
+            "backends.{name}.kind: {:?} is not available in this version",
+            other.kind()
+        )),
+    }
+}

@@ -1,0 +1,74 @@
+//! Prometheus metrics served on the admin listener.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// The ECS's metrics. Labels carry causes and backend names, never identities or secrets.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests on the registration API by action, outcome and cause.
+    pub requests: IntCounterVec,
+    /// Time to issue (sign and verify) one certificate, by backend.
+    pub issuance_seconds: HistogramVec,
+    /// Signing failures, by backend.
+    pub backend_errors: IntCounterVec,
+    pub active_registrations: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("ecs_registration_requests_total", "Registration API requests by action, outcome and cause"),
+            &["action", "outcome", "cause"],
+        )
+        .expect("valid metric");
+        let issuance_seconds = HistogramVec::new(
+            HistogramOpts::new("ecs_issuance_seconds", "Time to issue one certificate")
+                .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0]),
+            &["backend"],
+        )
+        .expect("valid metric");
+        let backend_errors = IntCounterVec::new(
+            Opts::new("ecs_backend_errors_total", "Signing backend failures"),
+            &["backend"],
+        )
+        .expect("valid metric");
+        let active_registrations = IntGauge::new(
+            "ecs_active_registrations",
+            "Active EES registrations",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(issuance_seconds.clone()),
+            Box::new(backend_errors.clone()),
+            Box::new(active_registrations.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        Metrics {
+            registry,
+            requests,
+            issuance_seconds,
+            backend_errors,
+            active_registrations,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of metrics");
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

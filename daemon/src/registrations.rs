@@ -1,0 +1,716 @@
+//! The registration pipeline (`contract/api.md` §2): onboarding, read, update, re-key,
+//! merge-patch, de-registration and implicit expiry.
+//!
+//! Each operation gathers facts, asks the policy, signs if approved, and hands the store one
+//! [`Commit`] that holds every change and its audit record. A refusal changes nothing and
+//! leaves only its audit record.
+
+use crate::app::{App, now, reason_name};
+use crate::audit::AuditEvent;
+use crate::config::DEFAULT_DOMAIN;
+use crate::model::{self, RegistrationBody, format_time, parse_object, parse_registration};
+use crate::problem::{ApiError, Cause};
+use crate::store::{CertRecord, Commit, RegState, RegistrationRecord, Revocation, SpentToken};
+use crate::token::{TokenError, random_b64};
+use ecs_ca_backends::{CertTemplate, KeyKind, RevocationReason, parse_csr, sha256_hex};
+use ecs_policy::{DomainPolicy, KeyType, OnboardingFacts};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Who is asking, as the transport saw it.
+#[derive(Debug, Clone, Default)]
+pub struct RequestCtx {
+    pub client_addr: String,
+    /// DER of the TLS client certificate (end entity), when one was presented.
+    pub client_cert: Option<Vec<u8>>,
+    /// The `Authorization: Bearer` value, when present.
+    pub bearer: Option<String>,
+}
+
+/// A successful answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub location: Option<String>,
+    pub body: Option<Value>,
+}
+
+/// Facts collected while a request is handled, written to the audit log at its end.
+#[derive(Debug, Default)]
+struct Facts {
+    action: &'static str,
+    token_iss: Option<String>,
+    token_sub: Option<String>,
+    token_jti: Option<String>,
+    ees_id: Option<String>,
+    prov_id: Option<String>,
+    registration_id: Option<String>,
+    cert_serial: Option<String>,
+    cert_fingerprint: Option<String>,
+}
+
+impl Facts {
+    fn new(action: &'static str) -> Self {
+        Facts {
+            action,
+            ..Default::default()
+        }
+    }
+
+    fn event(&self, app: &App, ctx: &RequestCtx, status: u16, err: Option<&ApiError>) -> AuditEvent {
+        AuditEvent {
+            time: format_time(now()),
+            client: ctx.client_addr.clone(),
+            action: self.action.to_string(),
+            outcome: if err.is_some() { "refused" } else { "accepted" }.to_string(),
+            status,
+            cause: err.map(|e| e.cause.code().to_string()),
+            rule: err.and_then(|e| e.rule.clone()),
+            detail: err.map(|e| e.detail.clone()),
+            token_iss: self.token_iss.clone(),
+            token_sub: self.token_sub.clone(),
+            token_jti: self.token_jti.clone(),
+            ees_id: self.ees_id.clone(),
+            prov_id: self.prov_id.clone(),
+            registration_id: self.registration_id.clone(),
+            cert_serial: self.cert_serial.clone(),
+            cert_fingerprint: self.cert_fingerprint.clone(),
+            policy_hash: app.policy_hash.clone(),
+        }
+    }
+}
+
+/// Runs an operation, then records its outcome: a refusal goes to the audit log (the
+/// accepted path wrote its record in its own commit) and every outcome to the metrics.
+async fn audited<F>(app: &Arc<App>, ctx: &RequestCtx, action: &'static str, op: F) -> Result<Reply, ApiError>
+where
+    F: AsyncFnOnce(&mut Facts) -> Result<Reply, ApiError>,
+{
+    let mut facts = Facts::new(action);
+    let result = op(&mut facts).await;
+    match &result {
+        Ok(_) => {
+            app.metrics
+                .requests
+                .with_label_values(&[action, "accepted", ""])
+                .inc();
+        }
+        Err(e) => {
+            app.metrics
+                .requests
+                .with_label_values(&[action, "refused", e.cause.code()])
+                .inc();
+            let event = facts.event(app, ctx, e.status(), Some(e));
+            let store = app.store.clone();
+            let written = tokio::task::spawn_blocking(move || store.record(event)).await;
+            if !matches!(written, Ok(Ok(_))) {
+                tracing::error!(?written, "could not write the audit record of a refusal");
+            }
+        }
+    }
+    result
+}
+
+fn domain_of<'a>(app: &'a App, prov_id: Option<&str>) -> Result<(String, &'a DomainPolicy), ApiError> {
+    let name = prov_id.unwrap_or(DEFAULT_DOMAIN).to_string();
+    match app.cfg.domains.get(&name) {
+        Some(d) => Ok((name, d)),
+        None => Err(ApiError {
+            rule: Some(format!("domains.{name}")),
+            ..ApiError::new(
+                Cause::PolicyRejected,
+                format!("no policy is configured for ECSP domain {name:?} (rule domains.{name})"),
+            )
+        }),
+    }
+}
+
+fn key_type(kind: KeyKind) -> Option<KeyType> {
+    match kind {
+        KeyKind::P256 => Some(KeyType::P256),
+        KeyKind::P384 => Some(KeyType::P384),
+        KeyKind::Ed25519 => Some(KeyType::Ed25519),
+        KeyKind::Rsa(2048) => Some(KeyType::Rsa2048),
+        KeyKind::Rsa(3072) => Some(KeyType::Rsa3072),
+        KeyKind::Rsa(4096) => Some(KeyType::Rsa4096),
+        KeyKind::Rsa(_) => None,
+    }
+}
+
+fn third_party_refused(domain: &str) -> ApiError {
+    let rule = format!("domains.{domain}.third_party.accept");
+    ApiError {
+        rule: Some(rule.clone()),
+        ..ApiError::new(
+            Cause::PolicyRejected,
+            format!("third-party EES certificates are not accepted by this ECS yet (rule {rule})"),
+        )
+    }
+}
+
+/// Issues a certificate for `profile` with the key of `spki_der`, off the reactor.
+async fn issue(
+    app: &App,
+    backend_name: &str,
+    profile: &model::Profile,
+    spki_der: Vec<u8>,
+    validity_secs: u64,
+) -> Result<CertRecord, ApiError> {
+    let backend = app
+        .backend(backend_name)
+        .ok_or_else(|| ApiError::internal(format!("backend {backend_name} vanished")))?
+        .clone();
+    let template = CertTemplate {
+        common_name: profile.ees_id.clone(),
+        organization: profile.prov_id.clone(),
+        sans: profile.sans(),
+        spki_der,
+        now: now(),
+        validity_secs,
+        client_auth: true,
+        server_auth: true,
+        crl_url: Some(backend.crl_url.clone()),
+    };
+    let started = Instant::now();
+    let issuer = backend.issuer.clone();
+    let issued = tokio::task::spawn_blocking(move || issuer.issue(&template))
+        .await
+        .map_err(ApiError::internal)?;
+    let issued = match issued {
+        Ok(c) => c,
+        Err(e) => {
+            app.metrics
+                .backend_errors
+                .with_label_values(&[backend_name])
+                .inc();
+            return Err(e.into());
+        }
+    };
+    app.metrics
+        .issuance_seconds
+        .with_label_values(&[backend_name])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(CertRecord {
+        serial: issued.serial_hex,
+        registration_id: String::new(),
+        backend: backend_name.to_string(),
+        der_hex: hex::encode(&issued.der),
+        fingerprint: issued.fingerprint,
+        not_before: issued.not_before,
+        not_after: issued.not_after,
+        revoked: None,
+    })
+}
+
+async fn commit(app: &App, c: Commit) -> Result<(), ApiError> {
+    let store = app.store.clone();
+    tokio::task::spawn_blocking(move || store.commit(c))
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(())
+}
+
+fn secret_hash(ees_id: &str, token: &str) -> String {
+    sha256_hex(format!("{ees_id}\n{token}").as_bytes())
+}
+
+/// The stored registration as the API shows it, with `onboarding` (never the Secret_token,
+/// except `secret_token` when just issued).
+fn render(app: &App, reg: &RegistrationRecord, cert: &CertRecord, secret_token: Option<&str>) -> Value {
+    let chain = app
+        .backend(&cert.backend)
+        .map(|b| b.chain_pem())
+        .unwrap_or_default();
+    let mut onboarding = json!({
+        "registrationId": reg.id,
+        "certSource": reg.cert_source,
+        "eesCert": ecs_ca_backends::der_to_pem(&cert.der(), "CERTIFICATE"),
+        "certChain": chain,
+        "certExpTime": format_time(cert.not_after),
+        "authInfo": { "authMethod": "TLS_CLIENT_CERT", "certFingerprint": cert.fingerprint },
+    });
+    if let Some(t) = secret_token {
+        onboarding["secretToken"] = json!(t);
+    }
+    let mut v = json!({
+        "eesProf": reg.profile,
+        "expTime": format_time(reg.exp_time),
+        "onboarding": onboarding,
+    });
+    if let Some(s) = &reg.supp_feat {
+        v["suppFeat"] = json!(s);
+    }
+    v
+}
+
+fn location(app: &App, id: &str) -> String {
+    format!(
+        "{}/eecs-eesregistration/v1/registrations/{id}",
+        app.cfg.public_base()
+    )
+}
+
+/// `POST /registrations`: onboard an EES (solution #12 steps 3–5).
+pub async fn create(app: &Arc<App>, ctx: &RequestCtx, body: &[u8]) -> Result<Reply, ApiError> {
+    audited(app, ctx, "register", async |f: &mut Facts| create_inner(app, ctx, body, f).await).await
+}
+
+async fn create_inner(
+    app: &Arc<App>,
+    ctx: &RequestCtx,
+    body: &[u8],
+    f: &mut Facts,
+) -> Result<Reply, ApiError> {
+    let now = now();
+    let bearer = ctx.bearer.as_deref().ok_or(TokenError::Missing)?;
+    let token = app.tokens.verify(bearer, now).await?;
+    f.token_iss = Some(token.iss.clone());
+    f.token_sub = Some(token.sub.clone());
+    f.token_jti = Some(token.jti.clone());
+
+    let obj = parse_object(body)?;
+    let req: RegistrationBody = parse_registration(&obj, now)?;
+    let profile = &req.profile;
+    f.ees_id = Some(profile.ees_id.clone());
+    f.prov_id = profile.prov_id.clone();
+    let onboarding = req.onboarding.clone().ok_or_else(|| {
+        ApiError::param(Cause::MandatoryIeMissing, "/onboarding", "is missing")
+    })?;
+    match (&onboarding.csr, onboarding.third_party_cert) {
+        (Some(_), true) => {
+            return Err(ApiError::param(
+                Cause::MandatoryIeIncorrect,
+                "/onboarding",
+                "give exactly one of csr and thirdPartyCert: true",
+            ));
+        }
+        (None, false) => {
+            return Err(ApiError::param(
+                Cause::MandatoryIeMissing,
+                "/onboarding/csr",
+                "is missing (or set thirdPartyCert: true)",
+            ));
+        }
+        _ => {}
+    }
+
+    if token.sub != profile.ees_id {
+        return Err(ApiError::new(
+            Cause::EesIdMismatch,
+            "the token's sub does not equal eesProf.eesId",
+        ));
+    }
+    if let Some(p) = &token.prov_id
+        && profile.prov_id.as_deref() != Some(p.as_str())
+    {
+        return Err(ApiError::new(
+            Cause::EesIdMismatch,
+            "the token's provId does not equal eesProf.provId",
+        ));
+    }
+    let (domain_name, domain) = domain_of(app, profile.prov_id.as_deref())?;
+    if onboarding.third_party_cert {
+        return Err(third_party_refused(&domain_name));
+    }
+    if app.store.token_spent(&token.iss, &token.jti)? {
+        return Err(crate::store::StoreError::TokenReplayed.into());
+    }
+    if app.store.active_registration_for(&profile.ees_id)?.is_some() {
+        return Err(crate::store::StoreError::EesAlreadyRegistered.into());
+    }
+    let csr = parse_csr(onboarding.csr.as_deref().unwrap_or_default())?;
+    let description = csr.key.describe();
+    let decision = domain.decide_onboarding(
+        &domain_name,
+        &OnboardingFacts {
+            token_issuer: &token.issuer_name,
+            ees_id: &profile.ees_id,
+            key_type: key_type(csr.key.kind),
+            key_description: &description,
+            requested_expiry: req.exp_time,
+            secret_token_requested: onboarding.secret_token,
+            now,
+        },
+    );
+    let approval = decision.outcome?;
+
+    // Two requests with one token, or for one EES, never both reach the signer.
+    let jti_key = format!("jti:{}\0{}", token.iss, token.jti);
+    let ees_key = format!("ees:{}", profile.ees_id.to_ascii_lowercase());
+    let _reservation = app.reserve(vec![jti_key.clone(), ees_key]).map_err(|k| {
+        if k == jti_key {
+            ApiError::from(crate::store::StoreError::TokenReplayed)
+        } else {
+            ApiError::from(crate::store::StoreError::EesAlreadyRegistered)
+        }
+    })?;
+
+    let backend = app.cfg.domain_backend(domain).to_string();
+    let mut cert = issue(app, &backend, profile, csr.spki_der, approval.cert_validity_secs).await?;
+    let id = random_b64(18);
+    cert.registration_id = id.clone();
+    f.registration_id = Some(id.clone());
+    f.cert_serial = Some(cert.serial.clone());
+    f.cert_fingerprint = Some(cert.fingerprint.clone());
+    let secret_token = approval.issue_secret_token.then(|| random_b64(32));
+    let reg = RegistrationRecord {
+        id: id.clone(),
+        state: RegState::Active,
+        ees_id: profile.ees_id.clone(),
+        prov_id: profile.prov_id.clone(),
+        domain: domain_name,
+        backend,
+        profile: profile.json.clone(),
+        exp_time: approval.registration_expiry,
+        supp_feat: req.supp_feat.clone(),
+        created_at: now,
+        updated_at: now,
+        cert_source: "ECS_ISSUED".into(),
+        current_cert: cert.serial.clone(),
+        certs: vec![cert.serial.clone()],
+        secret_token_hash: secret_token.as_deref().map(|t| secret_hash(&profile.ees_id, t)),
+        token_issuer: token.issuer_name.clone(),
+    };
+    let event = f.event(app, ctx, 201, None);
+    commit(
+        app,
+        Commit {
+            registration: Some(reg.clone()),
+            claim_ees_id: true,
+            new_certs: vec![cert.clone()],
+            spend_token: Some(SpentToken {
+                iss: token.iss.clone(),
+                jti: token.jti.clone(),
+                exp: token.exp,
+            }),
+            audit: Some(event),
+            ..Default::default()
+        },
+    )
+    .await?;
+    tracing::info!(registration = %id, ees_id = %reg.ees_id, serial = %cert.serial, "EES registered");
+    Ok(Reply {
+        status: 201,
+        location: Some(location(app, &id)),
+        body: Some(render(app, &reg, &cert, secret_token.as_deref())),
+    })
+}
+
+/// How a request on an individual registration was authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthBy {
+    ClientCert,
+    SecretToken,
+}
+
+/// Authenticates a request on `/registrations/{id}` and loads the registration, expiring it
+/// first when its time has passed.
+async fn authorize(
+    app: &App,
+    ctx: &RequestCtx,
+    id: &str,
+    allow_secret_token: bool,
+    f: &mut Facts,
+) -> Result<(RegistrationRecord, CertRecord, AuthBy), ApiError> {
+    f.registration_id = Some(id.to_string());
+    let by = match (&ctx.client_cert, &ctx.bearer) {
+        (Some(_), _) => AuthBy::ClientCert,
+        (None, Some(_)) if allow_secret_token => AuthBy::SecretToken,
+        _ => {
+            return Err(ApiError::new(
+                Cause::ClientCertRequired,
+                "this resource needs the TLS client certificate bound to the registration",
+            ));
+        }
+    };
+    let not_found = || ApiError::new(Cause::RegistrationNotFound, "no active registration with this ID");
+    let reg = app.store.registration(id)?.ok_or_else(not_found)?;
+    f.ees_id = Some(reg.ees_id.clone());
+    f.prov_id = reg.prov_id.clone();
+    if reg.state != RegState::Active {
+        return Err(not_found());
+    }
+    let now = now();
+    if reg.exp_time <= now {
+        expire(app, &ctx.client_addr, reg).await?;
+        return Err(not_found());
+    }
+    let current = app
+        .store
+        .cert(&reg.current_cert)?
+        .ok_or_else(|| ApiError::internal(format!("registration {id} lost its certificate")))?;
+    match by {
+        AuthBy::ClientCert => {
+            let der = ctx.client_cert.as_deref().unwrap_or_default();
+            let fp = sha256_hex(der);
+            f.cert_fingerprint = Some(fp.clone());
+            let owner = |detail: &str| ApiError::new(Cause::NotRegistrationOwner, detail);
+            let cert = app
+                .store
+                .cert_by_fingerprint(&fp)?
+                .ok_or_else(|| owner("the client certificate is not bound to this registration"))?;
+            f.cert_serial = Some(cert.serial.clone());
+            if cert.registration_id != id {
+                return Err(owner("the client certificate is bound to another registration"));
+            }
+            if let Some(r) = &cert.revoked {
+                return Err(owner(&format!("the client certificate was revoked ({})", r.reason)));
+            }
+            if cert.serial != reg.current_cert {
+                return Err(owner("the client certificate is not the registration's current one"));
+            }
+            if now > cert.not_after || now < cert.not_before {
+                return Err(owner("the client certificate is outside its validity"));
+            }
+        }
+        AuthBy::SecretToken => {
+            let given = ctx.bearer.as_deref().unwrap_or_default();
+            let ok = reg.secret_token_hash.as_deref().is_some_and(|h| {
+                // Compare digests, so the time taken says nothing about the token.
+                let mine = secret_hash(&reg.ees_id, given);
+                aws_lc_rs::constant_time::verify_slices_are_equal(h.as_bytes(), mine.as_bytes()).is_ok()
+            });
+            if !ok {
+                return Err(ApiError::new(
+                    Cause::InvalidToken,
+                    "the Secret_token does not match this registration",
+                ));
+            }
+        }
+    }
+    Ok((reg, current, by))
+}
+
+/// `GET /registrations/{id}`.
+pub async fn get(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply, ApiError> {
+    audited(app, ctx, "get", async |f: &mut Facts| {
+        let (reg, cert, _) = authorize(app, ctx, id, false, f).await?;
+        Ok(Reply {
+            status: 200,
+            location: None,
+            body: Some(render(app, &reg, &cert, None)),
+        })
+    })
+    .await
+}
+
+/// `PUT /registrations/{id}`: full replacement of `eesProf`/`expTime`, re-key with
+/// `onboarding.csr` (by certificate, or by Secret_token when the key is lost).
+pub async fn put(app: &Arc<App>, ctx: &RequestCtx, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
+    audited(app, ctx, "update", async |f: &mut Facts| {
+        let (reg, current, by) = authorize(app, ctx, id, true, f).await?;
+        let now = now();
+        let obj = parse_object(body)?;
+        let req = parse_registration(&obj, now)?;
+        let onboarding = req.onboarding.clone().unwrap_or_default();
+        if by == AuthBy::SecretToken && onboarding.csr.is_none() {
+            return Err(ApiError::param(
+                Cause::MandatoryIeMissing,
+                "/onboarding/csr",
+                "a request authenticated by the Secret_token must re-key",
+            ));
+        }
+        update(app, ctx, f, reg, current, req, onboarding.csr, onboarding.third_party_cert).await
+    })
+    .await
+}
+
+/// `PATCH /registrations/{id}` with an RFC 7396 merge patch of `eesProf` and `expTime`.
+pub async fn patch(app: &Arc<App>, ctx: &RequestCtx, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
+    audited(app, ctx, "patch", async |f: &mut Facts| {
+        let (reg, current, _) = authorize(app, ctx, id, false, f).await?;
+        let now = now();
+        let patch = parse_object(body)?;
+        if let Some(k) = patch.keys().find(|k| *k != "eesProf" && *k != "expTime") {
+            return Err(ApiError::param(
+                Cause::InvalidMsgFormat,
+                &format!("/{k}"),
+                "is not an attribute of EESRegistrationPatch (re-key with PUT)",
+            ));
+        }
+        let mut doc = json!({ "eesProf": reg.profile, "expTime": format_time(reg.exp_time) });
+        if let Some(s) = &reg.supp_feat {
+            doc["suppFeat"] = json!(s);
+        }
+        model::merge_patch(&mut doc, &Value::Object(patch));
+        let obj = doc.as_object().cloned().unwrap_or_default();
+        let req = parse_registration(&obj, now)?;
+        update(app, ctx, f, reg, current, req, None, false).await
+    })
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn update(
+    app: &Arc<App>,
+    ctx: &RequestCtx,
+    f: &mut Facts,
+    mut reg: RegistrationRecord,
+    current: CertRecord,
+    req: RegistrationBody,
+    csr: Option<String>,
+    third_party: bool,
+) -> Result<Reply, ApiError> {
+    let now = now();
+    let profile = &req.profile;
+    if profile.ees_id != reg.ees_id {
+        return Err(ApiError {
+            status_override: Some(403),
+            ..ApiError::param(Cause::MandatoryIeIncorrect, "/eesProf/eesId", "may not change")
+        });
+    }
+    if profile.prov_id != reg.prov_id {
+        return Err(ApiError {
+            status_override: Some(403),
+            ..ApiError::param(Cause::MandatoryIeIncorrect, "/eesProf/provId", "may not change")
+        });
+    }
+    let (domain_name, domain) = domain_of(app, reg.prov_id.as_deref())?;
+    if third_party {
+        return Err(third_party_refused(&domain_name));
+    }
+    reg.profile = profile.json.clone();
+    reg.exp_time = domain.registration_expiry(req.exp_time, now);
+    reg.supp_feat = req.supp_feat.clone();
+    reg.updated_at = now;
+    let mut commit_c = Commit::default();
+    let mut cert = current;
+    if let Some(csr) = csr {
+        f.action = "rekey";
+        let csr = parse_csr(&csr)?;
+        let description = csr.key.describe();
+        let approval = domain
+            .decide_onboarding(
+                &domain_name,
+                &OnboardingFacts {
+                    token_issuer: &reg.token_issuer,
+                    ees_id: &reg.ees_id,
+                    key_type: key_type(csr.key.kind),
+                    key_description: &description,
+                    requested_expiry: req.exp_time,
+                    secret_token_requested: false,
+                    now,
+                },
+            )
+            .outcome?;
+        let _reservation = app
+            .reserve(vec![format!("rekey:{}", reg.id)])
+            .map_err(|_| ApiError::new(Cause::PolicyRejected, "a re-key of this registration is already in progress"))?;
+        let mut new_cert = issue(app, &reg.backend, profile, csr.spki_der, approval.cert_validity_secs).await?;
+        new_cert.registration_id = reg.id.clone();
+        commit_c.revocations.push((
+            cert.serial.clone(),
+            Revocation {
+                at: now,
+                reason: reason_name(RevocationReason::Superseded).into(),
+            },
+        ));
+        reg.current_cert = new_cert.serial.clone();
+        reg.certs.push(new_cert.serial.clone());
+        f.cert_serial = Some(new_cert.serial.clone());
+        f.cert_fingerprint = Some(new_cert.fingerprint.clone());
+        commit_c.new_certs.push(new_cert.clone());
+        cert = new_cert;
+    }
+    let rekeyed = !commit_c.revocations.is_empty();
+    commit_c.registration = Some(reg.clone());
+    commit_c.audit = Some(f.event(app, ctx, 200, None));
+    commit(app, commit_c).await?;
+    if rekeyed && let Some(b) = app.backend(&reg.backend) {
+        b.invalidate_crl().await;
+    }
+    Ok(Reply {
+        status: 200,
+        location: None,
+        body: Some(render(app, &reg, &cert, None)),
+    })
+}
+
+/// `DELETE /registrations/{id}`: ends the registration and revokes its certificates.
+pub async fn delete(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply, ApiError> {
+    audited(app, ctx, "deregister", async |f: &mut Facts| {
+        let (reg, _, _) = authorize(app, ctx, id, false, f).await?;
+        let event = f.event(app, ctx, 204, None);
+        end(app, reg, RegState::Deregistered, event).await?;
+        Ok(Reply {
+            status: 204,
+            location: None,
+            body: None,
+        })
+    })
+    .await
+}
+
+/// Ends a registration: state, revocation of every certificate with
+/// `cessationOfOperation`, audit record, then a fresh CRL on the next fetch.
+async fn end(app: &App, mut reg: RegistrationRecord, state: RegState, event: AuditEvent) -> Result<(), ApiError> {
+    let now = now();
+    let revocations = reg
+        .certs
+        .iter()
+        .map(|s| {
+            (
+                s.clone(),
+                Revocation {
+                    at: now,
+                    reason: reason_name(RevocationReason::CessationOfOperation).into(),
+                },
+            )
+        })
+        .collect();
+    reg.state = state;
+    reg.updated_at = now;
+    let backend = reg.backend.clone();
+    commit(
+        app,
+        Commit {
+            registration: Some(reg),
+            revocations,
+            audit: Some(event),
+            ..Default::default()
+        },
+    )
+    .await?;
+    if let Some(b) = app.backend(&backend) {
+        b.invalidate_crl().await;
+    }
+    Ok(())
+}
+
+/// Implicit de-registration of a registration whose `expTime` has passed.
+pub async fn expire(app: &App, client: &str, reg: RegistrationRecord) -> Result<(), ApiError> {
+    let event = AuditEvent {
+        time: format_time(now()),
+        client: client.to_string(),
+        action: "expire".into(),
+        outcome: "accepted".into(),
+        status: 0,
+        ees_id: Some(reg.ees_id.clone()),
+        prov_id: reg.prov_id.clone(),
+        registration_id: Some(reg.id.clone()),
+        detail: Some(format!("expTime {} passed", format_time(reg.exp_time))),
+        policy_hash: app.policy_hash.clone(),
+        ..Default::default()
+    };
+    tracing::info!(registration = %reg.id, "registration expired: implicit de-registration");
+    end(app, reg, RegState::Expired, event).await
+}
+
+/// One pass of the background sweep: expire what is due, forget spent token IDs whose
+/// tokens can no longer be presented.
+pub async fn sweep(app: &App) -> Result<usize, ApiError> {
+    let now = now();
+    let due = app.store.due_expiries(now, 1000)?;
+    let n = due.len();
+    for id in due {
+        if let Some(reg) = app.store.registration(&id)?
+            && reg.state == RegState::Active
+        {
+            expire(app, "sweep", reg).await?;
+        }
+    }
+    app.store
+        .purge_spent_tokens(now - crate::token::LEEWAY_SECS as i64)?;
+    Ok(n)
+}
