@@ -251,7 +251,13 @@ impl LocalIssuer {
             eku.push(rfc5280::ID_KP_SERVER_AUTH);
         }
         let mut ext = vec![
-            extension(&BasicConstraints { ca: false, path_len_constraint: None }, true)?,
+            extension(
+                &BasicConstraints {
+                    ca: false,
+                    path_len_constraint: None,
+                },
+                true,
+            )?,
             extension(&KeyUsage(KeyUsages::DigitalSignature.into()), true)?,
             extension(&ExtendedKeyUsage(eku), false)?,
         ];
@@ -338,8 +344,9 @@ impl LocalIssuer {
         };
         let tbs_der = tbs.to_der()?;
         let signature = self.signer.sign(&tbs_der)?;
-        verify_signature(self.signer.public_key_der(), &alg.oid, &tbs_der, &signature)
-            .map_err(|_| Error::Signing("the signer produced a CRL signature that does not verify".into()))?;
+        verify_signature(self.signer.public_key_der(), &alg.oid, &tbs_der, &signature).map_err(
+            |_| Error::Signing("the signer produced a CRL signature that does not verify".into()),
+        )?;
         let crl = CertificateList {
             tbs_cert_list: tbs,
             signature_algorithm: alg,
@@ -375,11 +382,14 @@ pub fn make_ca_certificate(signer: &dyn KeySigner, p: &CaParams) -> Result<Issue
 
 fn ca_extensions(path_len: Option<u8>) -> Result<Vec<Extension>, Error> {
     Ok(vec![
-        extension(&BasicConstraints { ca: true, path_len_constraint: path_len }, true)?,
         extension(
-            &KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign),
+            &BasicConstraints {
+                ca: true,
+                path_len_constraint: path_len,
+            },
             true,
         )?,
+        extension(&KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign), true)?,
     ])
 }
 
@@ -434,7 +444,10 @@ pub fn verify_cert_signed_by(cert_der: &[u8], issuer_der: &[u8]) -> Result<(), E
     let cert = Certificate::from_der(cert_der)?;
     let issuer = Certificate::from_der(issuer_der)?;
     let tbs = cert.tbs_certificate().to_der()?;
-    let spki = issuer.tbs_certificate().subject_public_key_info().to_der()?;
+    let spki = issuer
+        .tbs_certificate()
+        .subject_public_key_info()
+        .to_der()?;
     let sig = cert
         .signature()
         .as_bytes()
@@ -560,16 +573,17 @@ impl BuilderProfile for Profile {
             .clone()
             .unwrap_or_else(|| ski_bytes(&issuer_spk.to_der().unwrap_or_default()));
         let mut out = self.extensions.clone();
-        out.push(
-            extension(
-                &AuthorityKeyIdentifier {
-                    key_identifier: Some(OctetString::new(aki)?),
-                    ..Default::default()
-                },
-                false,
-            )?,
-        );
-        out.push(extension(&SubjectKeyIdentifier(OctetString::new(ski)?), false)?);
+        out.push(extension(
+            &AuthorityKeyIdentifier {
+                key_identifier: Some(OctetString::new(aki)?),
+                ..Default::default()
+            },
+            false,
+        )?);
+        out.push(extension(
+            &SubjectKeyIdentifier(OctetString::new(ski)?),
+            false,
+        )?);
         Ok(out)
     }
 }
@@ -602,7 +616,6 @@ impl DynSignatureAlgorithmIdentifier for SignerKeypair {
         Ok(self.alg.algorithm_identifier())
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -680,9 +693,21 @@ mod tests {
         assert!(!bc.value.ca);
         let san = x.subject_alternative_name().unwrap().unwrap();
         assert_eq!(san.value.general_names.len(), 3);
-        assert!(x.get_extension_unique(&oid_registry::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER).unwrap().is_some());
-        assert!(x.get_extension_unique(&oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER).unwrap().is_some());
-        assert!(x.get_extension_unique(&oid_registry::OID_X509_EXT_CRL_DISTRIBUTION_POINTS).unwrap().is_some());
+        assert!(
+            x.get_extension_unique(&oid_registry::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            x.get_extension_unique(&oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            x.get_extension_unique(&oid_registry::OID_X509_EXT_CRL_DISTRIBUTION_POINTS)
+                .unwrap()
+                .is_some()
+        );
         assert_eq!(
             x.validity().not_after.timestamp() - x.validity().not_before.timestamp(),
             30 * 86_400

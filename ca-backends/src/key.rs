@@ -104,7 +104,9 @@ pub fn classify_spki(spki_der: &[u8]) -> Result<PublicKeyInfo, Error> {
             }
             KeyKind::P384
         } else {
-            return Err(Error::UnsupportedKey(format!("EC curve {curve} is not supported")));
+            return Err(Error::UnsupportedKey(format!(
+                "EC curve {curve} is not supported"
+            )));
         }
     } else if oid == rfc8410::ID_ED_25519 {
         if key.len() != 32 {

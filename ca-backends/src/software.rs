@@ -26,7 +26,9 @@ pub struct SoftwareKey {
 
 impl fmt::Debug for SoftwareKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SoftwareKey").field("alg", &self.alg).finish_non_exhaustive()
+        f.debug_struct("SoftwareKey")
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -39,19 +41,20 @@ impl SoftwareKey {
 
     /// Loads a DER PKCS#8 key, trying each supported algorithm.
     pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, Error> {
-        let (inner, alg) = if let Ok(k) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der) {
-            (Inner::Ecdsa(k), SigAlg::EcdsaP256Sha256)
-        } else if let Ok(k) = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, der) {
-            (Inner::Ecdsa(k), SigAlg::EcdsaP384Sha384)
-        } else if let Ok(k) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
-            (Inner::Ed25519(k), SigAlg::Ed25519)
-        } else if let Ok(k) = RsaKeyPair::from_pkcs8(der) {
-            (Inner::Rsa(k), SigAlg::RsaPkcs1Sha256)
-        } else {
-            return Err(Error::UnsupportedKey(
-                "not a PKCS#8 P-256, P-384, Ed25519 or RSA private key".into(),
-            ));
-        };
+        let (inner, alg) =
+            if let Ok(k) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der) {
+                (Inner::Ecdsa(k), SigAlg::EcdsaP256Sha256)
+            } else if let Ok(k) = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, der) {
+                (Inner::Ecdsa(k), SigAlg::EcdsaP384Sha384)
+            } else if let Ok(k) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
+                (Inner::Ed25519(k), SigAlg::Ed25519)
+            } else if let Ok(k) = RsaKeyPair::from_pkcs8(der) {
+                (Inner::Rsa(k), SigAlg::RsaPkcs1Sha256)
+            } else {
+                return Err(Error::UnsupportedKey(
+                    "not a PKCS#8 P-256, P-384, Ed25519 or RSA private key".into(),
+                ));
+            };
         let spki_der = match &inner {
             Inner::Ecdsa(k) => ec_spki(alg, k.public_key().as_ref()),
             Inner::Ed25519(k) => ed25519_spki(k.public_key().as_ref()),
@@ -78,7 +81,11 @@ impl KeySigner for SoftwareKey {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, Error> {
         let failed = |_| Error::Signing("software key refused to sign".into());
         match &self.inner {
-            Inner::Ecdsa(k) => Ok(k.sign(&self.rng, message).map_err(failed)?.as_ref().to_vec()),
+            Inner::Ecdsa(k) => Ok(k
+                .sign(&self.rng, message)
+                .map_err(failed)?
+                .as_ref()
+                .to_vec()),
             Inner::Ed25519(k) => Ok(k.sign(message).as_ref().to_vec()),
             Inner::Rsa(k) => {
                 let mut out = vec![0; k.public_modulus_len()];
@@ -163,6 +170,11 @@ mod tests {
     #[test]
     fn garbage_is_not_a_key() {
         assert!(SoftwareKey::from_pkcs8_der(b"nope").is_err());
-        assert!(SoftwareKey::from_pkcs8_pem("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").is_err());
+        assert!(
+            SoftwareKey::from_pkcs8_pem(
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+            )
+            .is_err()
+        );
     }
 }

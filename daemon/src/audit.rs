@@ -96,7 +96,9 @@ pub fn verify_chain(records: &[AuditRecord], head: (u64, &str)) -> Result<u64, B
             });
         }
         if r.prev_hash != prev {
-            return Err(broken("prev_hash does not match the previous record".into()));
+            return Err(broken(
+                "prev_hash does not match the previous record".into(),
+            ));
         }
         if chain_hash(&prev, &r.event) != r.hash {
             return Err(broken("hash does not match the record's content".into()));

@@ -225,7 +225,10 @@ impl Config {
         cfg.resolve_paths(&base);
         let findings = cfg.validate();
         if let Some(err) = findings.iter().find(|f| f.severity == Severity::Error) {
-            return Err(ConfigError(format!("{shown}: {}: {}", err.key, err.message)));
+            return Err(ConfigError(format!(
+                "{shown}: {}: {}",
+                err.key, err.message
+            )));
         }
         Ok((cfg, findings))
     }
@@ -257,7 +260,12 @@ impl Config {
             }
         }
         for i in self.token_issuers.values_mut() {
-            for p in i.jwks.iter_mut().chain(i.jwks_ca.iter_mut()).chain(i.private_key.iter_mut()) {
+            for p in i
+                .jwks
+                .iter_mut()
+                .chain(i.jwks_ca.iter_mut())
+                .chain(i.private_key.iter_mut())
+            {
                 fix(p);
             }
             for p in &mut i.keys {
@@ -433,7 +441,10 @@ fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> String {
             let line = before.matches('\n').count() + 1;
             let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
             let line_text = text.lines().nth(line - 1).unwrap_or("").trim();
-            format!("{file}:{line}:{col}: {} (in `{line_text}`)", one_line(e.message()))
+            format!(
+                "{file}:{line}:{col}: {} (in `{line_text}`)",
+                one_line(e.message())
+            )
         }
         None => format!("{file}: {}", one_line(e.message())),
     }
@@ -507,7 +518,10 @@ secret_token = "on_request"
     fn environment_overrides_the_file() {
         let (_dir, p) = write(SAMPLE);
         let env = HashMap::from([
-            ("ECS__SERVER__LISTEN".to_string(), "127.0.0.1:9999".to_string()),
+            (
+                "ECS__SERVER__LISTEN".to_string(),
+                "127.0.0.1:9999".to_string(),
+            ),
             (
                 "ECS__DOMAINS__ECSP-A__EES_IDS".to_string(),
                 "a.example,b.example".to_string(),
@@ -521,9 +535,21 @@ secret_token = "on_request"
     #[test]
     fn unknown_keys_and_bad_values_name_the_key_and_line() {
         let cases = [
-            ("[server]\nlisten", "[server]\nlistn = \"x\"\nlisten", "listn"),
-            ("cert_validity = \"30d\"", "cert_validity = \"30 days\"", "ecs.toml:20:17"),
-            ("secret_token = \"on_request\"", "secret_token = \"sometimes\"", "sometimes"),
+            (
+                "[server]\nlisten",
+                "[server]\nlistn = \"x\"\nlisten",
+                "listn",
+            ),
+            (
+                "cert_validity = \"30d\"",
+                "cert_validity = \"30 days\"",
+                "ecs.toml:20:17",
+            ),
+            (
+                "secret_token = \"on_request\"",
+                "secret_token = \"sometimes\"",
+                "sometimes",
+            ),
             ("kind = \"software\"", "kind = \"softwar\"", "softwar"),
         ];
         for (from, to, expect) in cases {
@@ -540,7 +566,10 @@ secret_token = "on_request"
 
     #[test]
     fn references_are_checked() {
-        let (_dir, p) = write(&SAMPLE.replace("token_issuers = [\"ecsp-a-as\"]", "token_issuers = [\"nobody\"]"));
+        let (_dir, p) = write(&SAMPLE.replace(
+            "token_issuers = [\"ecsp-a-as\"]",
+            "token_issuers = [\"nobody\"]",
+        ));
         let err = Config::load_with_env(&p, HashMap::new()).unwrap_err().0;
         assert!(err.contains("domains.ecsp-a.token_issuers"), "{err}");
     }

@@ -7,13 +7,18 @@
 //! and records the outcome.
 #![forbid(unsafe_code)]
 
-pub mod config;
+pub mod app;
 pub mod audit;
-pub mod store;
 pub mod client;
-pub mod token;
+pub mod config;
+pub mod daemon;
+pub mod ees;
+pub mod init;
+pub mod metrics;
 pub mod model;
 pub mod problem;
-pub mod app;
-pub mod metrics;
 pub mod registrations;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod token;

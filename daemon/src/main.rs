@@ -1,1 +1,559 @@
-fn main() {}
+//! `ecsd`: the command line (`contract/operator.md` §2).
+//!
+//! Exit status: 0 success, 2 usage or configuration error, 1 anything else; errors go to
+//! stderr in one line naming the file, key or argument at fault.
+
+use clap::{Args, Parser, Subcommand};
+use ecs_daemon::audit::{AuditRecord, verify_chain};
+use ecs_daemon::config::Config;
+use ecs_daemon::store::{SledStore, Store};
+use ecs_daemon::{daemon, ees, init, token};
+use ecs_policy::{PolicyDuration, Severity};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "ecsd",
+    version,
+    about = "ECS registration authority and CA for Edge Enabler Servers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon. Without --config: `init` ./ecs-data if it is empty, then serve from it.
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Write a complete, working configuration and its keys into DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+        /// Defaults to https://LISTEN.
+        #[arg(long)]
+        public_url: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        admin_listen: String,
+        #[arg(long, default_value = "ecs.mno.example")]
+        ecs_id: String,
+    },
+    /// Onboarding tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The reference EES client.
+    #[command(subcommand)]
+    Ees(EesCmd),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Static checks of a configuration's policy.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Print an onboarding token signed by a token issuer whose private key the
+    /// configuration holds (the development issuer).
+    Mint {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        ees_id: String,
+        #[arg(long)]
+        prov_id: Option<String>,
+        #[arg(long, default_value = "10m")]
+        ttl: PolicyDuration,
+        /// The [token_issuers.NAME] to sign as; default: the only one with a private_key.
+        #[arg(long)]
+        issuer: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct EesDir {
+    /// The folder `ees register --out` wrote.
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum EesCmd {
+    /// Make a key pair and CSR, register, save certificate, chain, ID and Secret_token.
+    Register {
+        /// The ECS's base URL.
+        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        url: String,
+        /// The root CA certificate to check the ECS's TLS certificate against.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The onboarding token (or --token-file).
+        #[arg(long, conflicts_with = "token_file")]
+        token: Option<String>,
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        #[arg(long)]
+        ees_id: String,
+        #[arg(long)]
+        prov_id: Option<String>,
+        /// The EES endpoint: an FQDN (default: the EES ID when it is one) ...
+        #[arg(long, group = "endpoint")]
+        fqdn: Option<String>,
+        /// ... or IPv4 addresses ...
+        #[arg(long, group = "endpoint", num_args = 1..)]
+        ipv4: Vec<String>,
+        /// ... or IPv6 addresses ...
+        #[arg(long, group = "endpoint", num_args = 1..)]
+        ipv6: Vec<String>,
+        /// ... or a URI.
+        #[arg(long, group = "endpoint")]
+        uri: Option<String>,
+        /// Proposed expiry, RFC 3339.
+        #[arg(long)]
+        exp_time: Option<String>,
+        /// Ask for a Secret_token.
+        #[arg(long)]
+        secret_token: bool,
+        /// Where to save the EES's state.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show the registration as the ECS has it.
+    Show(EesDir),
+    /// Send the profile again (renews the registration), optionally with a new expTime.
+    Update {
+        #[command(flatten)]
+        dir: EesDir,
+        #[arg(long)]
+        exp_time: Option<String>,
+    },
+    /// New key pair and certificate; the old certificate is revoked (superseded).
+    Rekey {
+        #[command(flatten)]
+        dir: EesDir,
+        /// Authenticate with the saved Secret_token instead of the certificate.
+        #[arg(long)]
+        with_secret_token: bool,
+    },
+    /// End the registration; its certificates are revoked.
+    Deregister(EesDir),
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Recompute the hash chain; exit 1 naming the first broken record.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print audit records.
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only records at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value = "text")]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Everything `serve` would refuse (errors) and what an auditor should look at (warnings).
+    Lint {
+        config: PathBuf,
+        #[arg(long, default_value = "text")]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+enum Format {
+    Text,
+    Json,
+}
+
+/// A failure with its exit status.
+struct Fail(u8, String);
+
+fn usage(m: impl Into<String>) -> Fail {
+    Fail(2, m.into())
+}
+
+fn other(m: impl Into<String>) -> Fail {
+    Fail(1, m.into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let serving = matches!(cli.command, Command::Serve { .. });
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| if serving { "info" } else { "warn" }.into()),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ecsd: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            eprintln!("ecsd: {}", msg.replace('\n', " "));
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Config, Fail> {
+    let (cfg, warnings) = Config::load(path).map_err(|e| usage(e.0))?;
+    for w in warnings {
+        tracing::warn!("{}: {w}", path.display());
+    }
+    Ok(cfg)
+}
+
+async fn run(cmd: Command) -> Result<(), Fail> {
+    match cmd {
+        Command::Serve { config } => {
+            let path = match config {
+                Some(p) => p,
+                None => {
+                    let dir = PathBuf::from("ecs-data");
+                    let empty = std::fs::read_dir(&dir)
+                        .map(|mut d| d.next().is_none())
+                        .unwrap_or(true);
+                    if empty {
+                        init::init(&dir, &init::InitOptions::default()).map_err(other)?;
+                        tracing::info!("initialised ./ecs-data (root CA: ecs-data/root.pem)");
+                    }
+                    dir.join("ecs.toml")
+                }
+            };
+            let cfg = load(&path)?;
+            daemon::serve(cfg).await.map_err(other)
+        }
+        Command::Init {
+            dir,
+            listen,
+            public_url,
+            admin_listen,
+            ecs_id,
+        } => {
+            let public_url = public_url.unwrap_or_else(|| format!("https://{listen}"));
+            init::init(
+                &dir,
+                &init::InitOptions {
+                    listen,
+                    public_url,
+                    admin_listen,
+                    ecs_id,
+                },
+            )
+            .map_err(other)?;
+            println!("wrote {}", dir.join("ecs.toml").display());
+            Ok(())
+        }
+        Command::Token(TokenCmd::Mint {
+            config,
+            ees_id,
+            prov_id,
+            ttl,
+            issuer,
+        }) => {
+            let cfg = load(&config)?;
+            let name = match issuer {
+                Some(n) => n,
+                None => {
+                    let minting: Vec<&String> = cfg
+                        .token_issuers
+                        .iter()
+                        .filter(|(_, i)| i.private_key.is_some())
+                        .map(|(n, _)| n)
+                        .collect();
+                    match minting.as_slice() {
+                        [one] => (*one).clone(),
+                        [] => {
+                            return Err(usage(
+                                "no token issuer in the configuration has a private_key",
+                            ));
+                        }
+                        _ => {
+                            return Err(usage(
+                                "--issuer: several token issuers have a private_key; name one",
+                            ));
+                        }
+                    }
+                }
+            };
+            let t = token::mint(
+                &cfg,
+                &name,
+                &token::MintRequest {
+                    ees_id: &ees_id,
+                    prov_id: prov_id.as_deref(),
+                    ttl_secs: ttl.as_secs(),
+                    now: ecs_daemon::app::now(),
+                },
+            )
+            .map_err(usage)?;
+            println!("{t}");
+            Ok(())
+        }
+        Command::Ees(cmd) => run_ees(cmd).await,
+        Command::Audit(cmd) => run_audit(cmd).await,
+        Command::Policy(PolicyCmd::Lint { config, format }) => {
+            let (cfg_result, findings) = match Config::load(&config) {
+                Ok((cfg, _)) => (Ok(()), cfg.validate()),
+                Err(e) => (Err(e.0), Vec::new()),
+            };
+            let errors =
+                findings.iter().any(|f| f.severity == Severity::Error) || cfg_result.is_err();
+            if format == Format::Json {
+                let mut items: Vec<Value> = findings
+                    .iter()
+                    .map(|f| json!({"severity": f.severity, "key": f.key, "message": f.message}))
+                    .collect();
+                if let Err(e) = &cfg_result {
+                    items.push(json!({"severity": "error", "key": null, "message": e}));
+                }
+                println!("{}", json!({"findings": items}));
+            } else {
+                if let Err(e) = &cfg_result {
+                    println!("error: {e}");
+                }
+                for f in &findings {
+                    println!("{f}");
+                }
+                if findings.is_empty() && cfg_result.is_ok() {
+                    println!("clean");
+                }
+            }
+            if errors {
+                Err(Fail(1, "the configuration has errors".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn run_ees(cmd: EesCmd) -> Result<(), Fail> {
+    let print = |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    match cmd {
+        EesCmd::Register {
+            url,
+            ca,
+            token,
+            token_file,
+            ees_id,
+            prov_id,
+            fqdn,
+            ipv4,
+            ipv6,
+            uri,
+            exp_time,
+            secret_token,
+            out,
+        } => {
+            let token = match (token, token_file) {
+                (Some(t), _) => t,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .map_err(|e| usage(format!("--token-file: {}: {e}", f.display())))?
+                    .trim()
+                    .to_string(),
+                (None, None) => return Err(usage("--token or --token-file is required")),
+            };
+            let endpoint = if let Some(f) = fqdn {
+                json!({"fqdn": f})
+            } else if !ipv4.is_empty() {
+                json!({"ipv4Addrs": ipv4})
+            } else if !ipv6.is_empty() {
+                json!({"ipv6Addrs": ipv6})
+            } else if let Some(u) = uri {
+                json!({"uri": u})
+            } else if ecs_daemon::model::is_fqdn(&ees_id) {
+                json!({"fqdn": ees_id})
+            } else {
+                return Err(usage(
+                    "the EES ID is not an FQDN: give --fqdn, --ipv4, --ipv6 or --uri",
+                ));
+            };
+            let state = ees::register(ees::RegisterArgs {
+                url,
+                ca,
+                token,
+                ees_id,
+                prov_id,
+                endpoint,
+                exp_time,
+                secret_token,
+                out: out.clone(),
+            })
+            .await
+            .map_err(other)?;
+            println!(
+                "registered {}",
+                state["registrationId"].as_str().unwrap_or("")
+            );
+            println!("location   {}", state["location"].as_str().unwrap_or(""));
+            println!("expires    {}", state["expTime"].as_str().unwrap_or(""));
+            println!(
+                "saved      {}/{{key,cert,chain,ca}}.pem, registration.json",
+                out.display()
+            );
+            Ok(())
+        }
+        EesCmd::Show(d) => ees::show(&d.dir).await.map(|v| print(&v)).map_err(other),
+        EesCmd::Update { dir, exp_time } => ees::update(&dir.dir, exp_time)
+            .await
+            .map(|v| print(&json!({"expTime": v["expTime"]})))
+            .map_err(other),
+        EesCmd::Rekey {
+            dir,
+            with_secret_token,
+        } => ees::rekey(&dir.dir, with_secret_token)
+            .await
+            .map(|v| {
+                print(&json!({
+                    "certExpTime": v["onboarding"]["certExpTime"],
+                    "certFingerprint": v["onboarding"]["authInfo"]["certFingerprint"],
+                }))
+            })
+            .map_err(other),
+        EesCmd::Deregister(d) => ees::deregister(&d.dir)
+            .await
+            .map(|_| println!("deregistered"))
+            .map_err(other),
+    }
+}
+
+/// Reads the audit log: from the store when no daemon holds it, else through the daemon's
+/// admin API.
+async fn audit_log(cfg: &Config) -> Result<(Vec<AuditRecord>, (u64, String)), Fail> {
+    match SledStore::open(&cfg.storage.path) {
+        Ok(store) => {
+            let records = store.audit_records(1).map_err(|e| other(e.to_string()))?;
+            let head = store.audit_head().map_err(|e| other(e.to_string()))?;
+            Ok((records, head))
+        }
+        Err(open_err) => {
+            let Some(admin) = &cfg.server.admin_listen else {
+                return Err(other(format!("storage.path: {open_err}")));
+            };
+            let v = admin_get(admin, "/admin/v1/audit/records?from=1")
+                .await
+                .map_err(|e| other(format!("storage.path: {open_err}; admin API {admin}: {e}")))?;
+            let records: Vec<AuditRecord> =
+                serde_json::from_value(v["records"].clone()).map_err(|e| other(e.to_string()))?;
+            let head = (
+                v["head"]["seq"].as_u64().unwrap_or(0),
+                v["head"]["hash"].as_str().unwrap_or_default().to_string(),
+            );
+            Ok((records, head))
+        }
+    }
+}
+
+async fn admin_get(addr: &str, path: &str) -> Result<Value, String> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", addr)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
+async fn run_audit(cmd: AuditCmd) -> Result<(), Fail> {
+    match cmd {
+        AuditCmd::Verify { config } => {
+            let cfg = load(&config)?;
+            let (records, head) = audit_log(&cfg).await?;
+            match verify_chain(&records, (head.0, &head.1)) {
+                Ok(n) => {
+                    println!("audit log intact: {n} records, head {}", head.1);
+                    Ok(())
+                }
+                Err(b) => Err(other(format!(
+                    "audit log broken at record {}: {}",
+                    b.seq, b.reason
+                ))),
+            }
+        }
+        AuditCmd::Export {
+            config,
+            since,
+            format,
+        } => {
+            let cfg = load(&config)?;
+            let since = match since {
+                Some(s) => Some(
+                    time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
+                        .map_err(|_| usage(format!("--since: {s:?} is not an RFC 3339 time")))?,
+                ),
+                None => None,
+            };
+            let (records, _) = audit_log(&cfg).await?;
+            for r in records {
+                if let Some(s) = since {
+                    let t = time::OffsetDateTime::parse(
+                        &r.event.time,
+                        &time::format_description::well_known::Rfc3339,
+                    );
+                    if t.is_ok_and(|t| t < s) {
+                        continue;
+                    }
+                }
+                if format == Format::Json {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                } else {
+                    let e = &r.event;
+                    println!(
+                        "{:>6} {} {:<10} {:<8} {:>3} {:<24} ees={} reg={} client={}",
+                        r.seq,
+                        e.time,
+                        e.action,
+                        e.outcome,
+                        e.status,
+                        e.cause.as_deref().unwrap_or("-"),
+                        e.ees_id.as_deref().unwrap_or("-"),
+                        e.registration_id.as_deref().unwrap_or("-"),
+                        e.client,
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -20,13 +20,19 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("ecs_registration_requests_total", "Registration API requests by action, outcome and cause"),
+            Opts::new(
+                "ecs_registration_requests_total",
+                "Registration API requests by action, outcome and cause",
+            ),
             &["action", "outcome", "cause"],
         )
         .expect("valid metric");
         let issuance_seconds = HistogramVec::new(
-            HistogramOpts::new("ecs_issuance_seconds", "Time to issue one certificate")
-                .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0]),
+            HistogramOpts::new("ecs_issuance_seconds", "Time to issue one certificate").buckets(
+                vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0,
+                ],
+            ),
             &["backend"],
         )
         .expect("valid metric");
@@ -35,11 +41,9 @@ impl Metrics {
             &["backend"],
         )
         .expect("valid metric");
-        let active_registrations = IntGauge::new(
-            "ecs_active_registrations",
-            "Active EES registrations",
-        )
-        .expect("valid metric");
+        let active_registrations =
+            IntGauge::new("ecs_active_registrations", "Active EES registrations")
+                .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(issuance_seconds.clone()),

@@ -84,7 +84,11 @@ pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
 }
 
 fn shape(pointer: &str, expected: &str) -> ApiError {
-    ApiError::param(Cause::InvalidMsgFormat, pointer, format!("must be {expected}"))
+    ApiError::param(
+        Cause::InvalidMsgFormat,
+        pointer,
+        format!("must be {expected}"),
+    )
 }
 
 fn incorrect(pointer: &str, reason: impl Into<String>) -> ApiError {
@@ -211,7 +215,10 @@ pub fn parse_profile(prof: &Value) -> Result<Profile, ApiError> {
             None | Some(Value::Null) => {}
             Some(Value::Array(a)) if !a.is_empty() => {}
             Some(Value::Array(_)) => {
-                return Err(incorrect(&format!("/eesProf/{list}"), "needs at least one item"));
+                return Err(incorrect(
+                    &format!("/eesProf/{list}"),
+                    "needs at least one item",
+                ));
             }
             Some(_) => return Err(shape(&format!("/eesProf/{list}"), "an array")),
         }
@@ -277,7 +284,11 @@ fn parse_endpoint(e: &Map<String, Value>) -> Result<Endpoint, ApiError> {
         }
         _ => Err(incorrect(
             "/eesProf/endPt",
-            format!("has {} forms ({}); exactly one is allowed", forms.len(), forms.join(", ")),
+            format!(
+                "has {} forms ({}); exactly one is allowed",
+                forms.len(),
+                forms.join(", ")
+            ),
         )),
     }
 }
@@ -331,7 +342,10 @@ fn is_uri(s: &str) -> bool {
         return false;
     };
     !scheme.is_empty()
-        && scheme.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic())
         && scheme
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
@@ -394,20 +408,84 @@ mod tests {
     #[test]
     fn each_fault_has_its_cause_and_pointer() {
         let cases: Vec<(Box<dyn Fn(&mut Value)>, &str, &str)> = vec![
-            (Box::new(|v| { v.as_object_mut().unwrap().remove("eesProf"); }), "MANDATORY_IE_MISSING", "/eesProf"),
-            (Box::new(|v| { v["eesProf"].as_object_mut().unwrap().remove("eesId"); }), "MANDATORY_IE_MISSING", "/eesProf/eesId"),
-            (Box::new(|v| { v["eesProf"].as_object_mut().unwrap().remove("endPt"); }), "MANDATORY_IE_MISSING", "/eesProf/endPt"),
-            (Box::new(|v| { v["eesProf"].as_object_mut().unwrap().remove("eecRegConf"); }), "MANDATORY_IE_MISSING", "/eesProf/eecRegConf"),
-            (Box::new(|v| v["eesProf"]["eesId"] = json!(5)), "INVALID_MSG_FORMAT", "/eesProf/eesId"),
-            (Box::new(|v| v["eesProf"]["eecRegConf"] = json!("no")), "INVALID_MSG_FORMAT", "/eesProf/eecRegConf"),
-            (Box::new(|v| v["eesProf"]["endPt"]["ipv4Addrs"] = json!(["192.0.2.1"])), "MANDATORY_IE_INCORRECT", "/eesProf/endPt"),
-            (Box::new(|v| v["eesProf"]["endPt"] = json!({"fqdn": "not a name"})), "MANDATORY_IE_INCORRECT", "/eesProf/endPt/fqdn"),
-            (Box::new(|v| v["eesProf"]["endPt"] = json!({"ipv4Addrs": ["300.1.1.1"]})), "MANDATORY_IE_INCORRECT", "/eesProf/endPt/ipv4Addrs/0"),
-            (Box::new(|v| v["eesProf"]["endPt"] = json!({})), "MANDATORY_IE_INCORRECT", "/eesProf/endPt"),
-            (Box::new(|v| v["eesProf"]["eesId"] = json!("x".repeat(65))), "MANDATORY_IE_INCORRECT", "/eesProf/eesId"),
-            (Box::new(|v| v["expTime"] = json!("tomorrow")), "MANDATORY_IE_INCORRECT", "/expTime"),
-            (Box::new(|v| v["expTime"] = json!("1970-01-01T00:00:00Z")), "MANDATORY_IE_INCORRECT", "/expTime"),
-            (Box::new(|v| v["onboarding"]["secretToken"] = json!("yes")), "INVALID_MSG_FORMAT", "/onboarding/secretToken"),
+            (
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("eesProf");
+                }),
+                "MANDATORY_IE_MISSING",
+                "/eesProf",
+            ),
+            (
+                Box::new(|v| {
+                    v["eesProf"].as_object_mut().unwrap().remove("eesId");
+                }),
+                "MANDATORY_IE_MISSING",
+                "/eesProf/eesId",
+            ),
+            (
+                Box::new(|v| {
+                    v["eesProf"].as_object_mut().unwrap().remove("endPt");
+                }),
+                "MANDATORY_IE_MISSING",
+                "/eesProf/endPt",
+            ),
+            (
+                Box::new(|v| {
+                    v["eesProf"].as_object_mut().unwrap().remove("eecRegConf");
+                }),
+                "MANDATORY_IE_MISSING",
+                "/eesProf/eecRegConf",
+            ),
+            (
+                Box::new(|v| v["eesProf"]["eesId"] = json!(5)),
+                "INVALID_MSG_FORMAT",
+                "/eesProf/eesId",
+            ),
+            (
+                Box::new(|v| v["eesProf"]["eecRegConf"] = json!("no")),
+                "INVALID_MSG_FORMAT",
+                "/eesProf/eecRegConf",
+            ),
+            (
+                Box::new(|v| v["eesProf"]["endPt"]["ipv4Addrs"] = json!(["192.0.2.1"])),
+                "MANDATORY_IE_INCORRECT",
+                "/eesProf/endPt",
+            ),
+            (
+                Box::new(|v| v["eesProf"]["endPt"] = json!({"fqdn": "not a name"})),
+                "MANDATORY_IE_INCORRECT",
+                "/eesProf/endPt/fqdn",
+            ),
+            (
+                Box::new(|v| v["eesProf"]["endPt"] = json!({"ipv4Addrs": ["300.1.1.1"]})),
+                "MANDATORY_IE_INCORRECT",
+                "/eesProf/endPt/ipv4Addrs/0",
+            ),
+            (
+                Box::new(|v| v["eesProf"]["endPt"] = json!({})),
+                "MANDATORY_IE_INCORRECT",
+                "/eesProf/endPt",
+            ),
+            (
+                Box::new(|v| v["eesProf"]["eesId"] = json!("x".repeat(65))),
+                "MANDATORY_IE_INCORRECT",
+                "/eesProf/eesId",
+            ),
+            (
+                Box::new(|v| v["expTime"] = json!("tomorrow")),
+                "MANDATORY_IE_INCORRECT",
+                "/expTime",
+            ),
+            (
+                Box::new(|v| v["expTime"] = json!("1970-01-01T00:00:00Z")),
+                "MANDATORY_IE_INCORRECT",
+                "/expTime",
+            ),
+            (
+                Box::new(|v| v["onboarding"]["secretToken"] = json!("yes")),
+                "INVALID_MSG_FORMAT",
+                "/onboarding/secretToken",
+            ),
         ];
         for (change, cause, pointer) in cases {
             let mut v = example();
@@ -424,7 +502,10 @@ mod tests {
         v["eesProf"]["endPt"] = json!({"ipv6Addrs": ["2001:db8::1"]});
         v["eesProf"]["eesId"] = json!("ees-7");
         let b = body(v).unwrap();
-        assert_eq!(b.profile.sans(), vec![SanEntry::Ip("2001:db8::1".parse().unwrap())]);
+        assert_eq!(
+            b.profile.sans(),
+            vec![SanEntry::Ip("2001:db8::1".parse().unwrap())]
+        );
     }
 
     #[test]

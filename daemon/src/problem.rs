@@ -43,7 +43,9 @@ impl Cause {
     pub fn status(self) -> u16 {
         use Cause::*;
         match self {
-            InvalidMsgFormat | MandatoryIeMissing | MandatoryIeIncorrect | InvalidCsr | WeakKey => 400,
+            InvalidMsgFormat | MandatoryIeMissing | MandatoryIeIncorrect | InvalidCsr | WeakKey => {
+                400
+            }
             InvalidToken | ClientCertRequired => 401,
             TokenReplayed | EesIdMismatch | EesAlreadyRegistered | UntrustedClientCert
             | PolicyRejected | NotRegistrationOwner => 403,
@@ -195,9 +197,7 @@ impl From<TokenError> for ApiError {
 impl From<BackendError> for ApiError {
     fn from(e: BackendError) -> Self {
         match e {
-            BackendError::InvalidCsr(m) => {
-                ApiError::param(Cause::InvalidCsr, "/onboarding/csr", m)
-            }
+            BackendError::InvalidCsr(m) => ApiError::param(Cause::InvalidCsr, "/onboarding/csr", m),
             BackendError::UnsupportedKey(m) => {
                 ApiError::param(Cause::WeakKey, "/onboarding/csr", m)
             }

@@ -58,7 +58,13 @@ impl Facts {
         }
     }
 
-    fn event(&self, app: &App, ctx: &RequestCtx, status: u16, err: Option<&ApiError>) -> AuditEvent {
+    fn event(
+        &self,
+        app: &App,
+        ctx: &RequestCtx,
+        status: u16,
+        err: Option<&ApiError>,
+    ) -> AuditEvent {
         AuditEvent {
             time: format_time(now()),
             client: ctx.client_addr.clone(),
@@ -83,7 +89,12 @@ impl Facts {
 
 /// Runs an operation, then records its outcome: a refusal goes to the audit log (the
 /// accepted path wrote its record in its own commit) and every outcome to the metrics.
-async fn audited<F>(app: &Arc<App>, ctx: &RequestCtx, action: &'static str, op: F) -> Result<Reply, ApiError>
+async fn audited<F>(
+    app: &Arc<App>,
+    ctx: &RequestCtx,
+    action: &'static str,
+    op: F,
+) -> Result<Reply, ApiError>
 where
     F: AsyncFnOnce(&mut Facts) -> Result<Reply, ApiError>,
 {
@@ -112,7 +123,10 @@ where
     result
 }
 
-fn domain_of<'a>(app: &'a App, prov_id: Option<&str>) -> Result<(String, &'a DomainPolicy), ApiError> {
+fn domain_of<'a>(
+    app: &'a App,
+    prov_id: Option<&str>,
+) -> Result<(String, &'a DomainPolicy), ApiError> {
     let name = prov_id.unwrap_or(DEFAULT_DOMAIN).to_string();
     match app.cfg.domains.get(&name) {
         Some(d) => Ok((name, d)),
@@ -217,7 +231,12 @@ fn secret_hash(ees_id: &str, token: &str) -> String {
 
 /// The stored registration as the API shows it, with `onboarding` (never the Secret_token,
 /// except `secret_token` when just issued).
-fn render(app: &App, reg: &RegistrationRecord, cert: &CertRecord, secret_token: Option<&str>) -> Value {
+fn render(
+    app: &App,
+    reg: &RegistrationRecord,
+    cert: &CertRecord,
+    secret_token: Option<&str>,
+) -> Value {
     let chain = app
         .backend(&cert.backend)
         .map(|b| b.chain_pem())
@@ -253,7 +272,10 @@ fn location(app: &App, id: &str) -> String {
 
 /// `POST /registrations`: onboard an EES (solution #12 steps 3–5).
 pub async fn create(app: &Arc<App>, ctx: &RequestCtx, body: &[u8]) -> Result<Reply, ApiError> {
-    audited(app, ctx, "register", async |f: &mut Facts| create_inner(app, ctx, body, f).await).await
+    audited(app, ctx, "register", async |f: &mut Facts| {
+        create_inner(app, ctx, body, f).await
+    })
+    .await
 }
 
 async fn create_inner(
@@ -274,9 +296,10 @@ async fn create_inner(
     let profile = &req.profile;
     f.ees_id = Some(profile.ees_id.clone());
     f.prov_id = profile.prov_id.clone();
-    let onboarding = req.onboarding.clone().ok_or_else(|| {
-        ApiError::param(Cause::MandatoryIeMissing, "/onboarding", "is missing")
-    })?;
+    let onboarding = req
+        .onboarding
+        .clone()
+        .ok_or_else(|| ApiError::param(Cause::MandatoryIeMissing, "/onboarding", "is missing"))?;
     match (&onboarding.csr, onboarding.third_party_cert) {
         (Some(_), true) => {
             return Err(ApiError::param(
@@ -316,7 +339,11 @@ async fn create_inner(
     if app.store.token_spent(&token.iss, &token.jti)? {
         return Err(crate::store::StoreError::TokenReplayed.into());
     }
-    if app.store.active_registration_for(&profile.ees_id)?.is_some() {
+    if app
+        .store
+        .active_registration_for(&profile.ees_id)?
+        .is_some()
+    {
         return Err(crate::store::StoreError::EesAlreadyRegistered.into());
     }
     let csr = parse_csr(onboarding.csr.as_deref().unwrap_or_default())?;
@@ -347,7 +374,14 @@ async fn create_inner(
     })?;
 
     let backend = app.cfg.domain_backend(domain).to_string();
-    let mut cert = issue(app, &backend, profile, csr.spki_der, approval.cert_validity_secs).await?;
+    let mut cert = issue(
+        app,
+        &backend,
+        profile,
+        csr.spki_der,
+        approval.cert_validity_secs,
+    )
+    .await?;
     let id = random_b64(18);
     cert.registration_id = id.clone();
     f.registration_id = Some(id.clone());
@@ -369,7 +403,9 @@ async fn create_inner(
         cert_source: "ECS_ISSUED".into(),
         current_cert: cert.serial.clone(),
         certs: vec![cert.serial.clone()],
-        secret_token_hash: secret_token.as_deref().map(|t| secret_hash(&profile.ees_id, t)),
+        secret_token_hash: secret_token
+            .as_deref()
+            .map(|t| secret_hash(&profile.ees_id, t)),
         token_issuer: token.issuer_name.clone(),
     };
     let event = f.event(app, ctx, 201, None);
@@ -424,7 +460,12 @@ async fn authorize(
             ));
         }
     };
-    let not_found = || ApiError::new(Cause::RegistrationNotFound, "no active registration with this ID");
+    let not_found = || {
+        ApiError::new(
+            Cause::RegistrationNotFound,
+            "no active registration with this ID",
+        )
+    };
     let reg = app.store.registration(id)?.ok_or_else(not_found)?;
     f.ees_id = Some(reg.ees_id.clone());
     f.prov_id = reg.prov_id.clone();
@@ -452,13 +493,20 @@ async fn authorize(
                 .ok_or_else(|| owner("the client certificate is not bound to this registration"))?;
             f.cert_serial = Some(cert.serial.clone());
             if cert.registration_id != id {
-                return Err(owner("the client certificate is bound to another registration"));
+                return Err(owner(
+                    "the client certificate is bound to another registration",
+                ));
             }
             if let Some(r) = &cert.revoked {
-                return Err(owner(&format!("the client certificate was revoked ({})", r.reason)));
+                return Err(owner(&format!(
+                    "the client certificate was revoked ({})",
+                    r.reason
+                )));
             }
             if cert.serial != reg.current_cert {
-                return Err(owner("the client certificate is not the registration's current one"));
+                return Err(owner(
+                    "the client certificate is not the registration's current one",
+                ));
             }
             if now > cert.not_after || now < cert.not_before {
                 return Err(owner("the client certificate is outside its validity"));
@@ -469,7 +517,8 @@ async fn authorize(
             let ok = reg.secret_token_hash.as_deref().is_some_and(|h| {
                 // Compare digests, so the time taken says nothing about the token.
                 let mine = secret_hash(&reg.ees_id, given);
-                aws_lc_rs::constant_time::verify_slices_are_equal(h.as_bytes(), mine.as_bytes()).is_ok()
+                aws_lc_rs::constant_time::verify_slices_are_equal(h.as_bytes(), mine.as_bytes())
+                    .is_ok()
             });
             if !ok {
                 return Err(ApiError::new(
@@ -497,7 +546,12 @@ pub async fn get(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply, Ap
 
 /// `PUT /registrations/{id}`: full replacement of `eesProf`/`expTime`, re-key with
 /// `onboarding.csr` (by certificate, or by Secret_token when the key is lost).
-pub async fn put(app: &Arc<App>, ctx: &RequestCtx, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
+pub async fn put(
+    app: &Arc<App>,
+    ctx: &RequestCtx,
+    id: &str,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
     audited(app, ctx, "update", async |f: &mut Facts| {
         let (reg, current, by) = authorize(app, ctx, id, true, f).await?;
         let now = now();
@@ -511,13 +565,28 @@ pub async fn put(app: &Arc<App>, ctx: &RequestCtx, id: &str, body: &[u8]) -> Res
                 "a request authenticated by the Secret_token must re-key",
             ));
         }
-        update(app, ctx, f, reg, current, req, onboarding.csr, onboarding.third_party_cert).await
+        update(
+            app,
+            ctx,
+            f,
+            reg,
+            current,
+            req,
+            onboarding.csr,
+            onboarding.third_party_cert,
+        )
+        .await
     })
     .await
 }
 
 /// `PATCH /registrations/{id}` with an RFC 7396 merge patch of `eesProf` and `expTime`.
-pub async fn patch(app: &Arc<App>, ctx: &RequestCtx, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
+pub async fn patch(
+    app: &Arc<App>,
+    ctx: &RequestCtx,
+    id: &str,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
     audited(app, ctx, "patch", async |f: &mut Facts| {
         let (reg, current, _) = authorize(app, ctx, id, false, f).await?;
         let now = now();
@@ -557,13 +626,21 @@ async fn update(
     if profile.ees_id != reg.ees_id {
         return Err(ApiError {
             status_override: Some(403),
-            ..ApiError::param(Cause::MandatoryIeIncorrect, "/eesProf/eesId", "may not change")
+            ..ApiError::param(
+                Cause::MandatoryIeIncorrect,
+                "/eesProf/eesId",
+                "may not change",
+            )
         });
     }
     if profile.prov_id != reg.prov_id {
         return Err(ApiError {
             status_override: Some(403),
-            ..ApiError::param(Cause::MandatoryIeIncorrect, "/eesProf/provId", "may not change")
+            ..ApiError::param(
+                Cause::MandatoryIeIncorrect,
+                "/eesProf/provId",
+                "may not change",
+            )
         });
     }
     let (domain_name, domain) = domain_of(app, reg.prov_id.as_deref())?;
@@ -596,8 +673,20 @@ async fn update(
             .outcome?;
         let _reservation = app
             .reserve(vec![format!("rekey:{}", reg.id)])
-            .map_err(|_| ApiError::new(Cause::PolicyRejected, "a re-key of this registration is already in progress"))?;
-        let mut new_cert = issue(app, &reg.backend, profile, csr.spki_der, approval.cert_validity_secs).await?;
+            .map_err(|_| {
+                ApiError::new(
+                    Cause::PolicyRejected,
+                    "a re-key of this registration is already in progress",
+                )
+            })?;
+        let mut new_cert = issue(
+            app,
+            &reg.backend,
+            profile,
+            csr.spki_der,
+            approval.cert_validity_secs,
+        )
+        .await?;
         new_cert.registration_id = reg.id.clone();
         commit_c.revocations.push((
             cert.serial.clone(),
@@ -644,7 +733,12 @@ pub async fn delete(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply,
 
 /// Ends a registration: state, revocation of every certificate with
 /// `cessationOfOperation`, audit record, then a fresh CRL on the next fetch.
-async fn end(app: &App, mut reg: RegistrationRecord, state: RegState, event: AuditEvent) -> Result<(), ApiError> {
+async fn end(
+    app: &App,
+    mut reg: RegistrationRecord,
+    state: RegState,
+    event: AuditEvent,
+) -> Result<(), ApiError> {
     let now = now();
     let revocations = reg
         .certs

@@ -138,6 +138,8 @@ pub trait Store: Send + Sync {
     /// The hash of the newest audit record.
     fn audit_head(&self) -> Result<(u64, String), StoreError>;
     fn counts(&self) -> Result<StoreCounts, StoreError>;
+    /// Makes everything written so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
 }
 
 /// Sizes, for metrics and the admin API.
@@ -425,6 +427,10 @@ impl Store for SledStore {
             active_registrations: self.tree.scan_prefix(b"ees/").count(),
             audit_records: self.audit_head()?.0,
         })
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(io)
     }
 }
 

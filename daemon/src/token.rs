@@ -139,8 +139,8 @@ impl TokenVerifier {
         if token.len() > 16 * 1024 {
             return Err(TokenError::Malformed("longer than 16 KiB".into()));
         }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
         if !ACCEPTED.contains(&header.alg) {
             return Err(TokenError::AlgorithmRefused(format!("{:?}", header.alg)));
         }
@@ -188,7 +188,9 @@ impl TokenVerifier {
                 K::InvalidIssuer => TokenError::UnknownIssuer(iss.to_string()),
                 K::InvalidSignature => TokenError::BadSignature,
                 K::InvalidAlgorithm => TokenError::AlgorithmRefused(format!("{:?}", header.alg)),
-                K::MissingRequiredClaim(c) => TokenError::Malformed(format!("claim {c} is missing")),
+                K::MissingRequiredClaim(c) => {
+                    TokenError::Malformed(format!("claim {c} is missing"))
+                }
                 other => TokenError::Malformed(format!("{other:?}")),
             }
         })?;
@@ -284,7 +286,10 @@ impl Issuer {
 fn keys_from_jwks(set: &JwkSet) -> Result<HashMap<String, Arc<KeyEntry>>, String> {
     let mut out = HashMap::new();
     for jwk in &set.keys {
-        if matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)) {
+        if matches!(
+            jwk.algorithm,
+            jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
+        ) {
             // A symmetric key can never verify an onboarding token.
             continue;
         }
@@ -306,8 +311,12 @@ fn load_static_keys(
     if let Some(p) = &ic.jwks {
         let text = std::fs::read(p)
             .map_err(|e| format!("token_issuers.{name}.jwks: {}: {e}", p.display()))?;
-        let set: JwkSet = serde_json::from_slice(&text)
-            .map_err(|e| format!("token_issuers.{name}.jwks: {}: not a JWKS: {e}", p.display()))?;
+        let set: JwkSet = serde_json::from_slice(&text).map_err(|e| {
+            format!(
+                "token_issuers.{name}.jwks: {}: not a JWKS: {e}",
+                p.display()
+            )
+        })?;
         return keys_from_jwks(&set)
             .map_err(|e| format!("token_issuers.{name}.jwks: {}: {e}", p.display()));
     }

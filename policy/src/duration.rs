@@ -77,7 +77,12 @@ mod tests {
 
     #[test]
     fn parses_the_contract_forms() {
-        for (s, secs) in [("90s", 90), ("10m", 600), ("12h", 43_200), ("30d", 2_592_000)] {
+        for (s, secs) in [
+            ("90s", 90),
+            ("10m", 600),
+            ("12h", 43_200),
+            ("30d", 2_592_000),
+        ] {
             let d: PolicyDuration = s.parse().unwrap();
             assert_eq!(d.as_secs(), secs);
             assert_eq!(d.to_string(), s);

@@ -385,10 +385,7 @@ impl DomainPolicy {
             RefusalKind::Rejected,
         )?;
 
-        let pattern = self
-            .ees_ids
-            .iter()
-            .find(|p| glob_match(p, facts.ees_id));
+        let pattern = self.ees_ids.iter().find(|p| glob_match(p, facts.ees_id));
         check(
             "ees_ids",
             pattern.is_some(),
@@ -402,9 +399,7 @@ impl DomainPolicy {
             RefusalKind::Rejected,
         )?;
 
-        let key_ok = facts
-            .key_type
-            .is_some_and(|k| self.key_types.contains(&k));
+        let key_ok = facts.key_type.is_some_and(|k| self.key_types.contains(&k));
         let key_names: Vec<&str> = self.key_types.iter().map(|k| k.name()).collect();
         check(
             "key_types",
@@ -421,7 +416,8 @@ impl DomainPolicy {
             RefusalKind::WeakKey,
         )?;
 
-        let secret_ok = !(facts.secret_token_requested && self.secret_token == SecretTokenMode::Never);
+        let secret_ok =
+            !(facts.secret_token_requested && self.secret_token == SecretTokenMode::Never);
         check(
             "secret_token",
             secret_ok,
@@ -526,15 +522,34 @@ mod tests {
     #[test]
     fn each_refusal_names_its_rule() {
         let cases: Vec<(&str, Box<dyn Fn(&mut OnboardingFacts)>, RefusalKind)> = vec![
-            ("domains.ecsp-a.token_issuers", Box::new(|f| f.token_issuer = "other"), RefusalKind::Rejected),
-            ("domains.ecsp-a.ees_ids", Box::new(|f| f.ees_id = "ees1.ecsp-b.example"), RefusalKind::Rejected),
-            ("domains.ecsp-a.key_types", Box::new(|f| f.key_type = Some(KeyType::Rsa2048)), RefusalKind::WeakKey),
-            ("domains.ecsp-a.key_types", Box::new(|f| f.key_type = None), RefusalKind::WeakKey),
+            (
+                "domains.ecsp-a.token_issuers",
+                Box::new(|f| f.token_issuer = "other"),
+                RefusalKind::Rejected,
+            ),
+            (
+                "domains.ecsp-a.ees_ids",
+                Box::new(|f| f.ees_id = "ees1.ecsp-b.example"),
+                RefusalKind::Rejected,
+            ),
+            (
+                "domains.ecsp-a.key_types",
+                Box::new(|f| f.key_type = Some(KeyType::Rsa2048)),
+                RefusalKind::WeakKey,
+            ),
+            (
+                "domains.ecsp-a.key_types",
+                Box::new(|f| f.key_type = None),
+                RefusalKind::WeakKey,
+            ),
         ];
         for (rule, change, kind) in cases {
             let mut f = facts();
             change(&mut f);
-            let refusal = policy().decide_onboarding("ecsp-a", &f).outcome.unwrap_err();
+            let refusal = policy()
+                .decide_onboarding("ecsp-a", &f)
+                .outcome
+                .unwrap_err();
             assert_eq!(refusal.rule, rule);
             assert_eq!(refusal.kind, kind);
         }
@@ -548,9 +563,19 @@ mod tests {
         assert_eq!(r.rule, "domains.ecsp-a.secret_token");
         let mut f = facts();
         f.secret_token_requested = false;
-        assert!(!p.decide_onboarding("ecsp-a", &f).outcome.unwrap().issue_secret_token);
+        assert!(
+            !p.decide_onboarding("ecsp-a", &f)
+                .outcome
+                .unwrap()
+                .issue_secret_token
+        );
         p.secret_token = SecretTokenMode::Always;
-        assert!(p.decide_onboarding("ecsp-a", &f).outcome.unwrap().issue_secret_token);
+        assert!(
+            p.decide_onboarding("ecsp-a", &f)
+                .outcome
+                .unwrap()
+                .issue_secret_token
+        );
     }
 
     #[test]
@@ -578,7 +603,10 @@ mod tests {
             .filter(|f| f.severity == Severity::Error)
             .map(|f| f.key.as_str())
             .collect();
-        assert_eq!(keys, ["domains.ecsp-a.backend", "domains.ecsp-a.cert_validity"]);
+        assert_eq!(
+            keys,
+            ["domains.ecsp-a.backend", "domains.ecsp-a.cert_validity"]
+        );
         assert!(policy().validate("ecsp-a", &known).is_empty());
     }
 

@@ -1,0 +1,85 @@
+//! `ecsd serve`: start everything, run until SIGTERM or SIGINT, stop cleanly.
+
+use crate::app::App;
+use crate::config::Config;
+use crate::{registrations, server, tls};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Runs the daemon on a loaded configuration.
+pub async fn serve(cfg: Config) -> Result<(), String> {
+    let app = App::build(cfg).await?;
+    let identity = tls::server_identity(&app).await?;
+    let tls_config = tls::server_config(identity)?;
+    let listen = app.cfg.server.listen.clone();
+    let listener = TcpListener::bind(&listen)
+        .await
+        .map_err(|e| format!("server.listen: {listen}: {e}"))?;
+    let admin = match &app.cfg.server.admin_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| format!("server.admin_listen: {a}: {e}"))?,
+        ),
+        None => None,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tracing::info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or(listen),
+        admin = ?app.cfg.server.admin_listen,
+        public_url = %app.cfg.server.public_url,
+        "ecsd ready"
+    );
+    let api = tokio::spawn(server::serve_api(
+        app.clone(),
+        listener,
+        tls_config,
+        stop_rx.clone(),
+    ));
+    if let Some(l) = admin {
+        tokio::spawn(server::serve_admin(app.clone(), l, stop_rx.clone()));
+    }
+    let sweeper = tokio::spawn(sweep_loop(app.clone(), stop_rx.clone()));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = api.await;
+    let _ = sweeper.await;
+    // Every acknowledged change was flushed when it was made; this flush catches the
+    // records of refusals written since the last background flush.
+    let store = app.store.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.flush()).await {
+        tracing::error!(error = %e, "final flush failed");
+    }
+    drop(app);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_secs(app.cfg.server.sweep_interval.as_secs().max(1));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        match registrations::sweep(&app).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "sweep expired registrations"),
+            Err(e) => tracing::warn!(cause = e.cause.code(), detail = %e.detail, "sweep failed"),
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

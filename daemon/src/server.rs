@@ -1,0 +1,361 @@
+//! The listeners: the EES-facing HTTPS API (HTTP/2 and HTTP/1.1 on one port) and the plain
+//! admin endpoint, with graceful shutdown that lets in-flight registrations finish.
+
+use crate::app::App;
+use crate::problem::{ApiError, Cause};
+use crate::registrations::{self, Reply, RequestCtx};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Largest request body accepted (`contract/api.md` §1).
+pub const MAX_BODY: usize = 64 * 1024;
+const API_PREFIX: &str = "/eecs-eesregistration/v1/registrations";
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Body = Full<Bytes>;
+
+/// What a connection knows about its peer, shared by every request on it.
+#[derive(Clone)]
+struct Conn {
+    addr: SocketAddr,
+    client_cert: Option<Vec<u8>>,
+}
+
+fn response(status: u16, content_type: &str, body: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if !content_type.is_empty() {
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            content_type.parse().expect("static content type"),
+        );
+    }
+    r
+}
+
+fn problem(e: &ApiError) -> Response<Body> {
+    let mut r = response(e.status(), "application/problem+json", e.body());
+    for (k, v) in e.headers() {
+        if let Ok(v) = v.parse() {
+            r.headers_mut().insert(k, v);
+        }
+    }
+    r
+}
+
+fn reply(r: Reply) -> Response<Body> {
+    let body = r
+        .body
+        .map(|b| serde_json::to_vec(&b).expect("JSON serialises"))
+        .unwrap_or_default();
+    let ct = if body.is_empty() {
+        ""
+    } else {
+        "application/json"
+    };
+    let mut resp = response(r.status, ct, body);
+    if let Some(l) = r.location
+        && let Ok(v) = l.parse()
+    {
+        resp.headers_mut().insert(hyper::header::LOCATION, v);
+    }
+    resp
+}
+
+/// Checks the content type against `expected` (parameters such as charset allowed).
+fn check_content_type(req: &Request<Incoming>, expected: &str) -> Result<(), ApiError> {
+    let ct = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media = ct.split(';').next().unwrap_or("").trim();
+    if media.eq_ignore_ascii_case(expected) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            Cause::UnsupportedMediaType,
+            format!("content type must be {expected}, not {media:?}"),
+        ))
+    }
+}
+
+/// Reads the body, refusing more than [`MAX_BODY`] bytes before reading them when the
+/// length is announced, and as soon as they arrive otherwise.
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            Cause::PayloadTooLarge,
+            format!("the body is over {MAX_BODY} bytes"),
+        )
+    };
+    if let Some(len) = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > MAX_BODY as u64
+    {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::new(
+            Cause::InvalidMsgFormat,
+            format!("the body could not be read: {e}"),
+        )),
+    }
+}
+
+fn bearer(req: &Request<Incoming>) -> Option<String> {
+    let v = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+fn method_not_allowed(allow: &str) -> Response<Body> {
+    let mut r = problem(&ApiError::new(
+        Cause::MethodNotAllowed,
+        format!("allowed methods: {allow}"),
+    ));
+    r.headers_mut()
+        .insert(hyper::header::ALLOW, allow.parse().expect("static"));
+    r
+}
+
+async fn handle(app: Arc<App>, conn: Conn, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let ctx = RequestCtx {
+        client_addr: conn.addr.to_string(),
+        client_cert: conn.client_cert.clone(),
+        bearer: bearer(&req),
+    };
+    let result = route(&app, &ctx, &method, &path, req).await;
+    let resp = match result {
+        Ok(r) => r,
+        Err(e) => problem(&e),
+    };
+    tracing::debug!(%method, %path, status = resp.status().as_u16(), client = %conn.addr, "request");
+    resp
+}
+
+async fn route(
+    app: &Arc<App>,
+    ctx: &RequestCtx,
+    method: &Method,
+    path: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    if path == API_PREFIX {
+        if method != Method::POST {
+            return Ok(method_not_allowed("POST"));
+        }
+        check_content_type(&req, "application/json")?;
+        let body = read_body(req).await?;
+        return registrations::create(app, ctx, &body).await.map(reply);
+    }
+    if let Some(id) = path
+        .strip_prefix(API_PREFIX)
+        .and_then(|r| r.strip_prefix('/'))
+    {
+        if id.is_empty() || id.contains('/') || id.len() > 128 {
+            return Err(ApiError::new(
+                Cause::RegistrationNotFound,
+                "no registration with this ID",
+            ));
+        }
+        return match *method {
+            Method::GET => registrations::get(app, ctx, id).await.map(reply),
+            Method::PUT => {
+                check_content_type(&req, "application/json")?;
+                let body = read_body(req).await?;
+                registrations::put(app, ctx, id, &body).await.map(reply)
+            }
+            Method::PATCH => {
+                check_content_type(&req, "application/merge-patch+json")?;
+                let body = read_body(req).await?;
+                registrations::patch(app, ctx, id, &body).await.map(reply)
+            }
+            Method::DELETE => registrations::delete(app, ctx, id).await.map(reply),
+            _ => Ok(method_not_allowed("GET, PUT, PATCH, DELETE")),
+        };
+    }
+    let backend = match path {
+        "/pki/v1/ca" | "/pki/v1/crl" => Some(app.default_backend().clone()),
+        p => p
+            .strip_prefix("/pki/v1/crl/")
+            .or_else(|| p.strip_prefix("/pki/v1/ca/"))
+            .and_then(|name| app.backend(name).cloned()),
+    };
+    if let Some(b) = backend {
+        if method != Method::GET && method != Method::HEAD {
+            return Ok(method_not_allowed("GET, HEAD"));
+        }
+        if path.starts_with("/pki/v1/ca") {
+            let pem = b.chain_pem().concat().into_bytes();
+            return Ok(response(200, "application/pem-certificate-chain", pem));
+        }
+        let crl = b.crl(app).await?;
+        let mut r = response(200, "application/pkix-crl", crl.to_vec());
+        r.headers_mut().insert(
+            hyper::header::CACHE_CONTROL,
+            "max-age=60".parse().expect("static"),
+        );
+        return Ok(r);
+    }
+    Err(ApiError::new(
+        Cause::ResourceNotFound,
+        format!("no resource at {path}"),
+    ))
+}
+
+/// Runs the EES-facing listener until `shutdown` turns true, then waits (at most `grace`)
+/// for in-flight requests.
+pub async fn serve_api(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::debug!(client = %addr, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(client = %addr, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let client_cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec());
+            let conn = Conn { addr, client_cert };
+            let svc = hyper::service::service_fn(move |req| {
+                let app = app.clone();
+                let conn = conn.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(app, conn, req).await) }
+            });
+            let fut = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+            if let Err(e) = watcher.watch(fut.into_owned()).await {
+                tracing::debug!(client = %addr, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    let grace = Duration::from_secs(app.cfg.server.shutdown_grace.as_secs());
+    tracing::info!("stopped accepting; waiting for in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within {grace:?}");
+    }
+}
+
+/// Runs the admin listener (plain HTTP, keep it on loopback): `/healthz`, `/readyz`,
+/// `/metrics`, and the audit endpoints the CLI uses while the daemon holds the store.
+pub async fn serve_admin(
+    app: Arc<App>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            _ = shutdown.changed() => return,
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let app = app.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin(app, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+async fn admin(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let query = req.uri().query().unwrap_or("").to_string();
+    match req.uri().path() {
+        "/healthz" => response(200, "text/plain", b"ok\n".to_vec()),
+        "/readyz" => {
+            let store_ok = app.store.audit_head().is_ok();
+            if store_ok {
+                response(200, "text/plain", b"ready\n".to_vec())
+            } else {
+                response(503, "text/plain", b"store unavailable\n".to_vec())
+            }
+        }
+        "/metrics" => {
+            if let Ok(c) = app.store.counts() {
+                app.metrics
+                    .active_registrations
+                    .set(c.active_registrations as i64);
+            }
+            response(200, "text/plain; version=0.0.4", app.metrics.render())
+        }
+        "/admin/v1/audit/records" => {
+            let from = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("from="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            match (app.store.audit_records(from), app.store.audit_head()) {
+                (Ok(records), Ok(head)) => {
+                    let body = serde_json::json!({"head": {"seq": head.0, "hash": head.1}, "records": records});
+                    response(200, "application/json", body.to_string().into_bytes())
+                }
+                _ => response(500, "text/plain", b"store error\n".to_vec()),
+            }
+        }
+        _ => response(404, "text/plain", b"not found\n".to_vec()),
+    }
+}
