@@ -123,6 +123,21 @@ where
     result
 }
 
+/// Records a refusal decided before the pipeline ran (content type, body size) and
+/// returns it, so that every refusal on the registration API is in the audit log.
+pub async fn refuse(
+    app: &Arc<App>,
+    ctx: &RequestCtx,
+    action: &'static str,
+    e: ApiError,
+) -> ApiError {
+    let err = e.clone();
+    match audited(app, ctx, action, async |_: &mut Facts| Err(e)).await {
+        Err(e) => e,
+        Ok(_) => err,
+    }
+}
+
 fn domain_of<'a>(
     app: &'a App,
     prov_id: Option<&str>,
@@ -336,7 +351,10 @@ async fn create_inner(
     if onboarding.third_party_cert {
         return Err(third_party_refused(&domain_name));
     }
-    if app.store.token_spent(&token.iss, &token.jti)? {
+    // A replayed token is named as such even when the registration it created is what
+    // now holds the EES ID (it may have been committed between the two reads).
+    let replayed = || app.store.token_spent(&token.iss, &token.jti);
+    if replayed()? {
         return Err(crate::store::StoreError::TokenReplayed.into());
     }
     if app
@@ -344,7 +362,12 @@ async fn create_inner(
         .active_registration_for(&profile.ees_id)?
         .is_some()
     {
-        return Err(crate::store::StoreError::EesAlreadyRegistered.into());
+        return Err(if replayed()? {
+            crate::store::StoreError::TokenReplayed
+        } else {
+            crate::store::StoreError::EesAlreadyRegistered
+        }
+        .into());
     }
     let csr = parse_csr(onboarding.csr.as_deref().unwrap_or_default())?;
     let description = csr.key.describe();
@@ -372,6 +395,14 @@ async fn create_inner(
             ApiError::from(crate::store::StoreError::EesAlreadyRegistered)
         }
     })?;
+
+    // A request that held the reservation before us may have committed since our reads.
+    if replayed()? {
+        return Err(crate::store::StoreError::TokenReplayed.into());
+    }
+    if app.store.active_registration_for(&profile.ees_id)?.is_some() {
+        return Err(crate::store::StoreError::EesAlreadyRegistered.into());
+    }
 
     let backend = app.cfg.domain_backend(domain).to_string();
     let mut cert = issue(

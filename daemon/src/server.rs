@@ -119,6 +119,12 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     }
 }
 
+/// Content type first, then the size: both are refused before anything is parsed.
+async fn checked_body(req: Request<Incoming>, content_type: &str) -> Result<Bytes, ApiError> {
+    check_content_type(&req, content_type)?;
+    read_body(req).await
+}
+
 fn bearer(req: &Request<Incoming>) -> Option<String> {
     let v = req
         .headers()
@@ -169,8 +175,10 @@ async fn route(
         if method != Method::POST {
             return Ok(method_not_allowed("POST"));
         }
-        check_content_type(&req, "application/json")?;
-        let body = read_body(req).await?;
+        let body = match checked_body(req, "application/json").await {
+            Ok(b) => b,
+            Err(e) => return Err(registrations::refuse(app, ctx, "register", e).await),
+        };
         return registrations::create(app, ctx, &body).await.map(reply);
     }
     if let Some(id) = path
@@ -185,16 +193,14 @@ async fn route(
         }
         return match *method {
             Method::GET => registrations::get(app, ctx, id).await.map(reply),
-            Method::PUT => {
-                check_content_type(&req, "application/json")?;
-                let body = read_body(req).await?;
-                registrations::put(app, ctx, id, &body).await.map(reply)
-            }
-            Method::PATCH => {
-                check_content_type(&req, "application/merge-patch+json")?;
-                let body = read_body(req).await?;
-                registrations::patch(app, ctx, id, &body).await.map(reply)
-            }
+            Method::PUT => match checked_body(req, "application/json").await {
+                Ok(body) => registrations::put(app, ctx, id, &body).await.map(reply),
+                Err(e) => Err(registrations::refuse(app, ctx, "update", e).await),
+            },
+            Method::PATCH => match checked_body(req, "application/merge-patch+json").await {
+                Ok(body) => registrations::patch(app, ctx, id, &body).await.map(reply),
+                Err(e) => Err(registrations::refuse(app, ctx, "patch", e).await),
+            },
             Method::DELETE => registrations::delete(app, ctx, id).await.map(reply),
             _ => Ok(method_not_allowed("GET, PUT, PATCH, DELETE")),
         };
