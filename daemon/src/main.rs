@@ -85,6 +85,8 @@ struct EesDir {
     dir: PathBuf,
 }
 
+// Parsed once per process; the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum EesCmd {
     /// Make a key pair and CSR, register, save certificate, chain, ID and Secret_token.

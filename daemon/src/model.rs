@@ -407,7 +407,8 @@ mod tests {
 
     #[test]
     fn each_fault_has_its_cause_and_pointer() {
-        let cases: Vec<(Box<dyn Fn(&mut Value)>, &str, &str)> = vec![
+        type Case = (Box<dyn Fn(&mut Value)>, &'static str, &'static str);
+        let cases: Vec<Case> = vec![
             (
                 Box::new(|v| {
                     v.as_object_mut().unwrap().remove("eesProf");

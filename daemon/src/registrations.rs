@@ -400,7 +400,11 @@ async fn create_inner(
     if replayed()? {
         return Err(crate::store::StoreError::TokenReplayed.into());
     }
-    if app.store.active_registration_for(&profile.ees_id)?.is_some() {
+    if app
+        .store
+        .active_registration_for(&profile.ees_id)?
+        .is_some()
+    {
         return Err(crate::store::StoreError::EesAlreadyRegistered.into());
     }
 

@@ -133,7 +133,8 @@ async fn every_refusal_has_the_contract_cause() {
         &ecs,
         &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-521"],
     );
-    let cases: Vec<(&str, Option<String>, &str, Vec<u8>, u16, &str)> = vec![
+    type Case<'a> = (&'a str, Option<String>, &'a str, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "not JSON",
             Some(token.clone()),

@@ -521,7 +521,8 @@ mod tests {
 
     #[test]
     fn each_refusal_names_its_rule() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut OnboardingFacts)>, RefusalKind)> = vec![
+        type Case = (&'static str, Box<dyn Fn(&mut OnboardingFacts)>, RefusalKind);
+        let cases: Vec<Case> = vec![
             (
                 "domains.ecsp-a.token_issuers",
                 Box::new(|f| f.token_issuer = "other"),

@@ -1,0 +1,322 @@
+//! The TLS profile, crash safety, shutdown and the configuration's refusals, against a
+//! real `ecsd`.
+
+mod common;
+
+use common::*;
+use ecs_daemon::client::{HttpVersion, HttpsClient};
+use serde_json::json;
+use std::sync::Arc;
+
+/// `openssl s_client` against the ECS with extra arguments; true when the handshake
+/// completed.
+fn s_client(ecs: &Ecs, args: &[&str]) -> (bool, String) {
+    let connect = format!("127.0.0.1:{}", ecs.port);
+    let mut all = vec!["s_client", "-connect", &connect, "-brief"];
+    all.extend_from_slice(args);
+    openssl(&all, ecs.dir.path())
+}
+
+#[tokio::test]
+async fn only_the_ts33210_tls_profile_is_spoken() {
+    let ecs = Ecs::start();
+    // Refused: TLS 1.1 (offered at OpenSSL's security level 0, so only the server can say
+    // no), CBC and non-ECDHE suites in TLS 1.2, finite-field groups.
+    let refused: [&[&str]; 5] = [
+        &["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"],
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA256"],
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-SHA"],
+        &["-tls1_2", "-cipher", "AES128-GCM-SHA256"],
+        &["-tls1_3", "-groups", "ffdhe2048"],
+    ];
+    for args in refused {
+        let (ok, out) = s_client(&ecs, args);
+        assert!(!ok, "{args:?} was accepted:\n{out}");
+    }
+    let accepted: [(&[&str], &str); 4] = [
+        (
+            &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"],
+            "TLSv1.2",
+        ),
+        (
+            &["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"],
+            "TLSv1.2",
+        ),
+        (&["-tls1_3", "-groups", "secp384r1"], "TLSv1.3"),
+        (&["-tls1_3", "-groups", "X25519"], "TLSv1.3"),
+    ];
+    for (args, version) in accepted {
+        let (ok, out) = s_client(&ecs, args);
+        assert!(ok && out.contains(version), "{args:?} was refused:\n{out}");
+    }
+    // No renegotiation, no compression: rustls has neither; openssl reports it.
+    let (_, out) = s_client(&ecs, &["-tls1_2", "-no_ticket"]);
+    assert!(!out.contains("Compression: zlib"), "{out}");
+
+    // ALPN: h2 and http/1.1 on one port.
+    for (version, alpn) in [(HttpVersion::Http2, "h2"), (HttpVersion::Http1, "http/1.1")] {
+        let c = HttpsClient::new(&ecs.root_pem, None, version).unwrap();
+        let r = c
+            .request("GET", &ecs.url("/pki/v1/ca"), &[], None)
+            .await
+            .unwrap();
+        assert_eq!((r.status, r.alpn.as_deref()), (200, Some(alpn.as_bytes())));
+    }
+}
+
+#[tokio::test]
+async fn a_client_certificate_from_an_unknown_issuer_reaches_the_route() {
+    let ecs = Ecs::start();
+    let d = ecs.dir.path();
+    let (ok, out) = openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=stranger",
+            "-days",
+            "1",
+            "-keyout",
+            "s.key",
+            "-out",
+            "s.pem",
+        ],
+        d,
+    );
+    assert!(ok, "{out}");
+    let cert = std::fs::read(d.join("s.pem")).unwrap();
+    let key = std::fs::read(d.join("s.key")).unwrap();
+    let stranger =
+        HttpsClient::new(&ecs.root_pem, Some((&cert, &key)), HttpVersion::Http1).unwrap();
+    let e = ecs.register("ees-t.ecsp.example").await;
+    // The handshake completes; the route decides: not this registration's certificate.
+    let r = stranger
+        .request("GET", &e.location, &[], None)
+        .await
+        .unwrap();
+    assert_problem(&r, 403, "NOT_REGISTRATION_OWNER");
+    let id = "ees-tp.ecsp.example";
+    let body = json!({"eesProf": {"eesId": id, "endPt": {"fqdn": id}, "eecRegConf": false}, "onboarding": {"thirdPartyCert": true}});
+    let auth = format!("Bearer {}", ecs.token(id));
+    let r = stranger
+        .request(
+            "POST",
+            &ecs.url(API),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &auth),
+            ],
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+        .unwrap();
+    assert_problem(&r, 403, "POLICY_REJECTED");
+}
+
+struct Attempt {
+    ees_id: String,
+    token: String,
+    acked: Option<Ees>,
+}
+
+#[tokio::test]
+async fn sigkill_during_registrations_loses_nothing_acknowledged_and_half_writes_nothing() {
+    let mut ecs = Ecs::start();
+    let shared = Arc::new(std::sync::Mutex::new(Vec::<Attempt>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ecs_ref = Arc::new((ecs.base(), ecs.root_pem.clone(), ecs.config()));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (shared, stop, ecs_ref) = (shared.clone(), stop.clone(), ecs_ref.clone());
+        workers.push(tokio::spawn(async move {
+            let (base, root, cfg) = &*ecs_ref;
+            let client = HttpsClient::new(root, None, HttpVersion::Http1).unwrap();
+            for i in 0..400 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let ees_id = format!("crash-{w}-{i}.ecsp.example");
+                let token = ecs_daemon::token::mint(
+                    cfg,
+                    "dev",
+                    &ecs_daemon::token::MintRequest {
+                        ees_id: &ees_id,
+                        prov_id: None,
+                        ttl_secs: 600,
+                        now: now(),
+                    },
+                )
+                .unwrap();
+                let key = Key::new();
+                let body = registration_body(&ees_id, &key.csr(&ees_id));
+                let auth = format!("Bearer {token}");
+                let r = client
+                    .request(
+                        "POST",
+                        &format!("{base}{API}"),
+                        &[
+                            ("content-type", "application/json"),
+                            ("authorization", &auth),
+                        ],
+                        Some(body.to_string().into_bytes()),
+                    )
+                    .await;
+                let acked = match r {
+                    Ok(r) if r.status == 201 => Some(Ees::from_response(&r, key)),
+                    Ok(r) => panic!(
+                        "unexpected {}: {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body)
+                    ),
+                    Err(_) => None,
+                };
+                let failed = acked.is_none();
+                shared.lock().unwrap().push(Attempt {
+                    ees_id,
+                    token,
+                    acked,
+                });
+                if failed {
+                    break;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    ecs.kill();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    ecs.restart();
+    let attempts = std::mem::take(&mut *shared.lock().unwrap());
+    let acked = attempts.iter().filter(|a| a.acked.is_some()).count();
+    assert!(acked >= 4, "the load ran: {acked} acknowledged");
+    for a in &attempts {
+        match &a.acked {
+            // Acknowledged: there, with its certificate.
+            Some(e) => {
+                let r = ecs
+                    .client_as(e)
+                    .request("GET", &e.location, &[], None)
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, 200, "{} lost after SIGKILL", a.ees_id);
+            }
+            // Not acknowledged: either nothing was written (the token still works) or all of
+            // it was (the token is spent and the EES is registered), never half.
+            None => {
+                let body = registration_body(&a.ees_id, &Key::new().csr(&a.ees_id));
+                let r = ecs.post(Some(&a.token), &body).await;
+                if r.status != 201 {
+                    assert_problem(&r, 403, "TOKEN_REPLAYED");
+                    let r = ecs.post(Some(&ecs.token(&a.ees_id)), &body).await;
+                    assert_problem(&r, 403, "EES_ALREADY_REGISTERED");
+                }
+            }
+        }
+    }
+    let (intact, _) = ecs.audit();
+    assert!(intact, "audit chain broken after SIGKILL");
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_and_state_survives() {
+    let mut ecs = Ecs::start();
+    let e = ecs.register("ees-term.ecsp.example").await;
+    let status = ecs.terminate();
+    assert!(status.success(), "{status}");
+    assert!(ecs.log().contains("stopped"), "{}", ecs.log());
+    ecs.restart();
+    let r = ecs
+        .client_as(&e)
+        .request("GET", &e.location, &[], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    // The CLI reads the store when no daemon holds it, and through the admin API when one does.
+    let (intact, records) = ecs.audit();
+    assert!(intact && !records.is_empty());
+}
+
+#[test]
+fn configuration_faults_stop_the_start_with_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = ecsd()
+        .args(["init", "--dir"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cfg = dir.path().join("ecs.toml");
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    let cases = [
+        ("listen = ", "lissen = ", "lissen"),
+        (
+            "cert_validity = \"30d\"",
+            "cert_validity = \"4000d\"",
+            "domains.default.cert_validity",
+        ),
+        (
+            "token_issuers = [\"dev\"]",
+            "token_issuers = [\"nobody\"]",
+            "domains.default.token_issuers",
+        ),
+        ("kind = \"software\"", "kind = \"hsm\"", "hsm"),
+        (
+            "key = \"keys/issuing-ca.key\"",
+            "key = \"keys/nope.key\"",
+            "backends.soft.key",
+        ),
+    ];
+    for (from, to, expect) in cases {
+        std::fs::write(&cfg, good.replacen(from, to, 1)).unwrap();
+        let out = ecsd()
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().last().unwrap_or("");
+        assert!(last.contains(expect), "{to}: {stderr}");
+        assert_eq!(
+            out.status.code(),
+            Some(if expect == "backends.soft.key" { 1 } else { 2 }),
+            "{to}: {stderr}"
+        );
+    }
+    // The environment overrides the file.
+    std::fs::write(&cfg, &good).unwrap();
+    let out = ecsd()
+        .args(["policy", "lint"])
+        .arg(&cfg)
+        .env("ECS__DOMAINS__DEFAULT__CERT_VALIDITY", "5000d")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = ecsd()
+        .args(["policy", "lint", "--format", "json"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let findings: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(findings["findings"], json!([]));
+    // init never overwrites.
+    let out = ecsd()
+        .args(["init", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
