@@ -157,6 +157,13 @@ pub struct TokenIssuerConfig {
     /// The `kid` used when minting.
     #[serde(default)]
     pub kid: Option<String>,
+    /// Shortest time between two fetches of `jwks_url` prompted by an unknown `kid`.
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_min_refresh: PolicyDuration,
+}
+
+fn default_jwks_refresh() -> PolicyDuration {
+    PolicyDuration::from_secs(60)
 }
 
 /// A configuration problem, naming the file and key at fault.

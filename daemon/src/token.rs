@@ -25,8 +25,6 @@ const ACCEPTED: [Algorithm; 5] = [
     Algorithm::RS256,
     Algorithm::PS256,
 ];
-/// At most one JWKS refresh per issuer in this interval when an unknown `kid` arrives.
-const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Why a token was refused. Every variant answers 401 `INVALID_TOKEN`; the text goes into
 /// the problem's `detail` and the audit record.
@@ -80,6 +78,8 @@ struct Issuer {
     keys: RwLock<HashMap<String, Arc<KeyEntry>>>,
     url: Option<(String, HttpsClient)>,
     last_fetch: Mutex<Option<Instant>>,
+    /// At most one JWKS fetch in this interval when an unknown `kid` arrives.
+    min_refresh: Duration,
 }
 
 /// Verifies onboarding tokens against the configured issuers.
@@ -115,6 +115,7 @@ impl TokenVerifier {
                 keys: RwLock::new(keys),
                 url,
                 last_fetch: Mutex::new(None),
+                min_refresh: Duration::from_secs(ic.jwks_min_refresh.as_secs()),
             };
             if issuer.url.is_some() {
                 issuer
@@ -252,7 +253,7 @@ impl Issuer {
         }
         {
             let mut last = self.last_fetch.lock().unwrap_or_else(|e| e.into_inner());
-            if last.is_some_and(|t| t.elapsed() < REFRESH_INTERVAL) {
+            if last.is_some_and(|t| t.elapsed() < self.min_refresh) {
                 return;
             }
             *last = Some(Instant::now());
