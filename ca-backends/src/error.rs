@@ -20,6 +20,9 @@ pub enum Error {
     /// The signer produced something that does not verify, or signing failed for good.
     #[error("signing failed: {0}")]
     Signing(String),
+    /// A configuration fault the operator must fix (module path, PIN, missing key).
+    #[error("{0}")]
+    Config(String),
     /// DER, PEM or X.509 encoding problem in configured or generated material.
     #[error("encoding: {0}")]
     Encoding(String),

@@ -122,6 +122,10 @@ pub trait CertIssuer: Send + Sync {
         next_update: i64,
         revoked: &[RevokedEntry],
     ) -> Result<Vec<u8>, Error>;
+    /// Whether the issuer can sign now; `Err` says why not. May block (a probe).
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl CertIssuer for LocalIssuer {
@@ -139,6 +143,9 @@ impl CertIssuer for LocalIssuer {
         revoked: &[RevokedEntry],
     ) -> Result<Vec<u8>, Error> {
         LocalIssuer::sign_crl(self, number, this_update, next_update, revoked)
+    }
+    fn ready(&self) -> Result<(), String> {
+        self.signer.ready()
     }
 }
 

@@ -55,6 +55,10 @@ pub trait KeySigner: Send + Sync {
     /// Signs `message` (the whole TBS, hashing included), returning the signature as it goes
     /// into the certificate's BIT STRING (DER `Ecdsa-Sig-Value` for ECDSA).
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, Error>;
+    /// Whether the key can sign now; `Err` says why not (an HSM being probed).
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// What a public key is, for policy (`key_types`) and for messages.

@@ -15,6 +15,7 @@ mod csr;
 mod error;
 mod issuer;
 mod key;
+pub mod pkcs11;
 mod software;
 
 pub use csr::{CsrInfo, build_csr, parse_csr};

@@ -148,7 +148,8 @@ impl App {
         let mut backends = BTreeMap::new();
         let mut roots = Vec::new();
         for (name, b) in &cfg.backends {
-            let issuer = load_backend(name, b)?;
+            let base = cfg.source.parent().unwrap_or(std::path::Path::new("."));
+            let issuer = load_backend(name, b, base)?;
             for d in issuer.chain_der() {
                 roots.extend_from_slice(der_to_pem(d, "CERTIFICATE").as_bytes());
             }
@@ -190,6 +191,24 @@ impl App {
             .expect("validated: the default backend exists")
     }
 
+    /// Each backend's readiness (probing an HSM that is due for it), off the reactor; also
+    /// updates the `ecs_backend_ready` gauge.
+    pub async fn backend_readiness(&self) -> Vec<(String, Result<(), String>)> {
+        let mut out = Vec::new();
+        for (name, b) in &self.backends {
+            let issuer = b.issuer.clone();
+            let ready = tokio::task::spawn_blocking(move || issuer.ready())
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            self.metrics
+                .backend_ready
+                .with_label_values(&[name])
+                .set(ready.is_ok() as i64);
+            out.push((name.clone(), ready));
+        }
+        out
+    }
+
     /// Reserves `keys` for this request; `Err(key)` names the first one already taken.
     pub fn reserve(&self, keys: Vec<String>) -> Result<Reservation<'_>, String> {
         let mut set = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
@@ -203,17 +222,53 @@ impl App {
     }
 }
 
-fn load_backend(name: &str, b: &BackendConfig) -> Result<Arc<dyn CertIssuer>, String> {
+fn load_backend(
+    name: &str,
+    b: &BackendConfig,
+    base: &std::path::Path,
+) -> Result<Arc<dyn CertIssuer>, String> {
     match b {
         BackendConfig::Software { key, cert } => {
             let key_pem = std::fs::read_to_string(key)
                 .map_err(|e| format!("backends.{name}.key: {}: {e}", key.display()))?;
             let signer = SoftwareKey::from_pkcs8_pem(&key_pem)
                 .map_err(|e| format!("backends.{name}.key: {}: {e}", key.display()))?;
-            let cert_pem = std::fs::read_to_string(cert)
-                .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))?;
-            let chain = pem_chain_to_der(&cert_pem)
-                .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))?;
+            let chain = read_chain(name, cert)?;
+            let issuer = LocalIssuer::new(Arc::new(signer), chain)
+                .map_err(|e| format!("backends.{name}: {e}"))?;
+            Ok(Arc::new(issuer))
+        }
+        BackendConfig::Pkcs11 {
+            module,
+            key,
+            pin,
+            cert,
+            max_sessions,
+        } => {
+            use ecs_ca_backends::pkcs11::{Pkcs11Config, Pkcs11Key, Pkcs11Uri};
+            let uri = Pkcs11Uri::parse(key).map_err(|e| format!("backends.{name}.key: {e}"))?;
+            let module = module
+                .clone()
+                .or_else(|| uri.module_path.clone())
+                .ok_or_else(|| format!("backends.{name}.module: missing"))?;
+            let pin = crate::secrets::resolve(pin, &format!("backends.{name}.pin"), base)?;
+            let chain = read_chain(name, cert)?;
+            let expected_spki = {
+                use der::{Decode, Encode};
+                x509_cert::Certificate::from_der(&chain[0])
+                    .and_then(|c| c.tbs_certificate().subject_public_key_info().to_der())
+                    .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))?
+            };
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+            let signer = Pkcs11Key::open(Pkcs11Config {
+                name: name.to_string(),
+                module,
+                uri,
+                pin: pin.into(),
+                max_sessions: max_sessions.unwrap_or(2 * cores),
+                expected_spki,
+            })
+            .map_err(|e| format!("backends.{name}: {e}"))?;
             let issuer = LocalIssuer::new(Arc::new(signer), chain)
                 .map_err(|e| format!("backends.{name}: {e}"))?;
             Ok(Arc::new(issuer))
@@ -223,4 +278,10 @@ fn load_backend(name: &str, b: &BackendConfig) -> Result<Arc<dyn CertIssuer>, St
             other.kind()
         )),
     }
+}
+
+fn read_chain(name: &str, cert: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
+    let cert_pem = std::fs::read_to_string(cert)
+        .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))?;
+    pem_chain_to_der(&cert_pem).map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))
 }

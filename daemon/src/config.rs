@@ -104,10 +104,15 @@ pub enum BackendConfig {
         cert: PathBuf,
     },
     Pkcs11 {
-        module: PathBuf,
+        /// The PKCS#11 module; may instead come from the URI's `module-path`.
+        #[serde(default)]
+        module: Option<PathBuf>,
+        /// RFC 7512 URI of the key: `pkcs11:token=…;object=…` (or `id=`, `serial=`, `slot-id=`).
         key: String,
+        /// `env:NAME` or `file:PATH`.
         pin: String,
         cert: PathBuf,
+        /// Signing sessions at most (default: 2 × cores).
         #[serde(default)]
         max_sessions: Option<usize>,
     },
@@ -260,7 +265,9 @@ impl Config {
                     fix(cert);
                 }
                 BackendConfig::Pkcs11 { module, cert, .. } => {
-                    fix(module);
+                    if let Some(m) = module.as_mut() {
+                        fix(m);
+                    }
                     fix(cert);
                 }
                 BackendConfig::Cfssl { cert, .. } => fix(cert),
@@ -355,11 +362,33 @@ impl Config {
             _ => {}
         }
         for (name, b) in &self.backends {
-            if !matches!(b, BackendConfig::Software { .. }) {
-                err(
+            match b {
+                BackendConfig::Software { .. } => {}
+                BackendConfig::Pkcs11 {
+                    module, key, pin, max_sessions, ..
+                } => {
+                    match ecs_ca_backends::pkcs11::Pkcs11Uri::parse(key) {
+                        Ok(uri) if module.is_none() && uri.module_path.is_none() => err(
+                            format!("backends.{name}.module"),
+                            "missing: give module or module-path in the key URI".into(),
+                        ),
+                        Ok(_) => {}
+                        Err(e) => err(format!("backends.{name}.key"), e),
+                    }
+                    if !(pin.starts_with("env:") || pin.starts_with("file:")) {
+                        err(
+                            format!("backends.{name}.pin"),
+                            "give env:NAME or file:PATH, never the PIN itself".into(),
+                        );
+                    }
+                    if *max_sessions == Some(0) {
+                        err(format!("backends.{name}.max_sessions"), "must be at least 1".into());
+                    }
+                }
+                BackendConfig::Cfssl { .. } => err(
                     format!("backends.{name}.kind"),
                     format!("kind {:?} is not available in this version", b.kind()),
-                );
+                ),
             }
         }
         for (name, i) in &self.token_issuers {

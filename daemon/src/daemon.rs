@@ -42,6 +42,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         tokio::spawn(server::serve_admin(app.clone(), l, stop_rx.clone()));
     }
     let sweeper = tokio::spawn(sweep_loop(app.clone(), stop_rx.clone()));
+    tokio::spawn(probe_loop(app.clone(), stop_rx.clone()));
 
     wait_for_signal().await;
     tracing::info!("shutting down");
@@ -71,6 +72,18 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             Ok(n) => tracing::info!(expired = n, "sweep expired registrations"),
             Err(e) => tracing::warn!(cause = e.cause.code(), detail = %e.detail, "sweep failed"),
         }
+    }
+}
+
+/// Keeps probing backends that cannot sign (an HSM token that is away), so that they come
+/// back without waiting for a request; each backend paces its own probes.
+async fn probe_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+        app.backend_readiness().await;
     }
 }
 

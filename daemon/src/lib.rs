@@ -22,3 +22,4 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod token;
+pub mod secrets;

@@ -1,7 +1,8 @@
 //! Prometheus metrics served on the admin listener.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// The ECS's metrics. Labels carry causes and backend names, never identities or secrets.
@@ -14,6 +15,8 @@ pub struct Metrics {
     /// Signing failures, by backend.
     pub backend_errors: IntCounterVec,
     pub active_registrations: IntGauge,
+    /// 1 when a backend can sign, 0 while it is probing or failed.
+    pub backend_ready: IntGaugeVec,
 }
 
 impl Metrics {
@@ -44,8 +47,14 @@ impl Metrics {
         let active_registrations =
             IntGauge::new("ecs_active_registrations", "Active EES registrations")
                 .expect("valid metric");
+        let backend_ready = IntGaugeVec::new(
+            Opts::new("ecs_backend_ready", "1 when the signing backend can sign"),
+            &["backend"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(backend_ready.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(issuance_seconds.clone()),
             Box::new(backend_errors.clone()),
             Box::new(active_registrations.clone()),
@@ -58,6 +67,7 @@ impl Metrics {
             issuance_seconds,
             backend_errors,
             active_registrations,
+            backend_ready,
         }
     }
 

@@ -333,11 +333,19 @@ async fn admin(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     match req.uri().path() {
         "/healthz" => response(200, "text/plain", b"ok\n".to_vec()),
         "/readyz" => {
-            let store_ok = app.store.audit_head().is_ok();
-            if store_ok {
+            let mut problems = Vec::new();
+            if app.store.audit_head().is_err() {
+                problems.push("store: unavailable".to_string());
+            }
+            for (name, ready) in app.backend_readiness().await {
+                if let Err(why) = ready {
+                    problems.push(format!("backend {name}: {why}"));
+                }
+            }
+            if problems.is_empty() {
                 response(200, "text/plain", b"ready\n".to_vec())
             } else {
-                response(503, "text/plain", b"store unavailable\n".to_vec())
+                response(503, "text/plain", format!("{}\n", problems.join("\n")).into_bytes())
             }
         }
         "/metrics" => {
