@@ -105,6 +105,10 @@ pub struct CaParams {
     pub not_before: i64,
     pub not_after: i64,
     pub path_len: Option<u8>,
+    /// Where this CA's issuer publishes its CRL (cRLDistributionPoints), if anywhere.
+    pub crl_url: Option<String>,
+    /// Serial octets (e.g. from the HSM's RNG); absent: 20 octets from the OS CSPRNG.
+    pub serial: Option<Vec<u8>>,
 }
 
 /// Something that issues certificates for approved templates and signs its CA's CRL: the
@@ -280,10 +284,32 @@ impl LocalIssuer {
     /// Issues a subordinate CA certificate with this issuer's key (the ceremony's
     /// intermediate, and `ecsd init`'s issuing CA under its root).
     pub fn issue_ca(&self, p: &CaParams) -> Result<IssuedCert, Error> {
-        let subject = Name::from_str(&p.subject)
-            .map_err(|e| Error::Encoding(format!("subject {:?}: {e}", p.subject)))?;
-        let ext = ca_extensions(p.path_len)?;
-        self.sign_certificate(subject, &p.spki_der, p.not_before, p.not_after, ext)
+        let prepared = self.prepare_ca(p)?;
+        sign_prepared(self.signer.as_ref(), self.signer.public_key_der(), prepared)
+    }
+
+    /// The TBS of a subordinate CA certificate, ready to be linted and signed.
+    pub fn prepare_ca(&self, p: &CaParams) -> Result<PreparedCert, Error> {
+        let subject = parse_subject(&p.subject)?;
+        let mut ext = ca_extensions(p.path_len)?;
+        if let Some(url) = &p.crl_url {
+            ext.push(extension(&crl_distribution_points(url)?, false)?);
+        }
+        prepare(
+            self.signer.algorithm(),
+            Profile {
+                subject,
+                issuer: Some(self.ca.tbs_certificate().subject().clone()),
+                extensions: ext,
+                issuer_ski: ski_of(&self.ca),
+            },
+            &p.spki_der,
+            p.not_before,
+            p.not_after,
+            self.signer.public_key_der(),
+            p.serial.as_deref(),
+            &self.rng,
+        )
     }
 
     fn sign_certificate(
@@ -294,22 +320,32 @@ impl LocalIssuer {
         not_after: i64,
         extensions: Vec<Extension>,
     ) -> Result<IssuedCert, Error> {
-        let issuer = self.ca.tbs_certificate().subject().clone();
-        let issuer_spki = self.signer.public_key_der().to_vec();
-        build_and_sign(
-            self.signer.as_ref(),
-            &self.rng,
+        let prepared = prepare(
+            self.signer.algorithm(),
             Profile {
                 subject,
-                issuer: Some(issuer),
+                issuer: Some(self.ca.tbs_certificate().subject().clone()),
                 extensions,
                 issuer_ski: ski_of(&self.ca),
             },
             spki_der,
             not_before,
             not_after,
-            &issuer_spki,
-        )
+            self.signer.public_key_der(),
+            None,
+            &self.rng,
+        )?;
+        sign_prepared(self.signer.as_ref(), self.signer.public_key_der(), prepared)
+    }
+
+    /// The signer of this issuer.
+    pub fn signer(&self) -> &dyn KeySigner {
+        self.signer.as_ref()
+    }
+
+    /// The issuing CA certificate.
+    pub fn ca_certificate(&self) -> &Certificate {
+        &self.ca
     }
 
     /// Builds and signs a CRL of this issuer.
@@ -365,15 +401,22 @@ impl LocalIssuer {
 
 /// Makes a self-signed CA certificate (a root) with `signer`.
 pub fn make_ca_certificate(signer: &dyn KeySigner, p: &CaParams) -> Result<IssuedCert, Error> {
-    let subject = Name::from_str(&p.subject)
-        .map_err(|e| Error::Encoding(format!("subject {:?}: {e}", p.subject)))?;
+    let prepared = prepare_root(signer, p)?;
+    sign_prepared(signer, signer.public_key_der(), prepared)
+}
+
+/// The TBS of a self-signed CA certificate, ready to be linted and signed.
+pub fn prepare_root(signer: &dyn KeySigner, p: &CaParams) -> Result<PreparedCert, Error> {
+    let subject = parse_subject(&p.subject)?;
     if p.spki_der != signer.public_key_der() {
         return Err(Error::KeyMismatch("a root signs its own key".into()));
     }
-    let ext = ca_extensions(p.path_len)?;
-    build_and_sign(
-        signer,
-        &SystemRandom::new(),
+    let mut ext = ca_extensions(p.path_len)?;
+    if let Some(url) = &p.crl_url {
+        ext.push(extension(&crl_distribution_points(url)?, false)?);
+    }
+    prepare(
+        signer.algorithm(),
         Profile {
             subject,
             issuer: None,
@@ -384,7 +427,42 @@ pub fn make_ca_certificate(signer: &dyn KeySigner, p: &CaParams) -> Result<Issue
         p.not_before,
         p.not_after,
         signer.public_key_der(),
+        p.serial.as_deref(),
+        &SystemRandom::new(),
     )
+}
+
+/// A subject written most significant first, as people and OpenSSL write it
+/// (`C=FI, O=Example MNO, CN=Example ECS Root CA`), or in RFC 4514 order when it starts with
+/// `CN=`.
+fn parse_subject(s: &str) -> Result<Name, Error> {
+    let parts: Vec<&str> = split_unescaped(s, ',').into_iter().map(str::trim).collect();
+    let rfc4514 = parts
+        .first()
+        .is_some_and(|p| p.to_ascii_uppercase().starts_with("CN="));
+    let ordered: Vec<&str> = if rfc4514 || parts.len() == 1 {
+        parts
+    } else {
+        parts.into_iter().rev().collect()
+    };
+    Name::from_str(&ordered.join(",")).map_err(|e| Error::Encoding(format!("subject {s:?}: {e}")))
+}
+
+fn split_unescaped(s: &str, sep: char) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut escaped) = (0, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            '\\' if !escaped => escaped = true,
+            c if c == sep && !escaped => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => escaped = false,
+        }
+    }
+    out.push(&s[start..]);
+    out
 }
 
 fn ca_extensions(path_len: Option<u8>) -> Result<Vec<Extension>, Error> {
@@ -400,50 +478,106 @@ fn ca_extensions(path_len: Option<u8>) -> Result<Vec<Extension>, Error> {
     ])
 }
 
+/// A TBSCertificate, encoded, with what the store keeps about it: what gets linted is
+/// exactly what gets signed.
+#[derive(Debug, Clone)]
+pub struct PreparedCert {
+    pub tbs_der: Vec<u8>,
+    pub algorithm: AlgorithmIdentifierOwned,
+    pub serial_hex: String,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
 #[allow(clippy::too_many_arguments)]
-fn build_and_sign(
-    signer: &dyn KeySigner,
-    rng: &SystemRandom,
+fn prepare(
+    alg: SigAlg,
     profile: Profile,
     spki_der: &[u8],
     not_before: i64,
     not_after: i64,
     issuer_spki: &[u8],
-) -> Result<IssuedCert, Error> {
+    serial: Option<&[u8]>,
+    rng: &SystemRandom,
+) -> Result<PreparedCert, Error> {
     let spki = spki::SubjectPublicKeyInfoOwned::from_der(spki_der)
         .map_err(|e| Error::Encoding(format!("subject public key: {e}")))?;
-    let serial = random_serial(rng)?;
+    let serial = match serial {
+        Some(bytes) => serial_from(bytes)?,
+        None => random_serial(rng)?,
+    };
     let serial_hex = hex::encode(serial.as_bytes());
     let validity = Validity::new(time_of(not_before)?, time_of(not_after)?);
     let mut builder = CertificateBuilder::new(profile, serial, validity, spki)
         .map_err(|e| Error::Encoding(e.to_string()))?;
     let keypair = SignerKeypair {
         spki: issuer_spki.to_vec(),
-        alg: signer.algorithm(),
+        alg,
     };
-    let tbs = builder
+    let tbs_der = builder
         .finalize(&keypair)
         .map_err(|e| Error::Encoding(e.to_string()))?;
-    let signature = signer.sign(&tbs)?;
-    // Distrust the signer: what leaves the issuer verifies under the issuer's key.
-    verify_signature(
-        issuer_spki,
-        &signer.algorithm().algorithm_identifier().oid,
-        &tbs,
-        &signature,
-    )
-    .map_err(|_| Error::Signing("the signer produced a signature that does not verify".into()))?;
-    let cert = builder
-        .assemble(BitString::from_bytes(&signature)?, &keypair)
-        .map_err(|e| Error::Encoding(e.to_string()))?;
-    let der = cert.to_der()?;
-    Ok(IssuedCert {
-        fingerprint: sha256_hex(&der),
-        der,
+    Ok(PreparedCert {
+        tbs_der,
+        algorithm: alg.algorithm_identifier(),
         serial_hex,
         not_before,
         not_after,
     })
+}
+
+/// Signs a prepared TBS with `signer`, verifies the signature with `issuer_spki` (distrust
+/// the signer: an HSM that answers garbage is caught here), and assembles the certificate.
+pub fn sign_prepared(
+    signer: &dyn KeySigner,
+    issuer_spki: &[u8],
+    p: PreparedCert,
+) -> Result<IssuedCert, Error> {
+    let signature = signer.sign(&p.tbs_der)?;
+    verify_signature(issuer_spki, &p.algorithm.oid, &p.tbs_der, &signature).map_err(|_| {
+        Error::Signing("the signer produced a signature that does not verify".into())
+    })?;
+    let der = assemble(&p.tbs_der, &p.algorithm, &signature)?;
+    Ok(IssuedCert {
+        fingerprint: sha256_hex(&der),
+        der,
+        serial_hex: p.serial_hex,
+        not_before: p.not_before,
+        not_after: p.not_after,
+    })
+}
+
+/// `Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue }` around
+/// TBS bytes exactly as prepared.
+pub fn assemble(
+    tbs_der: &[u8],
+    alg: &AlgorithmIdentifierOwned,
+    signature: &[u8],
+) -> Result<Vec<u8>, Error> {
+    #[derive(der::Sequence)]
+    struct Cert<'a> {
+        tbs: der::asn1::AnyRef<'a>,
+        alg: AlgorithmIdentifierOwned,
+        sig: BitString,
+    }
+    Ok(Cert {
+        tbs: der::asn1::AnyRef::from_der(tbs_der)?,
+        alg: alg.clone(),
+        sig: BitString::from_bytes(signature)?,
+    }
+    .to_der()?)
+}
+
+fn serial_from(bytes: &[u8]) -> Result<SerialNumber, Error> {
+    let mut b = bytes.iter().copied().take(20).collect::<Vec<u8>>();
+    if b.len() < 8 {
+        return Err(Error::Encoding("a serial needs at least 64 bits".into()));
+    }
+    b[0] &= 0x7f;
+    if b[0] == 0 {
+        b[0] = 1;
+    }
+    Ok(SerialNumber::new(&b)?)
 }
 
 /// Verifies that `cert_der` is signed by the key of `issuer_der`.
@@ -645,6 +779,8 @@ mod tests {
                 not_before: now - 10,
                 not_after: now + 10 * 365 * 86_400,
                 path_len: Some(1),
+                crl_url: None,
+                serial: None,
             },
         )
         .unwrap();
@@ -657,6 +793,8 @@ mod tests {
                 not_before: now - 10,
                 not_after: now + 5 * 365 * 86_400,
                 path_len: Some(0),
+                crl_url: None,
+                serial: None,
             })
             .unwrap();
         LocalIssuer::new(ca_key, vec![ca.der, root.der]).unwrap()

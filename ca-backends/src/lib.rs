@@ -11,6 +11,7 @@
 //! a public key and a validity, and returns DER.
 #![forbid(unsafe_code)]
 
+pub mod ceremony;
 mod csr;
 mod error;
 mod issuer;
@@ -21,8 +22,8 @@ mod software;
 pub use csr::{CsrInfo, build_csr, parse_csr};
 pub use error::Error;
 pub use issuer::{
-    CaParams, CertIssuer, CertTemplate, IssuedCert, LocalIssuer, RevocationReason, RevokedEntry,
-    SanEntry, make_ca_certificate, now_unix, sha256_hex, verify_cert_signed_by,
+    CaParams, CertIssuer, CertTemplate, IssuedCert, LocalIssuer, PreparedCert, RevocationReason,
+    RevokedEntry, SanEntry, make_ca_certificate, now_unix, sha256_hex, verify_cert_signed_by,
 };
 pub use key::{KeyKind, KeySigner, PublicKeyInfo, SigAlg, classify_spki, verify_signature};
 pub use software::{SoftwareKey, generate_p256_pkcs8_pem};

@@ -14,7 +14,7 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
-use cryptoki::types::AuthPin;
+pub use cryptoki::types::AuthPin;
 use der::Encode;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,13 +53,23 @@ impl Pkcs11Uri {
                 "token" => out.token = Some(text()?),
                 "serial" => out.serial = Some(text()?),
                 "slot-id" => {
-                    out.slot_id = Some(text()?.parse().map_err(|_| "slot-id: not a number".to_string())?)
+                    out.slot_id = Some(
+                        text()?
+                            .parse()
+                            .map_err(|_| "slot-id: not a number".to_string())?,
+                    )
                 }
                 "object" => out.object = Some(text()?),
                 "id" => out.id = Some(bytes),
                 "module-path" => out.module_path = Some(PathBuf::from(text()?)),
-                "type" | "manufacturer" | "model" | "library-manufacturer" | "library-description"
-                | "library-version" | "slot-description" | "slot-manufacturer" => {}
+                "type"
+                | "manufacturer"
+                | "model"
+                | "library-manufacturer"
+                | "library-description"
+                | "library-version"
+                | "slot-description"
+                | "slot-manufacturer" => {}
                 other => return Err(format!("unknown attribute {other:?}")),
             }
         }
@@ -90,20 +100,33 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+struct Module {
+    ctx: Pkcs11,
+    /// How many backends use this module; a module used by one backend alone may be
+    /// re-initialised to find a token inserted after start.
+    users: usize,
+}
+
+fn modules() -> &'static Mutex<HashMap<PathBuf, Module>> {
+    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Module>>> = OnceLock::new();
+    MODULES.get_or_init(Default::default)
+}
+
+fn init_args() -> CInitializeArgs {
+    // SoftHSM (and most modules) enable their locking only with non-NULL init args.
+    CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)
+}
+
 /// One `Pkcs11` context per module per process (a second `C_Initialize` fails).
 pub fn module(path: &Path) -> Result<Pkcs11, Error> {
-    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
-    let mut map = MODULES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(ctx) = map.get(path) {
-        return Ok(ctx.clone());
+    let mut map = modules().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(m) = map.get_mut(path) {
+        m.users += 1;
+        return Ok(m.ctx.clone());
     }
     let ctx = Pkcs11::new(path)
         .map_err(|e| Error::Config(format!("module {}: cannot load: {e}", path.display())))?;
-    // SoftHSM (and most modules) enable their locking only with non-NULL init args.
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+    match ctx.initialize(init_args()) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => {
             return Err(Error::Config(format!(
@@ -112,8 +135,27 @@ pub fn module(path: &Path) -> Result<Pkcs11, Error> {
             )));
         }
     }
-    map.insert(path.to_path_buf(), ctx.clone());
+    map.insert(
+        path.to_path_buf(),
+        Module {
+            ctx: ctx.clone(),
+            users: 1,
+        },
+    );
     Ok(ctx)
+}
+
+/// Finalizes and initializes the module again, so that it enumerates its tokens anew
+/// (SoftHSM, like many modules, only finds tokens at `C_Initialize`). Only done when one
+/// backend alone uses the module: it would close every other backend's sessions.
+fn reinitialize(path: &Path) -> bool {
+    let map = modules().lock().unwrap_or_else(|e| e.into_inner());
+    let Some(m) = map.get(path) else { return false };
+    if m.users != 1 {
+        return false;
+    }
+    let _ = m.ctx.clone().finalize();
+    m.ctx.initialize(init_args()).is_ok()
 }
 
 /// Finds the slot whose token matches the URI's token label, serial or slot id.
@@ -149,9 +191,9 @@ pub fn find_token(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<Option<Slot>, Error> 
 pub fn login(session: &Session, pin: &AuthPin) -> Result<(), Error> {
     match session.login(UserType::User, Some(pin)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
-            Err(Error::Config("the token refused the PIN (CKR_PIN_INCORRECT); not retried".into()))
-        }
+        Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(Error::Config(
+            "the token refused the PIN (CKR_PIN_INCORRECT); not retried".into(),
+        )),
         Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
             Err(Error::Config("the token's user PIN is locked".into()))
         }
@@ -177,6 +219,8 @@ fn is_connection_fault(e: &CkError) -> bool {
                 | RvError::TokenNotPresent
                 | RvError::TokenNotRecognized
                 | RvError::UserNotLoggedIn
+                | RvError::ObjectHandleInvalid
+                | RvError::KeyHandleInvalid
                 | RvError::GeneralError
                 | RvError::CryptokiNotInitialized,
             _
@@ -222,11 +266,15 @@ pub fn public_key_spki(session: &Session, handle: ObjectHandle) -> Result<Vec<u8
                 .unwrap_or(point);
             let oid: const_oid::ObjectIdentifier = der::Decode::from_der(&params)
                 .map_err(|_| bad("CKA_EC_PARAMS is not a named curve"))?;
-            let (alg, parameters) = if t == KeyType::EC_EDWARDS || oid == const_oid::db::rfc8410::ID_ED_25519 {
-                (const_oid::db::rfc8410::ID_ED_25519, None)
-            } else {
-                (const_oid::db::rfc5912::ID_EC_PUBLIC_KEY, Some(der::Any::from(oid)))
-            };
+            let (alg, parameters) =
+                if t == KeyType::EC_EDWARDS || oid == const_oid::db::rfc8410::ID_ED_25519 {
+                    (const_oid::db::rfc8410::ID_ED_25519, None)
+                } else {
+                    (
+                        const_oid::db::rfc5912::ID_EC_PUBLIC_KEY,
+                        Some(der::Any::from(oid)),
+                    )
+                };
             spki(alg, parameters, &raw)
         }
         Some(t) if t == KeyType::RSA => {
@@ -295,7 +343,12 @@ pub fn find_private_key(
 
 /// Signs `message` with `key` on `session` for `alg`: the hash is computed here (SoftHSM
 /// has no CKM_ECDSA_SHA256) and ECDSA's raw r‖s is returned as DER.
-pub fn sign_with(session: &Session, key: ObjectHandle, alg: SigAlg, message: &[u8]) -> Result<Vec<u8>, CkError> {
+pub fn sign_with(
+    session: &Session,
+    key: ObjectHandle,
+    alg: SigAlg,
+    message: &[u8],
+) -> Result<Vec<u8>, CkError> {
     match alg {
         SigAlg::EcdsaP256Sha256 | SigAlg::EcdsaP384Sha384 => {
             let d = if alg == SigAlg::EcdsaP256Sha256 {
@@ -352,7 +405,7 @@ pub struct Pkcs11Config {
 struct Connected {
     slot: Slot,
     key: ObjectHandle,
-    _anchor: Mutex<Session>,
+    anchor: Mutex<Session>,
     idle: Mutex<Vec<Session>>,
     open: Mutex<usize>,
     returned: Condvar,
@@ -432,7 +485,11 @@ impl Pkcs11Key {
 
     /// Finds the token, logs in, finds the key and checks it against the certificate.
     fn connect(&self) -> Result<Connected, Error> {
-        let slot = find_token(&self.ctx, &self.cfg.uri)?.ok_or_else(|| {
+        let mut slot = find_token(&self.ctx, &self.cfg.uri)?;
+        if slot.is_none() && reinitialize(&self.cfg.module) {
+            slot = find_token(&self.ctx, &self.cfg.uri)?;
+        }
+        let slot = slot.ok_or_else(|| {
             Error::Unavailable(format!(
                 "token {} not present",
                 self.cfg
@@ -445,8 +502,12 @@ impl Pkcs11Key {
         })?;
         let anchor = self.ctx.open_ro_session(slot).map_err(device)?;
         login(&anchor, &self.cfg.pin)?;
-        let key = find_private_key(&anchor, self.cfg.uri.object.as_deref(), self.cfg.uri.id.as_deref())?
-            .ok_or_else(|| Error::Config("no such private key on the token".into()))?;
+        let key = find_private_key(
+            &anchor,
+            self.cfg.uri.object.as_deref(),
+            self.cfg.uri.id.as_deref(),
+        )?
+        .ok_or_else(|| Error::Config("no such private key on the token".into()))?;
         // The public half: the public key object with the same label/id, or the private
         // key object itself where the module exposes the public attributes on it.
         let mut template = vec![Attribute::Class(ObjectClass::PUBLIC_KEY)];
@@ -470,16 +531,32 @@ impl Pkcs11Key {
         Ok(Connected {
             slot,
             key,
-            _anchor: Mutex::new(anchor),
+            anchor: Mutex::new(anchor),
             idle: Mutex::new(Vec::new()),
             open: Mutex::new(0),
             returned: Condvar::new(),
         })
     }
 
-    /// The current health; a due probe runs first.
+    /// The current health; a due probe runs first, and a connected token is checked to
+    /// still hold the key (a token pulled while idle is noticed here, not at the next
+    /// signature).
     pub fn health(&self) -> Health {
-        let _ = self.connected();
+        if let Ok(c) = self.connected() {
+            let still_there = {
+                let anchor = c.anchor.lock().unwrap_or_else(|e| e.into_inner());
+                find_private_key(
+                    &anchor,
+                    self.cfg.uri.object.as_deref(),
+                    self.cfg.uri.id.as_deref(),
+                )
+            };
+            match still_there {
+                Ok(Some(h)) if h == c.key => {}
+                Ok(_) => self.disconnect("the key is no longer on the token".into()),
+                Err(e) => self.disconnect(e.to_string()),
+            }
+        }
         match &*self.lock() {
             State::Ready(_) => Health::Ready,
             State::Probing { reason, .. } => Health::Probing(reason.clone()),
@@ -630,7 +707,10 @@ mod tests {
         assert_eq!(u.object.as_deref(), Some("issuing-key"));
         assert_eq!(u.id, Some(vec![0x0a, 0x1b]));
         let u = Pkcs11Uri::parse("pkcs11:serial=abc;slot-id=7;object=k%20ey").unwrap();
-        assert_eq!((u.serial.as_deref(), u.slot_id, u.object.as_deref()), (Some("abc"), Some(7), Some("k ey")));
+        assert_eq!(
+            (u.serial.as_deref(), u.slot_id, u.object.as_deref()),
+            (Some("abc"), Some(7), Some("k ey"))
+        );
         for bad in [
             "token=x;object=y",
             "pkcs11:object=y",

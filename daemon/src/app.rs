@@ -259,7 +259,9 @@ fn load_backend(
                     .and_then(|c| c.tbs_certificate().subject_public_key_info().to_der())
                     .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))?
             };
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+            let cores = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2);
             let signer = Pkcs11Key::open(Pkcs11Config {
                 name: name.to_string(),
                 module,
@@ -283,5 +285,6 @@ fn load_backend(
 fn read_chain(name: &str, cert: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
     let cert_pem = std::fs::read_to_string(cert)
         .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))?;
-    pem_chain_to_der(&cert_pem).map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))
+    pem_chain_to_der(&cert_pem)
+        .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))
 }

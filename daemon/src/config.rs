@@ -365,7 +365,11 @@ impl Config {
             match b {
                 BackendConfig::Software { .. } => {}
                 BackendConfig::Pkcs11 {
-                    module, key, pin, max_sessions, ..
+                    module,
+                    key,
+                    pin,
+                    max_sessions,
+                    ..
                 } => {
                     match ecs_ca_backends::pkcs11::Pkcs11Uri::parse(key) {
                         Ok(uri) if module.is_none() && uri.module_path.is_none() => err(
@@ -382,7 +386,10 @@ impl Config {
                         );
                     }
                     if *max_sessions == Some(0) {
-                        err(format!("backends.{name}.max_sessions"), "must be at least 1".into());
+                        err(
+                            format!("backends.{name}.max_sessions"),
+                            "must be at least 1".into(),
+                        );
                     }
                 }
                 BackendConfig::Cfssl { .. } => err(

@@ -66,6 +66,8 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<(), String> {
             not_before: now - 3600,
             not_after: now + 10 * 365 * 86_400,
             path_len: Some(1),
+            crl_url: None,
+            serial: None,
         },
     )
     .map_err(e)?;
@@ -79,6 +81,8 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<(), String> {
             not_before: now - 3600,
             not_after: now + 5 * 365 * 86_400,
             path_len: Some(0),
+            crl_url: None,
+            serial: None,
         })
         .map_err(e)?;
     let root_pem = der_to_pem(&root.der, "CERTIFICATE");

@@ -57,6 +57,11 @@ enum Command {
     /// Static checks of a configuration's policy.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// A PKCS#11 key ceremony: one reviewed file in, verified artefacts and a transcript out.
+    Ceremony {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -320,6 +325,7 @@ async fn run(cmd: Command) -> Result<(), Fail> {
             Ok(())
         }
         Command::Ees(cmd) => run_ees(cmd).await,
+        Command::Ceremony { config } => ceremony(&config),
         Command::Audit(cmd) => run_audit(cmd).await,
         Command::Policy(PolicyCmd::Lint { config, format }) => {
             let (cfg_result, findings) = match Config::load(&config) {
@@ -354,6 +360,39 @@ async fn run(cmd: Command) -> Result<(), Fail> {
                 Ok(())
             }
         }
+    }
+}
+
+fn ceremony(path: &Path) -> Result<(), Fail> {
+    use ecs_ca_backends::ceremony::{self, CeremonyConfig, Pins};
+    let text = std::fs::read(path).map_err(|e| usage(format!("{}: {e}", path.display())))?;
+    let hash = ecs_ca_backends::sha256_hex(&text);
+    let text =
+        String::from_utf8(text).map_err(|_| usage(format!("{}: not UTF-8", path.display())))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let cfg = CeremonyConfig::parse(&text, base)
+        .map_err(|e| usage(format!("{}: {e}", path.display())))?;
+    let resolve = |spec: &Option<String>,
+                   key: &str|
+     -> Result<Option<ecs_ca_backends::pkcs11::AuthPin>, Fail> {
+        match spec {
+            Some(s) => ecs_daemon::secrets::resolve(s, key, base)
+                .map(|p| Some(p.into()))
+                .map_err(|e| usage(format!("{}: {e}", path.display()))),
+            None => Ok(None),
+        }
+    };
+    let pins = Pins {
+        hsm: resolve(&cfg.hsm.pin, "hsm.pin")?,
+        issuer: resolve(&cfg.issuer.as_ref().map(|i| i.pin.clone()), "issuer.pin")?,
+    };
+    match ceremony::run(&cfg, &pins, &hash) {
+        Ok(t) => {
+            print!("{}", t.summary());
+            Ok(())
+        }
+        Err(ecs_ca_backends::Error::Config(m)) => Err(usage(format!("{}: {m}", path.display()))),
+        Err(e) => Err(other(format!("{}: {e}", path.display()))),
     }
 }
 

@@ -19,10 +19,13 @@ pub fn resolve(spec: &str, key: &str, base: &Path) -> Result<String, String> {
                 p.display()
             ));
         }
-        let text = std::fs::read_to_string(&p).map_err(|e| format!("{key}: {}: {e}", p.display()))?;
+        let text =
+            std::fs::read_to_string(&p).map_err(|e| format!("{key}: {}: {e}", p.display()))?;
         return Ok(text.trim_end_matches(['\n', '\r']).to_string());
     }
-    Err(format!("{key}: give env:NAME or file:PATH, never the secret itself"))
+    Err(format!(
+        "{key}: give env:NAME or file:PATH, never the secret itself"
+    ))
 }
 
 #[cfg(test)]
@@ -37,7 +40,10 @@ mod tests {
         std::fs::write(&f, "1234\n").unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = resolve("file:pin", "backends.hsm.pin", dir.path()).unwrap_err();
-        assert!(err.contains("readable by group or others") && !err.contains("1234"), "{err}");
+        assert!(
+            err.contains("readable by group or others") && !err.contains("1234"),
+            "{err}"
+        );
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(resolve("file:pin", "k", dir.path()).unwrap(), "1234");
         let err = resolve("1234", "backends.hsm.pin", dir.path()).unwrap_err();

@@ -345,7 +345,11 @@ async fn admin(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             if problems.is_empty() {
                 response(200, "text/plain", b"ready\n".to_vec())
             } else {
-                response(503, "text/plain", format!("{}\n", problems.join("\n")).into_bytes())
+                response(
+                    503,
+                    "text/plain",
+                    format!("{}\n", problems.join("\n")).into_bytes(),
+                )
             }
         }
         "/metrics" => {

@@ -37,6 +37,8 @@ impl AuthServer {
                 not_before: now - 60,
                 not_after: now + 86_400,
                 path_len: Some(0),
+                crl_url: None,
+                serial: None,
             },
         )
         .unwrap();
