@@ -460,6 +460,70 @@ pub fn run(cfg: &CeremonyConfig, pins: &Pins, config_sha256: &str) -> Result<Tra
     let ctx = module(&cfg.hsm.module)?;
     let mut written: Vec<(PathBuf, Vec<u8>)> = Vec::new();
 
+    // The issuer's key, for intermediate and crl: found by label and checked against its
+    // certificate (LocalIssuer::new refuses a mismatch).
+    let issuer = match &cfg.issuer {
+        Some(i) => {
+            let pin = pins
+                .issuer
+                .as_ref()
+                .ok_or_else(|| config_err("issuer.pin: not resolved"))?;
+            let (session, _) = open_session(&ctx, &i.token, pin, false)?;
+            let key = find_private_key(&session, Some(&i.key_label), None)?.ok_or_else(|| {
+                config_err(format!(
+                    "issuer.key_label: no key {:?} in token {:?}",
+                    i.key_label, i.token
+                ))
+            })?;
+            let public = session
+                .find_objects(&[
+                    Attribute::Class(cryptoki::object::ObjectClass::PUBLIC_KEY),
+                    Attribute::Label(i.key_label.as_bytes().to_vec()),
+                ])
+                .map_err(ck)?;
+            let spki = public_key_spki(&session, *public.first().unwrap_or(&key))?;
+            let pem = std::fs::read_to_string(&i.cert)
+                .map_err(|e| config_err(format!("issuer.cert: {}: {e}", i.cert.display())))?;
+            let chain = pem_chain_to_der(&pem)?;
+            let signer = Arc::new(SessionSigner {
+                alg: alg_of(&spki)?,
+                session: Mutex::new(session),
+                key,
+                spki,
+            });
+            t.issuer_key_label = Some(i.key_label.clone());
+            Some(LocalIssuer::new(signer, chain).map_err(|e| match e {
+                Error::KeyMismatch(_) => {
+                    config_err("issuer: the key found by key_label does not belong to issuer.cert")
+                }
+                other => other,
+            })?)
+        }
+        None => None,
+    };
+
+    // The certificate profile, linted before any key is generated: a throwaway subject
+    // key stands in for the one the HSM will make.
+    if let Some(c) = &cfg.certificate {
+        let stand_in = SoftwareKey::from_pkcs8_pem(&generate_p256_pkcs8_pem()?)?;
+        let params = ca_params(c, stand_in.public_key_der().to_vec(), vec![1; 20])?;
+        let prepared = match &issuer {
+            None => prepare_root(&stand_in, &params)?,
+            Some(iss) => iss.prepare_ca(&params)?,
+        };
+        let lint = lint_ca(
+            &prepared,
+            &params,
+            issuer.as_ref().map(|i| i.ca_certificate()),
+        )?;
+        if let Some(bad) = lint.iter().find(|l| !l.passed) {
+            return Err(config_err(format!(
+                "lint {}: {}; no key was generated and nothing was signed",
+                bad.check, bad.detail
+            )));
+        }
+    }
+
     // The key pair, for root, intermediate and key.
     let mut subject_spki = None;
     let mut own_signer = None;
@@ -504,48 +568,6 @@ pub fn run(cfg: &CeremonyConfig, pins: &Pins, config_sha256: &str) -> Result<Tra
         }));
     }
 
-    // The issuer's key, for intermediate and crl: found by label and checked against its
-    // certificate (LocalIssuer::new refuses a mismatch).
-    let issuer = match &cfg.issuer {
-        Some(i) => {
-            let pin = pins
-                .issuer
-                .as_ref()
-                .ok_or_else(|| config_err("issuer.pin: not resolved"))?;
-            let (session, _) = open_session(&ctx, &i.token, pin, false)?;
-            let key = find_private_key(&session, Some(&i.key_label), None)?.ok_or_else(|| {
-                config_err(format!(
-                    "issuer.key_label: no key {:?} in token {:?}",
-                    i.key_label, i.token
-                ))
-            })?;
-            let public = session
-                .find_objects(&[
-                    Attribute::Class(cryptoki::object::ObjectClass::PUBLIC_KEY),
-                    Attribute::Label(i.key_label.as_bytes().to_vec()),
-                ])
-                .map_err(ck)?;
-            let spki = public_key_spki(&session, *public.first().unwrap_or(&key))?;
-            let pem = std::fs::read_to_string(&i.cert)
-                .map_err(|e| config_err(format!("issuer.cert: {}: {e}", i.cert.display())))?;
-            let chain = pem_chain_to_der(&pem)?;
-            let signer = Arc::new(SessionSigner {
-                alg: alg_of(&spki)?,
-                session: Mutex::new(session),
-                key,
-                spki,
-            });
-            t.issuer_key_label = Some(i.key_label.clone());
-            Some(LocalIssuer::new(signer, chain).map_err(|e| match e {
-                Error::KeyMismatch(_) => {
-                    config_err("issuer: the key found by key_label does not belong to issuer.cert")
-                }
-                other => other,
-            })?)
-        }
-        None => None,
-    };
-
     match cfg.kind {
         CeremonyType::Root | CeremonyType::Intermediate => {
             let c = cfg.certificate.as_ref().expect("checked");
@@ -557,15 +579,7 @@ pub fn run(cfg: &CeremonyConfig, pins: &Pins, config_sha256: &str) -> Result<Tra
                     .unwrap_or_else(|e| e.into_inner());
                 s.generate_random_vec(20).map_err(ck)?
             };
-            let params = CaParams {
-                subject: c.subject.clone(),
-                spki_der: subject_spki.clone().expect("checked"),
-                not_before: parse_time("certificate.not_before", &c.not_before)?,
-                not_after: parse_time("certificate.not_after", &c.not_after)?,
-                path_len: c.path_len,
-                crl_url: c.crl_url.clone(),
-                serial: Some(serial),
-            };
+            let params = ca_params(c, subject_spki.clone().expect("checked"), serial)?;
             let (prepared, signer, issuer_cert): (
                 PreparedCert,
                 &dyn KeySigner,
@@ -634,6 +648,22 @@ pub fn run(cfg: &CeremonyConfig, pins: &Pins, config_sha256: &str) -> Result<Tra
     let json = serde_json::to_vec_pretty(&t).map_err(|e| Error::Encoding(e.to_string()))?;
     write_new(&cfg.outputs.transcript, &json)?;
     Ok(t)
+}
+
+fn ca_params(
+    c: &CertificateSection,
+    spki_der: Vec<u8>,
+    serial: Vec<u8>,
+) -> Result<CaParams, Error> {
+    Ok(CaParams {
+        subject: c.subject.clone(),
+        spki_der,
+        not_before: parse_time("certificate.not_before", &c.not_before)?,
+        not_after: parse_time("certificate.not_after", &c.not_after)?,
+        path_len: c.path_len,
+        crl_url: c.crl_url.clone(),
+        serial: Some(serial),
+    })
 }
 
 fn write_new(path: &Path, data: &[u8]) -> Result<(), Error> {
