@@ -20,6 +20,9 @@ pub enum Error {
     /// The signer produced something that does not verify, or signing failed for good.
     #[error("signing failed: {0}")]
     Signing(String),
+    /// An external CA answered, but not with a certificate the ECS may deliver.
+    #[error("{0}")]
+    BadCertificate(String),
     /// A configuration fault the operator must fix (module path, PIN, missing key).
     #[error("{0}")]
     Config(String),

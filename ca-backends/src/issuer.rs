@@ -55,6 +55,8 @@ pub struct CertTemplate {
     pub server_auth: bool,
     /// The URL of the issuing CA's CRL, put in cRLDistributionPoints.
     pub crl_url: Option<String>,
+    /// The EES's CSR as it arrived, for issuers that forward it (the passthrough).
+    pub csr_pem: Option<String>,
 }
 
 /// A certificate that left the issuer, with the facts the store keeps about it.
@@ -129,6 +131,11 @@ pub trait CertIssuer: Send + Sync {
     /// Whether the issuer can sign now; `Err` says why not. May block (a probe).
     fn ready(&self) -> Result<(), String> {
         Ok(())
+    }
+    /// Whether a revocation recorded by the ECS reaches relying parties (on this issuer's
+    /// CRL). An external CA without a revocation API answers false.
+    fn revocation_published(&self) -> bool {
+        true
     }
 }
 
@@ -820,6 +827,7 @@ mod tests {
                 client_auth: true,
                 server_auth: true,
                 crl_url: Some("https://127.0.0.1:8443/pki/v1/crl".into()),
+                csr_pem: None,
             })
             .unwrap();
         let (_, x) = X509Certificate::from_der(&cert.der).unwrap();
@@ -875,6 +883,7 @@ mod tests {
                 client_auth: true,
                 server_auth: false,
                 crl_url: None,
+                csr_pem: None,
             })
             .unwrap();
         assert_eq!(cert.not_after, issuer.ca_not_after());

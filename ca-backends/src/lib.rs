@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ceremony;
+pub mod cfssl;
 mod csr;
 mod error;
 mod issuer;

@@ -31,8 +31,9 @@ struct CachedCrl {
 pub struct Backend {
     pub name: String,
     pub issuer: Arc<dyn CertIssuer>,
-    /// Where this backend's CRL is published (put in every certificate it issues).
-    pub crl_url: String,
+    /// Where this backend's CRL is published (put in every certificate it issues); none for
+    /// an external CA, which publishes its own.
+    pub crl_url: Option<String>,
     crl: tokio::sync::Mutex<Option<CachedCrl>>,
 }
 
@@ -153,10 +154,12 @@ impl App {
             for d in issuer.chain_der() {
                 roots.extend_from_slice(der_to_pem(d, "CERTIFICATE").as_bytes());
             }
-            let crl_url = if name == cfg.default_backend() {
-                format!("{}/pki/v1/crl", cfg.public_base())
+            let crl_url = if !issuer.revocation_published() {
+                None
+            } else if name == cfg.default_backend() {
+                Some(format!("{}/pki/v1/crl", cfg.public_base()))
             } else {
-                format!("{}/pki/v1/crl/{name}", cfg.public_base())
+                Some(format!("{}/pki/v1/crl/{name}", cfg.public_base()))
             };
             backends.insert(
                 name.clone(),
@@ -275,10 +278,43 @@ fn load_backend(
                 .map_err(|e| format!("backends.{name}: {e}"))?;
             Ok(Arc::new(issuer))
         }
-        other => Err(format!(
-            "backends.{name}.kind: {:?} is not available in this version",
-            other.kind()
-        )),
+        BackendConfig::Cfssl {
+            url,
+            profile,
+            auth_key,
+            cert,
+            tls_ca,
+            connect_timeout,
+            timeout,
+            not_honoured,
+        } => {
+            use ecs_ca_backends::cfssl::{CfsslConfig, CfsslIssuer, NotHonoured};
+            let auth_key = match auth_key {
+                Some(spec) => {
+                    let key = format!("backends.{name}.auth_key");
+                    let text = crate::secrets::resolve(spec, &key, base)?;
+                    Some(hex::decode(text.trim()).map_err(|_| format!("{key}: not hex"))?)
+                }
+                None => None,
+            };
+            let tls_roots_der = match tls_ca {
+                Some(p) => read_chain(name, p)?,
+                None => Vec::new(),
+            };
+            let issuer = CfsslIssuer::new(CfsslConfig {
+                name: name.to_string(),
+                url: url.clone(),
+                profile: profile.clone(),
+                auth_key,
+                chain_der: read_chain(name, cert)?,
+                tls_roots_der,
+                connect_timeout: std::time::Duration::from_secs(connect_timeout.as_secs()),
+                total_timeout: std::time::Duration::from_secs(timeout.as_secs()),
+                not_honoured: not_honoured.iter().filter_map(|n| NotHonoured::parse(n)).collect(),
+            })
+            .map_err(|e| format!("backends.{name}.{e}"))?;
+            Ok(Arc::new(issuer))
+        }
     }
 }
 

@@ -58,6 +58,13 @@ pub struct ServerConfig {
     pub shutdown_grace: PolicyDuration,
 }
 
+fn default_connect_timeout() -> PolicyDuration {
+    PolicyDuration::from_secs(2)
+}
+fn default_total_timeout() -> PolicyDuration {
+    PolicyDuration::from_secs(10)
+}
+
 fn default_sweep() -> PolicyDuration {
     PolicyDuration::from_secs(5)
 }
@@ -117,12 +124,27 @@ pub enum BackendConfig {
         max_sessions: Option<usize>,
     },
     Cfssl {
+        /// `http://host:port` or `https://host:port` of `cfssl serve` (or any CA speaking
+        /// the CFSSL remote-signing API).
         url: String,
         #[serde(default)]
         profile: Option<String>,
+        /// `env:NAME` or `file:PATH` holding the hex HMAC key of `/authsign`.
         #[serde(default)]
         auth_key: Option<String>,
+        /// The external CA's chain: what it returns must chain to its first certificate.
         cert: PathBuf,
+        /// Trust roots (PEM) for an `https://` URL; default: `cert`.
+        #[serde(default)]
+        tls_ca: Option<PathBuf>,
+        #[serde(default = "default_connect_timeout")]
+        connect_timeout: PolicyDuration,
+        #[serde(default = "default_total_timeout")]
+        timeout: PolicyDuration,
+        /// Parts of the approved certificate the external profile cannot put in, tolerated
+        /// when missing: `uri_san`, `organization`, `server_auth`.
+        #[serde(default)]
+        not_honoured: Vec<String>,
     },
 }
 
@@ -270,7 +292,12 @@ impl Config {
                     }
                     fix(cert);
                 }
-                BackendConfig::Cfssl { cert, .. } => fix(cert),
+                BackendConfig::Cfssl { cert, tls_ca, .. } => {
+                    fix(cert);
+                    if let Some(t) = tls_ca.as_mut() {
+                        fix(t);
+                    }
+                }
             }
         }
         for i in self.token_issuers.values_mut() {
@@ -392,10 +419,42 @@ impl Config {
                         );
                     }
                 }
-                BackendConfig::Cfssl { .. } => err(
-                    format!("backends.{name}.kind"),
-                    format!("kind {:?} is not available in this version", b.kind()),
-                ),
+                BackendConfig::Cfssl {
+                    url,
+                    auth_key,
+                    not_honoured,
+                    timeout,
+                    ..
+                } => {
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        err(format!("backends.{name}.url"), format!("{url:?} is not http(s)://"));
+                    }
+                    if let Some(k) = auth_key
+                        && !(k.starts_with("env:") || k.starts_with("file:"))
+                    {
+                        err(
+                            format!("backends.{name}.auth_key"),
+                            "give env:NAME or file:PATH, never the key itself".into(),
+                        );
+                    }
+                    for n in not_honoured {
+                        if ecs_ca_backends::cfssl::NotHonoured::parse(n).is_none() {
+                            err(
+                                format!("backends.{name}.not_honoured"),
+                                format!("{n:?} is not one of uri_san, organization, server_auth"),
+                            );
+                        }
+                    }
+                    if timeout.as_secs() == 0 {
+                        err(format!("backends.{name}.timeout"), "must be longer than zero".into());
+                    }
+                    if self.default_backend() == name && self.server.tls_cert.is_none() {
+                        err(
+                            "server.tls_backend".into(),
+                            format!("backend {name:?} is an external CA: it cannot issue the server certificate; name another backend or give tls_cert/tls_key"),
+                        );
+                    }
+                }
             }
         }
         for (name, i) in &self.token_issuers {

@@ -208,6 +208,13 @@ impl From<BackendError> for ApiError {
                     format!("the signing backend cannot sign now: {m}"),
                 )
             },
+            BackendError::BadCertificate(m) => ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(
+                    Cause::BackendUnavailable,
+                    format!("the signing backend did not return a usable certificate: {m}"),
+                )
+            },
             other => ApiError::internal(other),
         }
     }

@@ -183,9 +183,10 @@ async fn issue(
     app: &App,
     backend_name: &str,
     profile: &model::Profile,
-    spki_der: Vec<u8>,
+    csr: (&str, Vec<u8>),
     validity_secs: u64,
 ) -> Result<CertRecord, ApiError> {
+    let (csr_pem, spki_der) = csr;
     let backend = app
         .backend(backend_name)
         .ok_or_else(|| ApiError::internal(format!("backend {backend_name} vanished")))?
@@ -199,7 +200,8 @@ async fn issue(
         validity_secs,
         client_auth: true,
         server_auth: true,
-        crl_url: Some(backend.crl_url.clone()),
+        crl_url: backend.crl_url.clone(),
+        csr_pem: Some(csr_pem.to_string()),
     };
     let started = Instant::now();
     let issuer = backend.issuer.clone();
@@ -369,7 +371,8 @@ async fn create_inner(
         }
         .into());
     }
-    let csr = parse_csr(onboarding.csr.as_deref().unwrap_or_default())?;
+    let csr_pem = onboarding.csr.as_deref().unwrap_or_default();
+    let csr = parse_csr(csr_pem)?;
     let description = csr.key.describe();
     let decision = domain.decide_onboarding(
         &domain_name,
@@ -413,7 +416,7 @@ async fn create_inner(
         app,
         &backend,
         profile,
-        csr.spki_der,
+        (csr_pem, csr.spki_der),
         approval.cert_validity_secs,
     )
     .await?;
@@ -688,9 +691,9 @@ async fn update(
     reg.updated_at = now;
     let mut commit_c = Commit::default();
     let mut cert = current;
-    if let Some(csr) = csr {
+    if let Some(csr_pem) = csr {
         f.action = "rekey";
-        let csr = parse_csr(&csr)?;
+        let csr = parse_csr(&csr_pem)?;
         let description = csr.key.describe();
         let approval = domain
             .decide_onboarding(
@@ -718,7 +721,7 @@ async fn update(
             app,
             &reg.backend,
             profile,
-            csr.spki_der,
+            (&csr_pem, csr.spki_der),
             approval.cert_validity_secs,
         )
         .await?;
@@ -739,7 +742,11 @@ async fn update(
     }
     let rekeyed = !commit_c.revocations.is_empty();
     commit_c.registration = Some(reg.clone());
-    commit_c.audit = Some(f.event(app, ctx, 200, None));
+    let mut event = f.event(app, ctx, 200, None);
+    if rekeyed {
+        event.detail = unpublished_revocation(app, &reg.backend);
+    }
+    commit_c.audit = Some(event);
     commit(app, commit_c).await?;
     if rekeyed && let Some(b) = app.backend(&reg.backend) {
         b.invalidate_crl().await;
@@ -755,7 +762,8 @@ async fn update(
 pub async fn delete(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply, ApiError> {
     audited(app, ctx, "deregister", async |f: &mut Facts| {
         let (reg, _, _) = authorize(app, ctx, id, false, f).await?;
-        let event = f.event(app, ctx, 204, None);
+        let mut event = f.event(app, ctx, 204, None);
+        event.detail = unpublished_revocation(app, &reg.backend);
         end(app, reg, RegState::Deregistered, event).await?;
         Ok(Reply {
             status: 204,
@@ -764,6 +772,17 @@ pub async fn delete(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply,
         })
     })
     .await
+}
+
+/// The audit note for a revocation that only this ECS knows of: an external CA without a
+/// revocation API publishes no CRL entry for it.
+fn unpublished_revocation(app: &App, backend: &str) -> Option<String> {
+    let b = app.backend(backend)?;
+    (!b.issuer.revocation_published()).then(|| {
+        format!(
+            "revocation recorded by this ECS only: backend {backend} (external CA) offers no revocation API; the certificate is refused for authentication here but appears on no CRL"
+        )
+    })
 }
 
 /// Ends a registration: state, revocation of every certificate with
@@ -818,7 +837,13 @@ pub async fn expire(app: &App, client: &str, reg: RegistrationRecord) -> Result<
         ees_id: Some(reg.ees_id.clone()),
         prov_id: reg.prov_id.clone(),
         registration_id: Some(reg.id.clone()),
-        detail: Some(format!("expTime {} passed", format_time(reg.exp_time))),
+        detail: Some(format!(
+            "expTime {} passed{}",
+            format_time(reg.exp_time),
+            unpublished_revocation(app, &reg.backend)
+                .map(|n| format!("; {n}"))
+                .unwrap_or_default()
+        )),
         policy_hash: app.policy_hash.clone(),
         ..Default::default()
     };

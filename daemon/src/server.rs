@@ -220,6 +220,12 @@ async fn route(
             let pem = b.chain_pem().concat().into_bytes();
             return Ok(response(200, "application/pem-certificate-chain", pem));
         }
+        if !b.issuer.revocation_published() {
+            return Err(ApiError::new(
+                Cause::ResourceNotFound,
+                format!("backend {} is an external CA that publishes its own CRL", b.name),
+            ));
+        }
         let crl = b.crl(app).await?;
         let mut r = response(200, "application/pkix-crl", crl.to_vec());
         r.headers_mut().insert(

@@ -155,7 +155,8 @@ pub async fn server_identity(app: &App) -> Result<ServerIdentity, String> {
         validity_secs: 365 * 86_400,
         client_auth: false,
         server_auth: true,
-        crl_url: Some(backend.crl_url.clone()),
+        crl_url: backend.crl_url.clone(),
+        csr_pem: None,
     };
     let issuer = backend.issuer.clone();
     let issued = tokio::task::spawn_blocking(move || issuer.issue(&template))

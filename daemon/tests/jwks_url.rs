@@ -38,6 +38,7 @@ impl AuthServer {
                 not_after: now + 86_400,
                 path_len: Some(0),
                 crl_url: None,
+                csr_pem: None,
                 serial: None,
             },
         )
@@ -56,6 +57,7 @@ impl AuthServer {
                 client_auth: false,
                 server_auth: true,
                 crl_url: None,
+                csr_pem: None,
             })
             .unwrap();
         let config = rustls::ServerConfig::builder_with_provider(ecs_daemon::client::provider())
