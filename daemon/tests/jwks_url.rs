@@ -38,7 +38,6 @@ impl AuthServer {
                 not_after: now + 86_400,
                 path_len: Some(0),
                 crl_url: None,
-                csr_pem: None,
                 serial: None,
             },
         )
