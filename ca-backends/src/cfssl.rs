@@ -94,10 +94,15 @@ enum CallError {
 impl CfsslIssuer {
     pub fn new(cfg: CfsslConfig) -> Result<Self, Error> {
         if cfg.chain_der.is_empty() {
-            return Err(Error::Config("cert: the external CA's chain is empty".into()));
+            return Err(Error::Config(
+                "cert: the external CA's chain is empty".into(),
+            ));
         }
         if !(cfg.url.starts_with("http://") || cfg.url.starts_with("https://")) {
-            return Err(Error::Config(format!("url: {:?} is not http(s)://", cfg.url)));
+            return Err(Error::Config(format!(
+                "url: {:?} is not http(s)://",
+                cfg.url
+            )));
         }
         let roots: Vec<ureq::tls::Certificate<'static>> = if cfg.tls_roots_der.is_empty() {
             &cfg.chain_der
@@ -157,8 +162,11 @@ impl CfsslIssuer {
                     if status >= 500 {
                         return Err(CallError::Down(format!("{url} answered {status}")));
                     }
-                    let v: Value = serde_json::from_str(&text)
-                        .map_err(|_| CallError::Bad(format!("{url} answered {status} with something that is not JSON")))?;
+                    let v: Value = serde_json::from_str(&text).map_err(|_| {
+                        CallError::Bad(format!(
+                            "{url} answered {status} with something that is not JSON"
+                        ))
+                    })?;
                     if status != 200 || v["success"] != json!(true) {
                         let msg = v["errors"][0]["message"].as_str().unwrap_or("no message");
                         return Err(CallError::Bad(format!("{url} refused ({status}): {msg}")));
@@ -168,7 +176,9 @@ impl CfsslIssuer {
                 Err(e) => {
                     let connect_failed = matches!(
                         e,
-                        ureq::Error::ConnectionFailed | ureq::Error::Io(_) | ureq::Error::HostNotFound
+                        ureq::Error::ConnectionFailed
+                            | ureq::Error::Io(_)
+                            | ureq::Error::HostNotFound
                     );
                     if connect_failed && attempt == 1 {
                         continue;
@@ -270,20 +280,33 @@ impl CfsslIssuer {
         let mut org = Vec::new();
         for rdn in tbs.subject().as_ref().iter() {
             for atv in rdn.iter() {
-                let v = atv.value.decode_as::<der::asn1::Utf8StringRef>().map(|s| s.to_string())
-                    .or_else(|_| atv.value.decode_as::<der::asn1::PrintableStringRef>().map(|s| s.to_string()))
+                let v = atv
+                    .value
+                    .decode_as::<der::asn1::Utf8StringRef>()
+                    .map(|s| s.to_string())
+                    .or_else(|_| {
+                        atv.value
+                            .decode_as::<der::asn1::PrintableStringRef>()
+                            .map(|s| s.to_string())
+                    })
                     .unwrap_or_default();
                 if atv.oid == const_oid::db::rfc4519::CN {
                     cn.push(v);
                 } else if atv.oid == const_oid::db::rfc4519::O {
                     org.push(v);
                 } else {
-                    return Err(format!("its subject has an unapproved attribute {}", atv.oid));
+                    return Err(format!(
+                        "its subject has an unapproved attribute {}",
+                        atv.oid
+                    ));
                 }
             }
         }
         if cn != [t.common_name.clone()] {
-            return Err(format!("its subject CN is {cn:?}, approved {:?}", t.common_name));
+            return Err(format!(
+                "its subject CN is {cn:?}, approved {:?}",
+                t.common_name
+            ));
         }
         let want_org: Vec<String> = t.organization.iter().cloned().collect();
         if org != want_org && !(org.is_empty() && tolerated(NotHonoured::Organization)) {
@@ -295,7 +318,9 @@ impl CfsslIssuer {
                 .0
                 .iter()
                 .map(|g| match g {
-                    GeneralName::DnsName(d) => Ok(SanEntry::Dns(d.to_string().to_ascii_lowercase())),
+                    GeneralName::DnsName(d) => {
+                        Ok(SanEntry::Dns(d.to_string().to_ascii_lowercase()))
+                    }
                     GeneralName::UniformResourceIdentifier(u) => Ok(SanEntry::Uri(u.to_string())),
                     GeneralName::IpAddress(o) => ip_of(o.as_bytes()).map(SanEntry::Ip).ok_or(()),
                     _ => Err(()),
@@ -326,7 +351,9 @@ impl CfsslIssuer {
             return Err("it is a CA certificate".into());
         }
         let ku = tbs.get_extension::<KeyUsage>().ok().flatten();
-        if !ku.is_some_and(|(_, k)| k.0.contains(KeyUsages::DigitalSignature) && !k.0.contains(KeyUsages::KeyCertSign)) {
+        if !ku.is_some_and(|(_, k)| {
+            k.0.contains(KeyUsages::DigitalSignature) && !k.0.contains(KeyUsages::KeyCertSign)
+        }) {
             return Err("its keyUsage is not digitalSignature".into());
         }
         let eku = tbs
@@ -396,10 +423,12 @@ impl CertIssuer for CfsslIssuer {
         let pem = answer["result"]["certificate"]
             .as_str()
             .ok_or_else(|| Error::BadCertificate("the answer has no result.certificate".into()))?;
-        let der = crate::pem_to_der(pem, "CERTIFICATE")
-            .map_err(|_| Error::BadCertificate("result.certificate is not a PEM certificate".into()))?;
-        self.verify(t, &der)
-            .map_err(|why| Error::BadCertificate(format!("the external CA's certificate was refused: {why}")))
+        let der = crate::pem_to_der(pem, "CERTIFICATE").map_err(|_| {
+            Error::BadCertificate("result.certificate is not a PEM certificate".into())
+        })?;
+        self.verify(t, &der).map_err(|why| {
+            Error::BadCertificate(format!("the external CA's certificate was refused: {why}"))
+        })
     }
 
     fn chain_der(&self) -> &[Vec<u8>] {

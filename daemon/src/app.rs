@@ -310,7 +310,10 @@ fn load_backend(
                 tls_roots_der,
                 connect_timeout: std::time::Duration::from_secs(connect_timeout.as_secs()),
                 total_timeout: std::time::Duration::from_secs(timeout.as_secs()),
-                not_honoured: not_honoured.iter().filter_map(|n| NotHonoured::parse(n)).collect(),
+                not_honoured: not_honoured
+                    .iter()
+                    .filter_map(|n| NotHonoured::parse(n))
+                    .collect(),
             })
             .map_err(|e| format!("backends.{name}.{e}"))?;
             Ok(Arc::new(issuer))

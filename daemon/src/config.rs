@@ -427,7 +427,10 @@ impl Config {
                     ..
                 } => {
                     if !(url.starts_with("http://") || url.starts_with("https://")) {
-                        err(format!("backends.{name}.url"), format!("{url:?} is not http(s)://"));
+                        err(
+                            format!("backends.{name}.url"),
+                            format!("{url:?} is not http(s)://"),
+                        );
                     }
                     if let Some(k) = auth_key
                         && !(k.starts_with("env:") || k.starts_with("file:"))
@@ -446,12 +449,17 @@ impl Config {
                         }
                     }
                     if timeout.as_secs() == 0 {
-                        err(format!("backends.{name}.timeout"), "must be longer than zero".into());
+                        err(
+                            format!("backends.{name}.timeout"),
+                            "must be longer than zero".into(),
+                        );
                     }
                     if self.default_backend() == name && self.server.tls_cert.is_none() {
                         err(
                             "server.tls_backend".into(),
-                            format!("backend {name:?} is an external CA: it cannot issue the server certificate; name another backend or give tls_cert/tls_key"),
+                            format!(
+                                "backend {name:?} is an external CA: it cannot issue the server certificate; name another backend or give tls_cert/tls_key"
+                            ),
                         );
                     }
                 }

@@ -223,7 +223,10 @@ async fn route(
         if !b.issuer.revocation_published() {
             return Err(ApiError::new(
                 Cause::ResourceNotFound,
-                format!("backend {} is an external CA that publishes its own CRL", b.name),
+                format!(
+                    "backend {} is an external CA that publishes its own CRL",
+                    b.name
+                ),
             ));
         }
         let crl = b.crl(app).await?;
