@@ -13,6 +13,7 @@
 
 pub mod ceremony;
 pub mod cfssl;
+pub mod chain;
 mod csr;
 mod error;
 mod issuer;

@@ -113,12 +113,116 @@ fn reason_of(name: &str) -> RevocationReason {
     }
 }
 
+/// A CRL a domain checks third-party certificates against.
+pub enum CrlSource {
+    File { name: String, der: Vec<u8> },
+    /// Fetched over HTTPS and kept for five minutes.
+    Url {
+        url: String,
+        client: crate::client::HttpsClient,
+        cache: tokio::sync::Mutex<Option<(Vec<u8>, std::time::Instant)>>,
+    },
+}
+
+/// What a domain trusts for third-party EES certificates, loaded at start.
+pub struct ThirdPartyTrust {
+    /// (configured file, DER) of each trust anchor.
+    pub anchors: Vec<(String, Vec<u8>)>,
+    pub crls: Vec<CrlSource>,
+}
+
+impl ThirdPartyTrust {
+    /// The CRLs, fetching what is due; any that cannot be had makes the check fail closed.
+    pub async fn crls(&self) -> Result<Vec<Vec<u8>>, String> {
+        let mut out = Vec::new();
+        for c in &self.crls {
+            match c {
+                CrlSource::File { der, .. } => out.push(der.clone()),
+                CrlSource::Url { url, client, cache } => {
+                    let mut cache = cache.lock().await;
+                    if let Some((der, at)) = cache.as_ref()
+                        && at.elapsed() < std::time::Duration::from_secs(300)
+                    {
+                        out.push(der.clone());
+                        continue;
+                    }
+                    let r = client
+                        .request("GET", url, &[], None)
+                        .await
+                        .map_err(|e| format!("CRL {url} could not be fetched: {e}"))?;
+                    if r.status != 200 {
+                        return Err(format!("CRL {url} could not be fetched: HTTP {}", r.status));
+                    }
+                    *cache = Some((r.body.clone(), std::time::Instant::now()));
+                    out.push(r.body);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn load_third_party(
+    domain: &str,
+    tp: &ecs_policy::ThirdPartyPolicy,
+    roots_pem: &[u8],
+) -> Result<ThirdPartyTrust, String> {
+    let key = format!("domains.{domain}.third_party");
+    let mut anchors = Vec::new();
+    for path in &tp.trust_anchors {
+        let pem = std::fs::read_to_string(path).map_err(|e| format!("{key}.trust_anchors: {path}: {e}"))?;
+        for der in pem_chain_to_der(&pem).map_err(|e| format!("{key}.trust_anchors: {path}: {e}"))? {
+            use der::Decode;
+            let cert = x509_cert::Certificate::from_der(&der)
+                .map_err(|e| format!("{key}.trust_anchors: {path}: {e}"))?;
+            let is_ca = cert
+                .tbs_certificate()
+                .get_extension::<x509_cert::ext::pkix::BasicConstraints>()
+                .ok()
+                .flatten()
+                .is_some_and(|(_, b)| b.ca);
+            if !is_ca {
+                return Err(format!("{key}.trust_anchors: {path}: not a CA certificate"));
+            }
+            anchors.push((path.clone(), der));
+        }
+    }
+    if tp.accept && anchors.is_empty() {
+        return Err(format!("{key}.trust_anchors: accept = true needs at least one trust anchor"));
+    }
+    let mut crls = Vec::new();
+    for c in &tp.crls {
+        if c.starts_with("https://") {
+            let client = crate::client::HttpsClient::new(roots_pem, None, crate::client::HttpVersion::Http1)
+                .map_err(|e| format!("{key}.crls: {c}: {e}"))?;
+            crls.push(CrlSource::Url {
+                url: c.clone(),
+                client,
+                cache: tokio::sync::Mutex::new(None),
+            });
+        } else if c.starts_with("http://") {
+            return Err(format!("{key}.crls: {c}: give a file or an https:// URL"));
+        } else {
+            let bytes = std::fs::read(c).map_err(|e| format!("{key}.crls: {c}: {e}"))?;
+            let der = match std::str::from_utf8(&bytes) {
+                Ok(text) if text.contains("-----BEGIN") => ecs_ca_backends::pem_to_der(text, "X509 CRL")
+                    .map_err(|e| format!("{key}.crls: {c}: {e}"))?,
+                _ => bytes,
+            };
+            crls.push(CrlSource::File { name: c.clone(), der });
+        }
+    }
+    Ok(ThirdPartyTrust { anchors, crls })
+}
+
 /// Everything a request needs.
 pub struct App {
     pub cfg: Config,
     pub store: Arc<dyn Store>,
     pub tokens: TokenVerifier,
     pub backends: BTreeMap<String, Arc<Backend>>,
+    /// Third-party trust of each domain that has a `third_party` section.
+    pub third_party: BTreeMap<String, ThirdPartyTrust>,
     pub policy_hash: String,
     pub metrics: Metrics,
     /// Token IDs and EES IDs of registrations being created right now, so that two
@@ -172,12 +276,25 @@ impl App {
             );
         }
         let tokens = TokenVerifier::from_config(&cfg, &roots).await?;
+        let mut third_party = BTreeMap::new();
+        for (name, d) in &cfg.domains {
+            if let Some(tp) = &d.third_party {
+                let mut trust_roots = roots.clone();
+                for a in &tp.trust_anchors {
+                    if let Ok(pem) = std::fs::read(a) {
+                        trust_roots.extend_from_slice(&pem);
+                    }
+                }
+                third_party.insert(name.clone(), load_third_party(name, tp, &trust_roots)?);
+            }
+        }
         let policy_hash = cfg.policy_hash();
         Ok(Arc::new(App {
             cfg,
             store: Arc::new(store),
             tokens,
             backends,
+            third_party,
             policy_hash,
             metrics: Metrics::new(),
             inflight: Mutex::new(HashSet::new()),

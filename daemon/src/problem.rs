@@ -240,6 +240,7 @@ impl From<Refusal> for ApiError {
         let cause = match r.kind {
             RefusalKind::WeakKey => Cause::WeakKey,
             RefusalKind::Rejected => Cause::PolicyRejected,
+            RefusalKind::UntrustedCertificate => Cause::UntrustedClientCert,
         };
         ApiError {
             rule: Some(r.rule.clone()),

@@ -24,6 +24,8 @@ pub struct RequestCtx {
     pub client_addr: String,
     /// DER of the TLS client certificate (end entity), when one was presented.
     pub client_cert: Option<Vec<u8>>,
+    /// The whole chain the client presented, end entity first.
+    pub client_chain: Arc<Vec<Vec<u8>>>,
     /// The `Authorization: Bearer` value, when present.
     pub bearer: Option<String>,
 }
@@ -231,7 +233,117 @@ async fn issue(
         not_before: issued.not_before,
         not_after: issued.not_after,
         revoked: None,
+        chain_hex: Vec::new(),
     })
+}
+
+/// The backend name under which accepted third-party certificates are recorded.
+pub const THIRD_PARTY: &str = "third-party";
+
+/// Solution #12 step 4: the chain presented in this handshake, judged by the domain's
+/// third-party policy. Returns the approval and the certificate record to store.
+#[allow(clippy::too_many_arguments)]
+async fn third_party_decision(
+    app: &App,
+    ctx: &RequestCtx,
+    token: &crate::token::VerifiedToken,
+    req: &RegistrationBody,
+    domain_name: &str,
+    domain: &DomainPolicy,
+    now: i64,
+    f: &mut Facts,
+) -> Result<(ecs_policy::Approval, CertRecord), ApiError> {
+    let chain: Vec<Vec<u8>> = ctx.client_chain.as_ref().clone();
+    if chain.is_empty() {
+        return Err(ApiError::new(
+            Cause::ClientCertRequired,
+            "thirdPartyCert: true needs the third-party certificate chain in the TLS handshake",
+        ));
+    }
+    let untrusted = |rule: &str, why: String| ApiError {
+        rule: Some(format!("domains.{domain_name}.{rule}")),
+        ..ApiError::new(
+            Cause::UntrustedClientCert,
+            format!("{why} (rule domains.{domain_name}.{rule})"),
+        )
+    };
+    let leaf = ecs_ca_backends::chain::leaf_facts(&chain[0])
+        .map_err(|e| untrusted("third_party.trust_anchors", format!("the certificate does not parse: {e}")))?;
+    f.cert_serial = Some(leaf.serial_hex.clone());
+    f.cert_fingerprint = Some(leaf.fingerprint.clone());
+    let trust = app.third_party.get(domain_name);
+    let anchors: Vec<Vec<u8>> = trust
+        .map(|t| t.anchors.iter().map(|(_, d)| d.clone()).collect())
+        .unwrap_or_default();
+    let path = ecs_ca_backends::chain::validate_path(&chain, &anchors, now);
+    let anchor_reached = path.as_ref().ok().copied();
+    let revocation = match (trust, &path) {
+        (Some(t), Ok(i)) if !t.crls.is_empty() => Some(match t.crls().await {
+            Ok(crls) => ecs_ca_backends::chain::check_revocation(&chain, &anchors[*i], &crls, now),
+            Err(why) => Err(why),
+        }),
+        _ => None,
+    };
+    let profile = &req.profile;
+    let endpoint_names: Vec<String> = profile
+        .sans()
+        .iter()
+        .map(|s| match s {
+            ecs_ca_backends::SanEntry::Dns(d) => d.clone(),
+            ecs_ca_backends::SanEntry::Ip(ip) => ip.to_string(),
+            ecs_ca_backends::SanEntry::Uri(u) => u.clone(),
+        })
+        .collect();
+    let leaf_names: Vec<String> = leaf
+        .common_names
+        .iter()
+        .chain(&leaf.dns_names)
+        .chain(&leaf.uris)
+        .chain(&leaf.ips)
+        .cloned()
+        .collect();
+    let description = leaf.key.describe();
+    let decision = domain.decide_third_party(
+        domain_name,
+        &ecs_policy::ThirdPartyFacts {
+            token_issuer: &token.issuer_name,
+            ees_id: &profile.ees_id,
+            endpoint_names: &endpoint_names,
+            path: path.map(|i| trust.map(|t| t.anchors[i].0.clone()).unwrap_or_default()),
+            leaf_ekus: &leaf.ekus,
+            leaf_names: &leaf_names,
+            leaf_not_before: leaf.not_before,
+            leaf_not_after: leaf.not_after,
+            key_type: key_type(leaf.key.kind),
+            key_description: &description,
+            revocation,
+            requested_expiry: req.exp_time,
+            secret_token_requested: req.onboarding.as_ref().is_some_and(|o| o.secret_token),
+            now,
+        },
+    );
+    let approval = decision.outcome?;
+    // The chain as accepted: what the client sent after the leaf, then the anchor reached.
+    let mut accepted: Vec<String> = chain[1..].iter().map(hex::encode).collect();
+    if let Some(i) = anchor_reached {
+        let anchor = hex::encode(&anchors[i]);
+        if !accepted.contains(&anchor) {
+            accepted.push(anchor);
+        }
+    }
+    let record = CertRecord {
+        // Third-party serials are unique only per issuer: the fingerprint keys them here.
+        serial: format!("tp-{}", leaf.fingerprint),
+        registration_id: String::new(),
+        backend: THIRD_PARTY.into(),
+        der_hex: hex::encode(&chain[0]),
+        fingerprint: leaf.fingerprint.clone(),
+        not_before: leaf.not_before,
+        not_after: leaf.not_after,
+        revoked: None,
+        chain_hex: accepted,
+    };
+    Ok((approval, record))
 }
 
 async fn commit(app: &App, c: Commit) -> Result<(), ApiError> {
@@ -254,10 +366,17 @@ fn render(
     cert: &CertRecord,
     secret_token: Option<&str>,
 ) -> Value {
-    let chain = app
-        .backend(&cert.backend)
-        .map(|b| b.chain_pem())
-        .unwrap_or_default();
+    let chain = if cert.chain_hex.is_empty() {
+        app.backend(&cert.backend)
+            .map(|b| b.chain_pem())
+            .unwrap_or_default()
+    } else {
+        cert.chain_hex
+            .iter()
+            .filter_map(|h| hex::decode(h).ok())
+            .map(|d| ecs_ca_backends::der_to_pem(&d, "CERTIFICATE"))
+            .collect()
+    };
     let mut onboarding = json!({
         "registrationId": reg.id,
         "certSource": reg.cert_source,
@@ -350,9 +469,6 @@ async fn create_inner(
         ));
     }
     let (domain_name, domain) = domain_of(app, profile.prov_id.as_deref())?;
-    if onboarding.third_party_cert {
-        return Err(third_party_refused(&domain_name));
-    }
     // A replayed token is named as such even when the registration it created is what
     // now holds the EES ID (it may have been committed between the two reads).
     let replayed = || app.store.token_spent(&token.iss, &token.jti);
@@ -371,22 +487,28 @@ async fn create_inner(
         }
         .into());
     }
-    let csr_pem = onboarding.csr.as_deref().unwrap_or_default();
-    let csr = parse_csr(csr_pem)?;
-    let description = csr.key.describe();
-    let decision = domain.decide_onboarding(
-        &domain_name,
-        &OnboardingFacts {
-            token_issuer: &token.issuer_name,
-            ees_id: &profile.ees_id,
-            key_type: key_type(csr.key.kind),
-            key_description: &description,
-            requested_expiry: req.exp_time,
-            secret_token_requested: onboarding.secret_token,
-            now,
-        },
-    );
-    let approval = decision.outcome?;
+    // What becomes the EES certificate: a third-party chain from this handshake, or a
+    // certificate issued for the CSR's key. Both are decided before anything is reserved.
+    let (approval, third_party) = if onboarding.third_party_cert {
+        let (approval, cert) = third_party_decision(app, ctx, &token, &req, &domain_name, domain, now, f).await?;
+        (approval, Some(cert))
+    } else {
+        let csr = parse_csr(onboarding.csr.as_deref().unwrap_or_default())?;
+        let description = csr.key.describe();
+        let decision = domain.decide_onboarding(
+            &domain_name,
+            &OnboardingFacts {
+                token_issuer: &token.issuer_name,
+                ees_id: &profile.ees_id,
+                key_type: key_type(csr.key.kind),
+                key_description: &description,
+                requested_expiry: req.exp_time,
+                secret_token_requested: onboarding.secret_token,
+                now,
+            },
+        );
+        (decision.outcome?, None)
+    };
 
     // Two requests with one token, or for one EES, never both reach the signer.
     let jti_key = format!("jti:{}\0{}", token.iss, token.jti);
@@ -412,14 +534,15 @@ async fn create_inner(
     }
 
     let backend = app.cfg.domain_backend(domain).to_string();
-    let mut cert = issue(
-        app,
-        &backend,
-        profile,
-        (csr_pem, csr.spki_der),
-        approval.cert_validity_secs,
-    )
-    .await?;
+    let mut cert = match third_party {
+        Some(cert) => cert,
+        None => {
+            let csr_pem = onboarding.csr.as_deref().unwrap_or_default();
+            let csr = parse_csr(csr_pem)?;
+            issue(app, &backend, profile, (csr_pem, csr.spki_der), approval.cert_validity_secs).await?
+        }
+    };
+    let cert_source = if cert.chain_hex.is_empty() { "ECS_ISSUED" } else { "THIRD_PARTY" };
     let id = random_b64(18);
     cert.registration_id = id.clone();
     f.registration_id = Some(id.clone());
@@ -438,7 +561,7 @@ async fn create_inner(
         supp_feat: req.supp_feat.clone(),
         created_at: now,
         updated_at: now,
-        cert_source: "ECS_ISSUED".into(),
+        cert_source: cert_source.into(),
         current_cert: cert.serial.clone(),
         certs: vec![cert.serial.clone()],
         secret_token_hash: secret_token
@@ -735,6 +858,7 @@ async fn update(
         ));
         reg.current_cert = new_cert.serial.clone();
         reg.certs.push(new_cert.serial.clone());
+        reg.cert_source = "ECS_ISSUED".into();
         f.cert_serial = Some(new_cert.serial.clone());
         f.cert_fingerprint = Some(new_cert.fingerprint.clone());
         commit_c.new_certs.push(new_cert.clone());
@@ -744,7 +868,7 @@ async fn update(
     commit_c.registration = Some(reg.clone());
     let mut event = f.event(app, ctx, 200, None);
     if rekeyed {
-        event.detail = unpublished_revocation(app, &reg.backend);
+        event.detail = unpublished_revocation(app, &reg);
     }
     commit_c.audit = Some(event);
     commit(app, commit_c).await?;
@@ -763,7 +887,7 @@ pub async fn delete(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply,
     audited(app, ctx, "deregister", async |f: &mut Facts| {
         let (reg, _, _) = authorize(app, ctx, id, false, f).await?;
         let mut event = f.event(app, ctx, 204, None);
-        event.detail = unpublished_revocation(app, &reg.backend);
+        event.detail = unpublished_revocation(app, &reg);
         end(app, reg, RegState::Deregistered, event).await?;
         Ok(Reply {
             status: 204,
@@ -775,12 +899,18 @@ pub async fn delete(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply,
 }
 
 /// The audit note for a revocation that only this ECS knows of: an external CA without a
-/// revocation API publishes no CRL entry for it.
-fn unpublished_revocation(app: &App, backend: &str) -> Option<String> {
-    let b = app.backend(backend)?;
+/// revocation API, or a third party's certificate, gets no CRL entry from this ECS.
+fn unpublished_revocation(app: &App, reg: &RegistrationRecord) -> Option<String> {
+    if reg.cert_source == "THIRD_PARTY" {
+        return Some(
+            "revocation recorded by this ECS only: the third-party certificate is refused for authentication here; its issuer publishes its own CRL".into(),
+        );
+    }
+    let b = app.backend(&reg.backend)?;
     (!b.issuer.revocation_published()).then(|| {
         format!(
-            "revocation recorded by this ECS only: backend {backend} (external CA) offers no revocation API; the certificate is refused for authentication here but appears on no CRL"
+            "revocation recorded by this ECS only: backend {} (external CA) offers no revocation API; the certificate is refused for authentication here but appears on no CRL",
+            reg.backend
         )
     })
 }
@@ -840,7 +970,7 @@ pub async fn expire(app: &App, client: &str, reg: RegistrationRecord) -> Result<
         detail: Some(format!(
             "expTime {} passed{}",
             format_time(reg.exp_time),
-            unpublished_revocation(app, &reg.backend)
+            unpublished_revocation(app, &reg)
                 .map(|n| format!("; {n}"))
                 .unwrap_or_default()
         )),

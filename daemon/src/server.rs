@@ -29,7 +29,8 @@ type Body = Full<Bytes>;
 #[derive(Clone)]
 struct Conn {
     addr: SocketAddr,
-    client_cert: Option<Vec<u8>>,
+    /// The client's certificate chain as presented, end entity first.
+    client_chain: Arc<Vec<Vec<u8>>>,
 }
 
 fn response(status: u16, content_type: &str, body: Vec<u8>) -> Response<Body> {
@@ -152,7 +153,8 @@ async fn handle(app: Arc<App>, conn: Conn, req: Request<Incoming>) -> Response<B
     let method = req.method().clone();
     let ctx = RequestCtx {
         client_addr: conn.addr.to_string(),
-        client_cert: conn.client_cert.clone(),
+        client_cert: conn.client_chain.first().cloned(),
+        client_chain: conn.client_chain.clone(),
         bearer: bearer(&req),
     };
     let result = route(&app, &ctx, &method, &path, req).await;
@@ -284,13 +286,14 @@ pub async fn serve_api(
                     return;
                 }
             };
-            let client_cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.to_vec());
-            let conn = Conn { addr, client_cert };
+            let client_chain = Arc::new(
+                tls.get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|d| d.to_vec()).collect())
+                    .unwrap_or_default(),
+            );
+            let conn = Conn { addr, client_chain };
             let svc = hyper::service::service_fn(move |req| {
                 let app = app.clone();
                 let conn = conn.clone();

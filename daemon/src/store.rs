@@ -61,6 +61,10 @@ pub struct CertRecord {
     pub not_before: i64,
     pub not_after: i64,
     pub revoked: Option<Revocation>,
+    /// For an accepted third-party certificate: the chain it was accepted with (DER, hex),
+    /// intermediates then the trust anchor. Empty for ECS-issued certificates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain_hex: Vec<String>,
 }
 
 impl CertRecord {
@@ -469,6 +473,7 @@ mod tests {
             not_before: 0,
             not_after: 10,
             revoked: None,
+            chain_hex: Vec::new(),
         }
     }
 

@@ -297,6 +297,8 @@ pub enum RefusalKind {
     WeakKey,
     /// Any other rule: `POLICY_REJECTED`.
     Rejected,
+    /// A third-party certificate rule: `UNTRUSTED_CLIENT_CERT`.
+    UntrustedCertificate,
 }
 
 /// A refusal, naming the rule that decided it.
@@ -335,90 +337,133 @@ pub struct Decision {
     pub outcome: Result<Approval, Refusal>,
 }
 
+/// Runs rules in order, logging each, and stops at the first that fails.
+struct Rules<'a> {
+    domain: &'a str,
+    log: Vec<RuleResult>,
+}
+
+impl Rules<'_> {
+    fn check(&mut self, key: &str, passed: bool, detail: String, kind: RefusalKind) -> Result<(), Refusal> {
+        let rule = format!("domains.{}.{key}", self.domain);
+        self.log.push(RuleResult {
+            rule: rule.clone(),
+            passed,
+            detail: detail.clone(),
+        });
+        if passed {
+            Ok(())
+        } else {
+            Err(Refusal {
+                kind,
+                rule,
+                reason: detail,
+            })
+        }
+    }
+}
+
+/// The facts of a request to accept a third-party certificate as the EES certificate
+/// (`thirdPartyCert: true`), gathered by the daemon; the cryptography (path validation,
+/// CRL signatures) was done before and is given as results.
+#[derive(Debug, Clone)]
+pub struct ThirdPartyFacts<'a> {
+    pub token_issuer: &'a str,
+    pub ees_id: &'a str,
+    /// The names of the EES endpoint (FQDN, IP addresses as text, URI).
+    pub endpoint_names: &'a [String],
+    /// Path validation to this domain's trust anchors: the anchor reached, or why none was.
+    pub path: Result<String, String>,
+    /// `clientAuth`, `serverAuth` or dotted OIDs.
+    pub leaf_ekus: &'a [String],
+    /// Every name of the leaf: CN, dNSName, URI, iPAddress.
+    pub leaf_names: &'a [String],
+    pub leaf_not_before: i64,
+    pub leaf_not_after: i64,
+    pub key_type: Option<KeyType>,
+    pub key_description: &'a str,
+    /// The CRL check when the domain lists CRLs: `Err` says why the leaf is refused
+    /// (revoked, not covered, CRL expired or unreachable).
+    pub revocation: Option<Result<(), String>>,
+    pub requested_expiry: Option<i64>,
+    pub secret_token_requested: bool,
+    pub now: i64,
+}
+
 impl DomainPolicy {
     /// Decides an onboarding (POST, or a re-key by CSR) in domain `domain`.
     ///
     /// Rules are evaluated in a fixed order and evaluation stops at the first refusal, so the
     /// refusal names the first rule that failed.
     pub fn decide_onboarding(&self, domain: &str, facts: &OnboardingFacts<'_>) -> Decision {
-        let mut evaluated = Vec::new();
-        let outcome = self.evaluate(domain, facts, &mut evaluated);
-        Decision { evaluated, outcome }
+        let mut rules = Rules { domain, log: Vec::new() };
+        let outcome = self.evaluate(&mut rules, facts);
+        Decision {
+            evaluated: rules.log,
+            outcome,
+        }
     }
 
-    fn evaluate(
-        &self,
-        domain: &str,
-        facts: &OnboardingFacts<'_>,
-        log: &mut Vec<RuleResult>,
-    ) -> Result<Approval, Refusal> {
-        let rule = |k: &str| format!("domains.{domain}.{k}");
-        let mut check = |k: &str, passed: bool, detail: String, kind: RefusalKind| {
-            log.push(RuleResult {
-                rule: rule(k),
-                passed,
-                detail: detail.clone(),
-            });
-            if passed {
-                Ok(())
-            } else {
-                Err(Refusal {
-                    kind,
-                    rule: rule(k),
-                    reason: detail,
-                })
-            }
-        };
+    /// Decides whether a third-party certificate becomes this EES's certificate (solution
+    /// #12 step 4). Third-party rules refuse with [`RefusalKind::UntrustedCertificate`].
+    pub fn decide_third_party(&self, domain: &str, facts: &ThirdPartyFacts<'_>) -> Decision {
+        let mut rules = Rules { domain, log: Vec::new() };
+        let outcome = self.evaluate_third_party(&mut rules, facts);
+        Decision {
+            evaluated: rules.log,
+            outcome,
+        }
+    }
 
-        let issuer_ok = self.token_issuers.iter().any(|i| i == facts.token_issuer);
-        check(
+    fn admission(&self, r: &mut Rules<'_>, token_issuer: &str, ees_id: &str) -> Result<(), Refusal> {
+        let domain = r.domain;
+        let issuer_ok = self.token_issuers.iter().any(|i| i == token_issuer);
+        r.check(
             "token_issuers",
             issuer_ok,
             if issuer_ok {
-                format!("token issuer {:?} is trusted", facts.token_issuer)
+                format!("token issuer {token_issuer:?} is trusted")
             } else {
-                format!(
-                    "token issuer {:?} is not trusted by domain {domain:?}",
-                    facts.token_issuer
-                )
+                format!("token issuer {token_issuer:?} is not trusted by domain {domain:?}")
             },
             RefusalKind::Rejected,
         )?;
-
-        let pattern = self.ees_ids.iter().find(|p| glob_match(p, facts.ees_id));
-        check(
+        let pattern = self.ees_ids.iter().find(|p| glob_match(p, ees_id));
+        r.check(
             "ees_ids",
             pattern.is_some(),
             match pattern {
-                Some(p) => format!("eesId {:?} matches {p:?}", facts.ees_id),
-                None => format!(
-                    "eesId {:?} matches none of {:?}",
-                    facts.ees_id, self.ees_ids
-                ),
+                Some(p) => format!("eesId {ees_id:?} matches {p:?}"),
+                None => format!("eesId {ees_id:?} matches none of {:?}", self.ees_ids),
             },
             RefusalKind::Rejected,
-        )?;
+        )
+    }
 
-        let key_ok = facts.key_type.is_some_and(|k| self.key_types.contains(&k));
-        let key_names: Vec<&str> = self.key_types.iter().map(|k| k.name()).collect();
-        check(
+    fn key_rule(
+        &self,
+        r: &mut Rules<'_>,
+        key_type: Option<KeyType>,
+        description: &str,
+        kind: RefusalKind,
+    ) -> Result<(), Refusal> {
+        let key_ok = key_type.is_some_and(|k| self.key_types.contains(&k));
+        let names: Vec<&str> = self.key_types.iter().map(|k| k.name()).collect();
+        r.check(
             "key_types",
             key_ok,
             if key_ok {
-                format!("key {} is allowed", facts.key_description)
+                format!("key {description} is allowed")
             } else {
-                format!(
-                    "key {} is not allowed; allowed: {}",
-                    facts.key_description,
-                    key_names.join(", ")
-                )
+                format!("key {description} is not allowed; allowed: {}", names.join(", "))
             },
-            RefusalKind::WeakKey,
-        )?;
+            kind,
+        )
+    }
 
-        let secret_ok =
-            !(facts.secret_token_requested && self.secret_token == SecretTokenMode::Never);
-        check(
+    fn grant(&self, r: &mut Rules<'_>, requested_expiry: Option<i64>, secret_requested: bool, now: i64) -> Result<Approval, Refusal> {
+        let secret_ok = !(secret_requested && self.secret_token == SecretTokenMode::Never);
+        r.check(
             "secret_token",
             secret_ok,
             if secret_ok {
@@ -430,12 +475,11 @@ impl DomainPolicy {
         )?;
         let issue_secret_token = match self.secret_token {
             SecretTokenMode::Never => false,
-            SecretTokenMode::OnRequest => facts.secret_token_requested,
+            SecretTokenMode::OnRequest => secret_requested,
             SecretTokenMode::Always => true,
         };
-
-        let registration_expiry = self.registration_expiry(facts.requested_expiry, facts.now);
-        check(
+        let registration_expiry = self.registration_expiry(requested_expiry, now);
+        r.check(
             "max_registration",
             true,
             format!(
@@ -444,13 +488,93 @@ impl DomainPolicy {
             ),
             RefusalKind::Rejected,
         )?;
-
         Ok(Approval {
             backend: self.backend.clone(),
             cert_validity_secs: self.cert_validity.as_secs().min(MAX_CERT_VALIDITY_SECS),
             registration_expiry,
             issue_secret_token,
         })
+    }
+
+    fn evaluate(&self, r: &mut Rules<'_>, facts: &OnboardingFacts<'_>) -> Result<Approval, Refusal> {
+        self.admission(r, facts.token_issuer, facts.ees_id)?;
+        self.key_rule(r, facts.key_type, facts.key_description, RefusalKind::WeakKey)?;
+        self.grant(r, facts.requested_expiry, facts.secret_token_requested, facts.now)
+    }
+
+    fn evaluate_third_party(&self, r: &mut Rules<'_>, f: &ThirdPartyFacts<'_>) -> Result<Approval, Refusal> {
+        use RefusalKind::UntrustedCertificate as U;
+        self.admission(r, f.token_issuer, f.ees_id)?;
+        let tp = self.third_party.clone().unwrap_or_default();
+        r.check(
+            "third_party.accept",
+            tp.accept,
+            if tp.accept {
+                "this domain accepts third-party EES certificates".into()
+            } else {
+                "this domain does not accept third-party EES certificates".into()
+            },
+            U,
+        )?;
+        r.check(
+            "third_party.trust_anchors",
+            f.path.is_ok(),
+            match &f.path {
+                Ok(a) => format!("the chain validates to trust anchor {a}"),
+                Err(why) => format!("the chain does not validate to this domain's trust anchors: {why}"),
+            },
+            U,
+        )?;
+        let missing: Vec<&String> = tp.require_eku.iter().filter(|e| !f.leaf_ekus.contains(e)).collect();
+        r.check(
+            "third_party.require_eku",
+            missing.is_empty(),
+            if missing.is_empty() {
+                format!("extendedKeyUsage has {:?}", tp.require_eku)
+            } else {
+                format!("extendedKeyUsage lacks {missing:?} (has {:?})", f.leaf_ekus)
+            },
+            U,
+        )?;
+        let matching = f.leaf_names.iter().find(|n| {
+            n.eq_ignore_ascii_case(f.ees_id) || f.endpoint_names.iter().any(|e| e.eq_ignore_ascii_case(n))
+        });
+        let names_ok = !tp.names_must_match || matching.is_some();
+        r.check(
+            "third_party.names_must_match",
+            names_ok,
+            match (tp.names_must_match, matching) {
+                (false, _) => "names are not required to match".into(),
+                (true, Some(n)) => format!("the certificate names {n:?}"),
+                (true, None) => format!(
+                    "the certificate names {:?}, none of which is the eesId {:?} or the endpoint {:?}",
+                    f.leaf_names, f.ees_id, f.endpoint_names
+                ),
+            },
+            U,
+        )?;
+        let lifetime = f.leaf_not_after - f.leaf_not_before;
+        let max = tp.max_validity.map(|d| d.as_secs() as i64);
+        let validity_ok = max.is_none_or(|m| lifetime <= m);
+        r.check(
+            "third_party.max_validity",
+            validity_ok,
+            match tp.max_validity {
+                Some(m) if validity_ok => format!("validity {lifetime} s is within {m}"),
+                Some(m) => format!("validity {lifetime} s is longer than {m}"),
+                None => "no maximum validity".into(),
+            },
+            U,
+        )?;
+        self.key_rule(r, f.key_type, f.key_description, U)?;
+        match &f.revocation {
+            None => r.check("third_party.crls", true, "no CRL is configured".into(), U)?,
+            Some(Ok(())) => r.check("third_party.crls", true, "not revoked on the configured CRLs".into(), U)?,
+            Some(Err(why)) => r.check("third_party.crls", false, why.clone(), U)?,
+        }
+        let mut approval = self.grant(r, f.requested_expiry, f.secret_token_requested, f.now)?;
+        approval.cert_validity_secs = lifetime.max(0) as u64;
+        Ok(approval)
     }
 
     /// The registration expiry the ECS grants: the proposal, capped at `max_registration`
@@ -609,6 +733,68 @@ mod tests {
             ["domains.ecsp-a.backend", "domains.ecsp-a.cert_validity"]
         );
         assert!(policy().validate("ecsp-a", &known).is_empty());
+    }
+
+    fn third_party_policy() -> DomainPolicy {
+        let mut p = policy();
+        p.third_party = Some(toml::from_str(
+            r#"
+            accept = true
+            trust_anchors = ["partner-root.pem"]
+            require_eku = ["clientAuth"]
+            names_must_match = true
+            max_validity = "398d"
+            "#,
+        ).unwrap());
+        p
+    }
+
+    #[test]
+    fn third_party_rules_each_refuse_with_their_name() {
+        let endpoint = vec!["ees1.edn1.ecsp-a.example".to_string()];
+        let ekus = vec!["clientAuth".to_string(), "serverAuth".to_string()];
+        let names = vec!["ees1.edn1.ecsp-a.example".to_string()];
+        let other_names = vec!["bank.example".to_string()];
+        let server_only = vec!["serverAuth".to_string()];
+        let base = ThirdPartyFacts {
+            token_issuer: "ecsp-a-as",
+            ees_id: "ees1.edn1.ecsp-a.example",
+            endpoint_names: &endpoint,
+            path: Ok("partner-root.pem".into()),
+            leaf_ekus: &ekus,
+            leaf_names: &names,
+            leaf_not_before: 0,
+            leaf_not_after: 90 * 86_400,
+            key_type: Some(KeyType::P256),
+            key_description: "ECDSA P-256",
+            revocation: None,
+            requested_expiry: None,
+            secret_token_requested: false,
+            now: 1_000,
+        };
+        let ok = third_party_policy().decide_third_party("ecsp-a", &base);
+        assert_eq!(ok.outcome.unwrap().cert_validity_secs, 90 * 86_400);
+        let mut no_accept = third_party_policy();
+        no_accept.third_party.as_mut().unwrap().accept = false;
+        let r = no_accept.decide_third_party("ecsp-a", &base).outcome.unwrap_err();
+        assert_eq!(r.rule, "domains.ecsp-a.third_party.accept");
+        let cases: Vec<(&str, ThirdPartyFacts)> = vec![
+            ("third_party.trust_anchors", ThirdPartyFacts { path: Err("unknown issuer".into()), ..base.clone() }),
+            ("third_party.require_eku", ThirdPartyFacts { leaf_ekus: &server_only, ..base.clone() }),
+            ("third_party.names_must_match", ThirdPartyFacts { leaf_names: &other_names, ..base.clone() }),
+            ("third_party.max_validity", ThirdPartyFacts { leaf_not_after: 400 * 86_400, ..base.clone() }),
+            ("key_types", ThirdPartyFacts { key_type: Some(KeyType::Rsa2048), ..base.clone() }),
+            ("third_party.crls", ThirdPartyFacts { revocation: Some(Err("revoked".into())), ..base.clone() }),
+            ("ees_ids", ThirdPartyFacts { ees_id: "x.ecsp-b.example", ..base.clone() }),
+        ];
+        for (rule, facts) in cases {
+            let d = third_party_policy().decide_third_party("ecsp-a", &facts);
+            let r = d.outcome.unwrap_err();
+            assert_eq!(r.rule, format!("domains.ecsp-a.{rule}"));
+            let expected = if rule == "ees_ids" { RefusalKind::Rejected } else { RefusalKind::UntrustedCertificate };
+            assert_eq!(r.kind, expected, "{rule}");
+            assert_eq!(d.evaluated.last().unwrap().rule, r.rule, "evaluation stops at the refusal");
+        }
     }
 
     #[test]
