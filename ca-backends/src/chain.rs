@@ -33,7 +33,8 @@ pub struct LeafFacts {
 
 /// Reads the facts of a leaf certificate.
 pub fn leaf_facts(der: &[u8]) -> Result<LeafFacts, Error> {
-    let cert = Certificate::from_der(der).map_err(|e| Error::Encoding(format!("certificate: {e}")))?;
+    let cert =
+        Certificate::from_der(der).map_err(|e| Error::Encoding(format!("certificate: {e}")))?;
     let tbs = cert.tbs_certificate();
     let mut common_names = Vec::new();
     for rdn in tbs.subject().as_ref().iter() {
@@ -43,8 +44,16 @@ pub fn leaf_facts(der: &[u8]) -> Result<LeafFacts, Error> {
                     .value
                     .decode_as::<der::asn1::Utf8StringRef>()
                     .map(|s| s.to_string())
-                    .or_else(|_| atv.value.decode_as::<der::asn1::PrintableStringRef>().map(|s| s.to_string()))
-                    .or_else(|_| atv.value.decode_as::<der::asn1::Ia5StringRef>().map(|s| s.to_string()))
+                    .or_else(|_| {
+                        atv.value
+                            .decode_as::<der::asn1::PrintableStringRef>()
+                            .map(|s| s.to_string())
+                    })
+                    .or_else(|_| {
+                        atv.value
+                            .decode_as::<der::asn1::Ia5StringRef>()
+                            .map(|s| s.to_string())
+                    })
                     .unwrap_or_default();
                 common_names.push(v);
             }
@@ -72,19 +81,19 @@ pub fn leaf_facts(der: &[u8]) -> Result<LeafFacts, Error> {
         }
     }
     let ekus = match tbs.get_extension::<ExtendedKeyUsage>() {
-        Ok(Some((_, e))) => e
-            .0
-            .iter()
-            .map(|oid| {
-                if *oid == const_oid::db::rfc5280::ID_KP_CLIENT_AUTH {
-                    "clientAuth".to_string()
-                } else if *oid == const_oid::db::rfc5280::ID_KP_SERVER_AUTH {
-                    "serverAuth".to_string()
-                } else {
-                    oid.to_string()
-                }
-            })
-            .collect(),
+        Ok(Some((_, e))) => {
+            e.0.iter()
+                .map(|oid| {
+                    if *oid == const_oid::db::rfc5280::ID_KP_CLIENT_AUTH {
+                        "clientAuth".to_string()
+                    } else if *oid == const_oid::db::rfc5280::ID_KP_SERVER_AUTH {
+                        "serverAuth".to_string()
+                    } else {
+                        oid.to_string()
+                    }
+                })
+                .collect()
+        }
         _ => Vec::new(),
     };
     let spki = tbs.subject_public_key_info().to_der()?;
@@ -124,10 +133,18 @@ fn algorithms() -> &'static [&'static dyn rustls::pki_types::SignatureVerificati
 /// Validates the path from `chain[0]` (the leaf, then the intermediates the client sent) to
 /// one of `anchors` at time `now`. Returns the index of the anchor reached, or why none was.
 pub fn validate_path(chain: &[Vec<u8>], anchors: &[Vec<u8>], now: i64) -> Result<usize, String> {
-    let leaf_der = CertificateDer::from(chain.first().ok_or("no certificate was presented")?.as_slice());
-    let leaf = EndEntityCert::try_from(&leaf_der).map_err(|e| format!("the certificate does not parse: {e}"))?;
-    let intermediates: Vec<CertificateDer<'_>> =
-        chain[1..].iter().map(|c| CertificateDer::from(c.as_slice())).collect();
+    let leaf_der = CertificateDer::from(
+        chain
+            .first()
+            .ok_or("no certificate was presented")?
+            .as_slice(),
+    );
+    let leaf = EndEntityCert::try_from(&leaf_der)
+        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
     let mut last = String::from("no trust anchor is configured");
     for (i, a) in anchors.iter().enumerate() {
         let a_der = CertificateDer::from(a.as_slice());
@@ -138,7 +155,15 @@ pub fn validate_path(chain: &[Vec<u8>], anchors: &[Vec<u8>], now: i64) -> Result
                 continue;
             }
         };
-        match leaf.verify_for_usage(algorithms(), &[anchor], &intermediates, time(now), AnyEku, None, None) {
+        match leaf.verify_for_usage(
+            algorithms(),
+            &[anchor],
+            &intermediates,
+            time(now),
+            AnyEku,
+            None,
+            None,
+        ) {
             Ok(_) => return Ok(i),
             Err(e) => last = describe(&e),
         }
@@ -184,18 +209,36 @@ pub fn check_revocation(
         .with_status_policy(UnknownStatusPolicy::Deny)
         .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
         .build();
-    let leaf_der = CertificateDer::from(chain.first().ok_or("no certificate was presented")?.as_slice());
-    let leaf = EndEntityCert::try_from(&leaf_der).map_err(|e| format!("the certificate does not parse: {e}"))?;
-    let intermediates: Vec<CertificateDer<'_>> =
-        chain[1..].iter().map(|c| CertificateDer::from(c.as_slice())).collect();
+    let leaf_der = CertificateDer::from(
+        chain
+            .first()
+            .ok_or("no certificate was presented")?
+            .as_slice(),
+    );
+    let leaf = EndEntityCert::try_from(&leaf_der)
+        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
     let a_der = CertificateDer::from(anchor);
     let anchor = webpki::anchor_from_trusted_cert(&a_der).map_err(|e| e.to_string())?;
-    leaf.verify_for_usage(algorithms(), &[anchor], &intermediates, time(now), AnyEku, Some(options), None)
-        .map(|_| ())
-        .map_err(|e| match e {
-            webpki::Error::CertRevoked => "the certificate is revoked on a configured CRL".into(),
-            webpki::Error::UnknownRevocationStatus => "no configured CRL covers the certificate's issuer".into(),
-            webpki::Error::CrlExpired { .. } => "a configured CRL has expired (fail closed)".into(),
-            other => format!("revocation check failed: {other:?}"),
-        })
+    leaf.verify_for_usage(
+        algorithms(),
+        &[anchor],
+        &intermediates,
+        time(now),
+        AnyEku,
+        Some(options),
+        None,
+    )
+    .map(|_| ())
+    .map_err(|e| match e {
+        webpki::Error::CertRevoked => "the certificate is revoked on a configured CRL".into(),
+        webpki::Error::UnknownRevocationStatus => {
+            "no configured CRL covers the certificate's issuer".into()
+        }
+        webpki::Error::CrlExpired { .. } => "a configured CRL has expired (fail closed)".into(),
+        other => format!("revocation check failed: {other:?}"),
+    })
 }

@@ -115,7 +115,10 @@ fn reason_of(name: &str) -> RevocationReason {
 
 /// A CRL a domain checks third-party certificates against.
 pub enum CrlSource {
-    File { name: String, der: Vec<u8> },
+    File {
+        name: String,
+        der: Vec<u8>,
+    },
     /// Fetched over HTTPS and kept for five minutes.
     Url {
         url: String,
@@ -170,8 +173,11 @@ fn load_third_party(
     let key = format!("domains.{domain}.third_party");
     let mut anchors = Vec::new();
     for path in &tp.trust_anchors {
-        let pem = std::fs::read_to_string(path).map_err(|e| format!("{key}.trust_anchors: {path}: {e}"))?;
-        for der in pem_chain_to_der(&pem).map_err(|e| format!("{key}.trust_anchors: {path}: {e}"))? {
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| format!("{key}.trust_anchors: {path}: {e}"))?;
+        for der in
+            pem_chain_to_der(&pem).map_err(|e| format!("{key}.trust_anchors: {path}: {e}"))?
+        {
             use der::Decode;
             let cert = x509_cert::Certificate::from_der(&der)
                 .map_err(|e| format!("{key}.trust_anchors: {path}: {e}"))?;
@@ -188,13 +194,16 @@ fn load_third_party(
         }
     }
     if tp.accept && anchors.is_empty() {
-        return Err(format!("{key}.trust_anchors: accept = true needs at least one trust anchor"));
+        return Err(format!(
+            "{key}.trust_anchors: accept = true needs at least one trust anchor"
+        ));
     }
     let mut crls = Vec::new();
     for c in &tp.crls {
         if c.starts_with("https://") {
-            let client = crate::client::HttpsClient::new(roots_pem, None, crate::client::HttpVersion::Http1)
-                .map_err(|e| format!("{key}.crls: {c}: {e}"))?;
+            let client =
+                crate::client::HttpsClient::new(roots_pem, None, crate::client::HttpVersion::Http1)
+                    .map_err(|e| format!("{key}.crls: {c}: {e}"))?;
             crls.push(CrlSource::Url {
                 url: c.clone(),
                 client,
@@ -205,11 +214,16 @@ fn load_third_party(
         } else {
             let bytes = std::fs::read(c).map_err(|e| format!("{key}.crls: {c}: {e}"))?;
             let der = match std::str::from_utf8(&bytes) {
-                Ok(text) if text.contains("-----BEGIN") => ecs_ca_backends::pem_to_der(text, "X509 CRL")
-                    .map_err(|e| format!("{key}.crls: {c}: {e}"))?,
+                Ok(text) if text.contains("-----BEGIN") => {
+                    ecs_ca_backends::pem_to_der(text, "X509 CRL")
+                        .map_err(|e| format!("{key}.crls: {c}: {e}"))?
+                }
                 _ => bytes,
             };
-            crls.push(CrlSource::File { name: c.clone(), der });
+            crls.push(CrlSource::File {
+                name: c.clone(),
+                der,
+            });
         }
     }
     Ok(ThirdPartyTrust { anchors, crls })

@@ -267,8 +267,12 @@ async fn third_party_decision(
             format!("{why} (rule domains.{domain_name}.{rule})"),
         )
     };
-    let leaf = ecs_ca_backends::chain::leaf_facts(&chain[0])
-        .map_err(|e| untrusted("third_party.trust_anchors", format!("the certificate does not parse: {e}")))?;
+    let leaf = ecs_ca_backends::chain::leaf_facts(&chain[0]).map_err(|e| {
+        untrusted(
+            "third_party.trust_anchors",
+            format!("the certificate does not parse: {e}"),
+        )
+    })?;
     f.cert_serial = Some(leaf.serial_hex.clone());
     f.cert_fingerprint = Some(leaf.fingerprint.clone());
     let trust = app.third_party.get(domain_name);
@@ -490,7 +494,8 @@ async fn create_inner(
     // What becomes the EES certificate: a third-party chain from this handshake, or a
     // certificate issued for the CSR's key. Both are decided before anything is reserved.
     let (approval, third_party) = if onboarding.third_party_cert {
-        let (approval, cert) = third_party_decision(app, ctx, &token, &req, &domain_name, domain, now, f).await?;
+        let (approval, cert) =
+            third_party_decision(app, ctx, &token, &req, &domain_name, domain, now, f).await?;
         (approval, Some(cert))
     } else {
         let csr = parse_csr(onboarding.csr.as_deref().unwrap_or_default())?;
@@ -539,10 +544,21 @@ async fn create_inner(
         None => {
             let csr_pem = onboarding.csr.as_deref().unwrap_or_default();
             let csr = parse_csr(csr_pem)?;
-            issue(app, &backend, profile, (csr_pem, csr.spki_der), approval.cert_validity_secs).await?
+            issue(
+                app,
+                &backend,
+                profile,
+                (csr_pem, csr.spki_der),
+                approval.cert_validity_secs,
+            )
+            .await?
         }
     };
-    let cert_source = if cert.chain_hex.is_empty() { "ECS_ISSUED" } else { "THIRD_PARTY" };
+    let cert_source = if cert.chain_hex.is_empty() {
+        "ECS_ISSUED"
+    } else {
+        "THIRD_PARTY"
+    };
     let id = random_b64(18);
     cert.registration_id = id.clone();
     f.registration_id = Some(id.clone());

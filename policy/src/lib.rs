@@ -344,7 +344,13 @@ struct Rules<'a> {
 }
 
 impl Rules<'_> {
-    fn check(&mut self, key: &str, passed: bool, detail: String, kind: RefusalKind) -> Result<(), Refusal> {
+    fn check(
+        &mut self,
+        key: &str,
+        passed: bool,
+        detail: String,
+        kind: RefusalKind,
+    ) -> Result<(), Refusal> {
         let rule = format!("domains.{}.{key}", self.domain);
         self.log.push(RuleResult {
             rule: rule.clone(),
@@ -396,7 +402,10 @@ impl DomainPolicy {
     /// Rules are evaluated in a fixed order and evaluation stops at the first refusal, so the
     /// refusal names the first rule that failed.
     pub fn decide_onboarding(&self, domain: &str, facts: &OnboardingFacts<'_>) -> Decision {
-        let mut rules = Rules { domain, log: Vec::new() };
+        let mut rules = Rules {
+            domain,
+            log: Vec::new(),
+        };
         let outcome = self.evaluate(&mut rules, facts);
         Decision {
             evaluated: rules.log,
@@ -407,7 +416,10 @@ impl DomainPolicy {
     /// Decides whether a third-party certificate becomes this EES's certificate (solution
     /// #12 step 4). Third-party rules refuse with [`RefusalKind::UntrustedCertificate`].
     pub fn decide_third_party(&self, domain: &str, facts: &ThirdPartyFacts<'_>) -> Decision {
-        let mut rules = Rules { domain, log: Vec::new() };
+        let mut rules = Rules {
+            domain,
+            log: Vec::new(),
+        };
         let outcome = self.evaluate_third_party(&mut rules, facts);
         Decision {
             evaluated: rules.log,
@@ -415,7 +427,12 @@ impl DomainPolicy {
         }
     }
 
-    fn admission(&self, r: &mut Rules<'_>, token_issuer: &str, ees_id: &str) -> Result<(), Refusal> {
+    fn admission(
+        &self,
+        r: &mut Rules<'_>,
+        token_issuer: &str,
+        ees_id: &str,
+    ) -> Result<(), Refusal> {
         let domain = r.domain;
         let issuer_ok = self.token_issuers.iter().any(|i| i == token_issuer);
         r.check(
@@ -455,13 +472,22 @@ impl DomainPolicy {
             if key_ok {
                 format!("key {description} is allowed")
             } else {
-                format!("key {description} is not allowed; allowed: {}", names.join(", "))
+                format!(
+                    "key {description} is not allowed; allowed: {}",
+                    names.join(", ")
+                )
             },
             kind,
         )
     }
 
-    fn grant(&self, r: &mut Rules<'_>, requested_expiry: Option<i64>, secret_requested: bool, now: i64) -> Result<Approval, Refusal> {
+    fn grant(
+        &self,
+        r: &mut Rules<'_>,
+        requested_expiry: Option<i64>,
+        secret_requested: bool,
+        now: i64,
+    ) -> Result<Approval, Refusal> {
         let secret_ok = !(secret_requested && self.secret_token == SecretTokenMode::Never);
         r.check(
             "secret_token",
@@ -496,13 +522,31 @@ impl DomainPolicy {
         })
     }
 
-    fn evaluate(&self, r: &mut Rules<'_>, facts: &OnboardingFacts<'_>) -> Result<Approval, Refusal> {
+    fn evaluate(
+        &self,
+        r: &mut Rules<'_>,
+        facts: &OnboardingFacts<'_>,
+    ) -> Result<Approval, Refusal> {
         self.admission(r, facts.token_issuer, facts.ees_id)?;
-        self.key_rule(r, facts.key_type, facts.key_description, RefusalKind::WeakKey)?;
-        self.grant(r, facts.requested_expiry, facts.secret_token_requested, facts.now)
+        self.key_rule(
+            r,
+            facts.key_type,
+            facts.key_description,
+            RefusalKind::WeakKey,
+        )?;
+        self.grant(
+            r,
+            facts.requested_expiry,
+            facts.secret_token_requested,
+            facts.now,
+        )
     }
 
-    fn evaluate_third_party(&self, r: &mut Rules<'_>, f: &ThirdPartyFacts<'_>) -> Result<Approval, Refusal> {
+    fn evaluate_third_party(
+        &self,
+        r: &mut Rules<'_>,
+        f: &ThirdPartyFacts<'_>,
+    ) -> Result<Approval, Refusal> {
         use RefusalKind::UntrustedCertificate as U;
         self.admission(r, f.token_issuer, f.ees_id)?;
         let tp = self.third_party.clone().unwrap_or_default();
@@ -521,11 +565,17 @@ impl DomainPolicy {
             f.path.is_ok(),
             match &f.path {
                 Ok(a) => format!("the chain validates to trust anchor {a}"),
-                Err(why) => format!("the chain does not validate to this domain's trust anchors: {why}"),
+                Err(why) => {
+                    format!("the chain does not validate to this domain's trust anchors: {why}")
+                }
             },
             U,
         )?;
-        let missing: Vec<&String> = tp.require_eku.iter().filter(|e| !f.leaf_ekus.contains(e)).collect();
+        let missing: Vec<&String> = tp
+            .require_eku
+            .iter()
+            .filter(|e| !f.leaf_ekus.contains(e))
+            .collect();
         r.check(
             "third_party.require_eku",
             missing.is_empty(),
@@ -537,7 +587,8 @@ impl DomainPolicy {
             U,
         )?;
         let matching = f.leaf_names.iter().find(|n| {
-            n.eq_ignore_ascii_case(f.ees_id) || f.endpoint_names.iter().any(|e| e.eq_ignore_ascii_case(n))
+            n.eq_ignore_ascii_case(f.ees_id)
+                || f.endpoint_names.iter().any(|e| e.eq_ignore_ascii_case(n))
         });
         let names_ok = !tp.names_must_match || matching.is_some();
         r.check(
@@ -569,7 +620,12 @@ impl DomainPolicy {
         self.key_rule(r, f.key_type, f.key_description, U)?;
         match &f.revocation {
             None => r.check("third_party.crls", true, "no CRL is configured".into(), U)?,
-            Some(Ok(())) => r.check("third_party.crls", true, "not revoked on the configured CRLs".into(), U)?,
+            Some(Ok(())) => r.check(
+                "third_party.crls",
+                true,
+                "not revoked on the configured CRLs".into(),
+                U,
+            )?,
             Some(Err(why)) => r.check("third_party.crls", false, why.clone(), U)?,
         }
         let mut approval = self.grant(r, f.requested_expiry, f.secret_token_requested, f.now)?;
@@ -737,15 +793,18 @@ mod tests {
 
     fn third_party_policy() -> DomainPolicy {
         let mut p = policy();
-        p.third_party = Some(toml::from_str(
-            r#"
+        p.third_party = Some(
+            toml::from_str(
+                r#"
             accept = true
             trust_anchors = ["partner-root.pem"]
             require_eku = ["clientAuth"]
             names_must_match = true
             max_validity = "398d"
             "#,
-        ).unwrap());
+            )
+            .unwrap(),
+        );
         p
     }
 
@@ -776,24 +835,77 @@ mod tests {
         assert_eq!(ok.outcome.unwrap().cert_validity_secs, 90 * 86_400);
         let mut no_accept = third_party_policy();
         no_accept.third_party.as_mut().unwrap().accept = false;
-        let r = no_accept.decide_third_party("ecsp-a", &base).outcome.unwrap_err();
+        let r = no_accept
+            .decide_third_party("ecsp-a", &base)
+            .outcome
+            .unwrap_err();
         assert_eq!(r.rule, "domains.ecsp-a.third_party.accept");
         let cases: Vec<(&str, ThirdPartyFacts)> = vec![
-            ("third_party.trust_anchors", ThirdPartyFacts { path: Err("unknown issuer".into()), ..base.clone() }),
-            ("third_party.require_eku", ThirdPartyFacts { leaf_ekus: &server_only, ..base.clone() }),
-            ("third_party.names_must_match", ThirdPartyFacts { leaf_names: &other_names, ..base.clone() }),
-            ("third_party.max_validity", ThirdPartyFacts { leaf_not_after: 400 * 86_400, ..base.clone() }),
-            ("key_types", ThirdPartyFacts { key_type: Some(KeyType::Rsa2048), ..base.clone() }),
-            ("third_party.crls", ThirdPartyFacts { revocation: Some(Err("revoked".into())), ..base.clone() }),
-            ("ees_ids", ThirdPartyFacts { ees_id: "x.ecsp-b.example", ..base.clone() }),
+            (
+                "third_party.trust_anchors",
+                ThirdPartyFacts {
+                    path: Err("unknown issuer".into()),
+                    ..base.clone()
+                },
+            ),
+            (
+                "third_party.require_eku",
+                ThirdPartyFacts {
+                    leaf_ekus: &server_only,
+                    ..base.clone()
+                },
+            ),
+            (
+                "third_party.names_must_match",
+                ThirdPartyFacts {
+                    leaf_names: &other_names,
+                    ..base.clone()
+                },
+            ),
+            (
+                "third_party.max_validity",
+                ThirdPartyFacts {
+                    leaf_not_after: 400 * 86_400,
+                    ..base.clone()
+                },
+            ),
+            (
+                "key_types",
+                ThirdPartyFacts {
+                    key_type: Some(KeyType::Rsa2048),
+                    ..base.clone()
+                },
+            ),
+            (
+                "third_party.crls",
+                ThirdPartyFacts {
+                    revocation: Some(Err("revoked".into())),
+                    ..base.clone()
+                },
+            ),
+            (
+                "ees_ids",
+                ThirdPartyFacts {
+                    ees_id: "x.ecsp-b.example",
+                    ..base.clone()
+                },
+            ),
         ];
         for (rule, facts) in cases {
             let d = third_party_policy().decide_third_party("ecsp-a", &facts);
             let r = d.outcome.unwrap_err();
             assert_eq!(r.rule, format!("domains.ecsp-a.{rule}"));
-            let expected = if rule == "ees_ids" { RefusalKind::Rejected } else { RefusalKind::UntrustedCertificate };
+            let expected = if rule == "ees_ids" {
+                RefusalKind::Rejected
+            } else {
+                RefusalKind::UntrustedCertificate
+            };
             assert_eq!(r.kind, expected, "{rule}");
-            assert_eq!(d.evaluated.last().unwrap().rule, r.rule, "evaluation stops at the refusal");
+            assert_eq!(
+                d.evaluated.last().unwrap().rule,
+                r.rule,
+                "evaluation stops at the refusal"
+            );
         }
     }
 

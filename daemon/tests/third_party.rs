@@ -1,0 +1,241 @@
+//! Solution #12 step 4 over HTTPS: a third-party client certificate presented in the TLS
+//! handshake becomes the EES certificate only if the ECSP domain's policy trusts it.
+
+mod common;
+
+use common::*;
+use ecs_ca_backends::{
+    CaParams, CertTemplate, KeySigner, LocalIssuer, RevocationReason, RevokedEntry, SanEntry,
+    SoftwareKey, der_to_pem, generate_p256_pkcs8_pem, make_ca_certificate,
+};
+use ecs_daemon::client::{HttpVersion, HttpsClient};
+use serde_json::json;
+use std::sync::Arc;
+
+fn ca(name: &str) -> LocalIssuer {
+    let now = now();
+    let key = Arc::new(SoftwareKey::from_pkcs8_pem(&generate_p256_pkcs8_pem().unwrap()).unwrap());
+    let cert = make_ca_certificate(
+        key.as_ref(),
+        &CaParams {
+            subject: format!("CN={name}"),
+            spki_der: key.public_key_der().to_vec(),
+            not_before: now - 30 * 86_400,
+            not_after: now + 3650 * 86_400,
+            path_len: Some(0),
+            crl_url: None,
+            serial: None,
+        },
+    )
+    .unwrap();
+    LocalIssuer::new(key, vec![cert.der]).unwrap()
+}
+
+/// A leaf from `issuer`, changed by `edit`; returns (certificate PEM, key PEM, serial).
+fn leaf(issuer: &LocalIssuer, edit: impl Fn(&mut CertTemplate)) -> (String, String, String) {
+    let key_pem = generate_p256_pkcs8_pem().unwrap();
+    let key = SoftwareKey::from_pkcs8_pem(&key_pem).unwrap();
+    let mut t = CertTemplate {
+        common_name: ID.into(),
+        organization: None,
+        sans: vec![SanEntry::Dns(ID.into())],
+        spki_der: key.public_key_der().to_vec(),
+        now: now(),
+        validity_secs: 90 * 86_400,
+        client_auth: true,
+        server_auth: true,
+        crl_url: None,
+        csr_pem: None,
+    };
+    edit(&mut t);
+    let c = issuer.issue(&t).unwrap();
+    (der_to_pem(&c.der, "CERTIFICATE"), key_pem, c.serial_hex)
+}
+
+const ID: &str = "ees-tp.ecsp.example";
+
+fn root_pem(i: &LocalIssuer) -> String {
+    der_to_pem(&i.chain_der()[0], "CERTIFICATE")
+}
+
+#[tokio::test]
+async fn a_trusted_partner_certificate_is_accepted_and_every_rule_refuses_with_its_name() {
+    let partner = ca("Partner Root");
+    let rogue = ca("Rogue Root");
+    let other_domain = ca("Domain B Root");
+    let revoked = leaf(&partner, |_| {});
+    let now = now();
+    let crl = partner
+        .sign_crl(
+            1,
+            now - 60,
+            now + 86_400,
+            &[RevokedEntry {
+                serial_hex: revoked.2.clone(),
+                revoked_at: now - 60,
+                reason: RevocationReason::KeyCompromise,
+            }],
+        )
+        .unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let f = |n: &str| files.path().join(n).display().to_string();
+    std::fs::write(f("partner-root.pem"), root_pem(&partner)).unwrap();
+    std::fs::write(f("b-root.pem"), root_pem(&other_domain)).unwrap();
+    std::fs::write(f("partner.crl"), &crl).unwrap();
+    let (p, b, c) = (f("partner-root.pem"), f("b-root.pem"), f("partner.crl"));
+    let ecs = Ecs::start_with(move |cfg| {
+        cfg.push_str(&format!(
+            "\n[domains.default.third_party]\naccept = true\ntrust_anchors = [\"{p}\"]\nrequire_eku = [\"clientAuth\"]\nnames_must_match = true\nmax_validity = \"398d\"\ncrls = [\"{c}\"]\n\
+             \n[domains.ecsp-b]\ntoken_issuers = [\"dev\"]\nees_ids = [\"*\"]\n[domains.ecsp-b.third_party]\naccept = true\ntrust_anchors = [\"{b}\"]\n"
+        ));
+    });
+    let body = json!({
+        "eesProf": { "eesId": ID, "endPt": { "fqdn": ID }, "eecRegConf": false },
+        "onboarding": { "thirdPartyCert": true, "secretToken": true }
+    });
+    let post = async |cert: Option<&(String, String, String)>| {
+        let client = match cert {
+            Some((c, k, _)) => HttpsClient::new(
+                &ecs.root_pem,
+                Some((c.as_bytes(), k.as_bytes())),
+                HttpVersion::Http1,
+            )
+            .unwrap(),
+            None => ecs.client(),
+        };
+        let auth = format!("Bearer {}", ecs.token(ID));
+        client
+            .request(
+                "POST",
+                &ecs.url(API),
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", &auth),
+                ],
+                Some(body.to_string().into_bytes()),
+            )
+            .await
+            .unwrap()
+    };
+
+    let r = post(None).await;
+    assert_problem(&r, 401, "CLIENT_CERT_REQUIRED");
+    let cases = [
+        (
+            "rogue issuer",
+            leaf(&rogue, |_| {}),
+            "third_party.trust_anchors",
+        ),
+        (
+            "another domain's anchor",
+            leaf(&other_domain, |_| {}),
+            "third_party.trust_anchors",
+        ),
+        (
+            "expired leaf",
+            leaf(&partner, |t| {
+                t.now = now - 10 * 86_400;
+                t.validity_secs = 86_400
+            }),
+            "third_party.trust_anchors",
+        ),
+        (
+            "no clientAuth",
+            leaf(&partner, |t| t.client_auth = false),
+            "third_party.require_eku",
+        ),
+        (
+            "other names",
+            leaf(&partner, |t| {
+                t.common_name = "bank.example".into();
+                t.sans = vec![SanEntry::Dns("bank.example".into())]
+            }),
+            "third_party.names_must_match",
+        ),
+        (
+            "too long",
+            leaf(&partner, |t| t.validity_secs = 500 * 86_400),
+            "third_party.max_validity",
+        ),
+        ("revoked on the CRL", revoked, "third_party.crls"),
+    ];
+    for (what, cert, rule) in &cases {
+        let r = post(Some(cert)).await;
+        assert_problem(&r, 403, "UNTRUSTED_CLIENT_CERT");
+        let detail = r.json()["detail"].as_str().unwrap().to_string();
+        assert!(
+            detail.contains(&format!("domains.default.{rule}")),
+            "{what}: {detail}"
+        );
+    }
+
+    // The partner's good certificate: accepted as this EES's certificate.
+    let good = leaf(&partner, |_| {});
+    let r = post(Some(&good)).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let ob = r.json()["onboarding"].clone();
+    assert_eq!(ob["certSource"], json!("THIRD_PARTY"));
+    assert_eq!(ob["eesCert"], json!(good.0));
+    assert_eq!(ob["certChain"], json!([root_pem(&partner)]));
+    assert!(ob["secretToken"].is_string());
+    // It authenticates the registration afterwards.
+    let ees = Ees {
+        id: ob["registrationId"].as_str().unwrap().into(),
+        location: r.header("location").unwrap().into(),
+        cert_pem: good.0.clone(),
+        key_pem: good.1.clone(),
+        body: r.json(),
+    };
+    let got = ecs
+        .client_as(&ees)
+        .request("GET", &ees.location, &[], None)
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["onboarding"]["certSource"], json!("THIRD_PARTY"));
+
+    // A domain's anchor never admits another domain's EES: domain B trusts its own root only.
+    let id = "ees-b.ecsp.example";
+    let b_leaf = leaf(&partner, |t| {
+        t.common_name = id.into();
+        t.sans = vec![SanEntry::Dns(id.into())]
+    });
+    let client = HttpsClient::new(
+        &ecs.root_pem,
+        Some((b_leaf.0.as_bytes(), b_leaf.1.as_bytes())),
+        HttpVersion::Http1,
+    )
+    .unwrap();
+    let body_b = json!({
+        "eesProf": { "eesId": id, "endPt": { "fqdn": id }, "provId": "ecsp-b", "eecRegConf": false },
+        "onboarding": { "thirdPartyCert": true }
+    });
+    let auth = format!("Bearer {}", ecs.token_with(id, Some("ecsp-b")));
+    let r = client
+        .request(
+            "POST",
+            &ecs.url(API),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &auth),
+            ],
+            Some(body_b.to_string().into_bytes()),
+        )
+        .await
+        .unwrap();
+    assert_problem(&r, 403, "UNTRUSTED_CLIENT_CERT");
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("domains.ecsp-b.third_party.trust_anchors")
+    );
+
+    let (intact, records) = ecs.audit();
+    assert!(intact);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["rule"] == json!("domains.default.third_party.crls"))
+    );
+}
