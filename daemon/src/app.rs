@@ -11,6 +11,18 @@ use ecs_ca_backends::{
 };
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
+
+/// Configuration sections as JSON, to compare old and new on a reload.
+mod erased_json {
+    pub trait Json {
+        fn json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or_default()
+        }
+    }
+}
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Seconds since the epoch.
@@ -229,16 +241,49 @@ fn load_third_party(
     Ok(ThirdPartyTrust { anchors, crls })
 }
 
+/// The part of the configuration that can change without a restart: the ECSP domains and
+/// what they trust.
+pub struct Policy {
+    pub domains: BTreeMap<String, ecs_policy::DomainPolicy>,
+    /// Third-party trust of each domain that has a `third_party` section.
+    pub third_party: BTreeMap<String, ThirdPartyTrust>,
+    /// Content hash of the policy, written into every audit record.
+    pub hash: String,
+}
+
+impl Policy {
+    fn load(cfg: &Config, roots: &[u8]) -> Result<Policy, String> {
+        let mut third_party = BTreeMap::new();
+        for (name, d) in &cfg.domains {
+            if let Some(tp) = &d.third_party {
+                let mut trust_roots = roots.to_vec();
+                for a in &tp.trust_anchors {
+                    if let Ok(pem) = std::fs::read(a) {
+                        trust_roots.extend_from_slice(&pem);
+                    }
+                }
+                third_party.insert(name.clone(), load_third_party(name, tp, &trust_roots)?);
+            }
+        }
+        Ok(Policy {
+            domains: cfg.domains.clone(),
+            third_party,
+            hash: cfg.policy_hash(),
+        })
+    }
+}
+
 /// Everything a request needs.
 pub struct App {
     pub cfg: Config,
     pub store: Arc<dyn Store>,
     pub tokens: TokenVerifier,
     pub backends: BTreeMap<String, Arc<Backend>>,
-    /// Third-party trust of each domain that has a `third_party` section.
-    pub third_party: BTreeMap<String, ThirdPartyTrust>,
-    pub policy_hash: String,
+    /// The policy in force: swapped whole by a reload.
+    policy: std::sync::RwLock<Arc<Policy>>,
     pub metrics: Metrics,
+    /// The backends' CA chains (PEM), trusted for fetching CRLs.
+    roots: Vec<u8>,
     /// Token IDs and EES IDs of registrations being created right now, so that two
     /// concurrent requests never both sign a certificate for one token or one EES.
     inflight: Mutex<HashSet<String>>,
@@ -290,26 +335,14 @@ impl App {
             );
         }
         let tokens = TokenVerifier::from_config(&cfg, &roots).await?;
-        let mut third_party = BTreeMap::new();
-        for (name, d) in &cfg.domains {
-            if let Some(tp) = &d.third_party {
-                let mut trust_roots = roots.clone();
-                for a in &tp.trust_anchors {
-                    if let Ok(pem) = std::fs::read(a) {
-                        trust_roots.extend_from_slice(&pem);
-                    }
-                }
-                third_party.insert(name.clone(), load_third_party(name, tp, &trust_roots)?);
-            }
-        }
-        let policy_hash = cfg.policy_hash();
+        let policy = Policy::load(&cfg, &roots)?;
         Ok(Arc::new(App {
             cfg,
             store: Arc::new(store),
             tokens,
             backends,
-            third_party,
-            policy_hash,
+            policy: std::sync::RwLock::new(Arc::new(policy)),
+            roots,
             metrics: Metrics::new(),
             inflight: Mutex::new(HashSet::new()),
         }))
@@ -323,6 +356,81 @@ impl App {
         self.backends
             .get(self.cfg.default_backend())
             .expect("validated: the default backend exists")
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the configuration file and swaps in its `[domains]` when it is valid and
+    /// nothing else changed. Returns (old hash, new hash); on error the running policy stays.
+    pub fn reload_policy(&self) -> Result<(String, String), String> {
+        let (new, _) = Config::load(&self.cfg.source).map_err(|e| e.0)?;
+        let j = |v: &dyn erased_json::Json| v.json();
+        for (section, changed) in [
+            ("ecs_id", j(&self.cfg.ecs_id) != j(&new.ecs_id)),
+            ("server", j(&self.cfg.server) != j(&new.server)),
+            ("storage", j(&self.cfg.storage) != j(&new.storage)),
+            ("backends", j(&self.cfg.backends) != j(&new.backends)),
+            (
+                "token_issuers",
+                j(&self.cfg.token_issuers) != j(&new.token_issuers),
+            ),
+        ] {
+            if changed {
+                return Err(format!(
+                    "{}: [{section}] changed; only [domains] change without a restart",
+                    self.cfg.source.display()
+                ));
+            }
+        }
+        let policy = Policy::load(&new, &self.roots)?;
+        let mut slot = self.policy.write().unwrap_or_else(|e| e.into_inner());
+        let old = slot.hash.clone();
+        let hash = policy.hash.clone();
+        *slot = Arc::new(policy);
+        Ok((old, hash))
+    }
+
+    /// [`App::reload_policy`], with its audit record (accepted with both hashes, or refused
+    /// with why).
+    pub fn reload_policy_recorded(&self, via: &str) -> Result<(String, String), String> {
+        let result = self.reload_policy();
+        let event = crate::audit::AuditEvent {
+            time: crate::model::format_time(now()),
+            client: via.to_string(),
+            action: "policy_reload".into(),
+            outcome: if result.is_ok() {
+                "accepted"
+            } else {
+                "refused"
+            }
+            .into(),
+            status: 0,
+            detail: Some(match &result {
+                Ok((old, new)) => format!("policy {old} replaced by {new}"),
+                Err(e) => format!("kept the running policy: {e}"),
+            }),
+            policy_hash: self.policy().hash.clone(),
+            ..Default::default()
+        };
+        if let Err(e) = self.store.commit(crate::store::Commit {
+            audit: Some(event),
+            ..Default::default()
+        }) {
+            tracing::error!(error = %e, "could not record the policy reload");
+        }
+        match &result {
+            Ok((old, new)) => tracing::info!(%old, %new, %via, "policy reloaded"),
+            Err(e) => {
+                tracing::warn!(error = %e, %via, "policy reload refused; the running policy stays")
+            }
+        }
+        result
     }
 
     /// Each backend's readiness (probing an HSM that is due for it), off the reactor; also

@@ -43,6 +43,10 @@ pub struct AuditEvent {
     pub cert_serial: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_fingerprint: Option<String>,
+    /// The EES key presented (e.g. `ECDSA P-256`), so a policy change can be replayed
+    /// against past decisions (`ecsd policy diff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// Content hash of the policy configuration in force.
     pub policy_hash: String,
 }

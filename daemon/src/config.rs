@@ -218,6 +218,26 @@ impl Config {
         path: &Path,
         env: HashMap<String, String>,
     ) -> Result<(Config, Vec<Finding>), ConfigError> {
+        let cfg = Self::parse_with_env(path, env)?;
+        let findings = cfg.validate();
+        if let Some(err) = findings.iter().find(|f| f.severity == Severity::Error) {
+            return Err(ConfigError(format!(
+                "{}: {}: {}",
+                path.display(),
+                err.key,
+                err.message
+            )));
+        }
+        Ok((cfg, findings))
+    }
+
+    /// Reads and parses the file with the process environment's overrides, without the
+    /// cross-checks of [`Config::validate`] (what `policy lint` reports in full).
+    pub fn parse(path: &Path) -> Result<Config, ConfigError> {
+        Self::parse_with_env(path, std::env::vars().collect())
+    }
+
+    fn parse_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config, ConfigError> {
         let shown = path.display();
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{shown}: cannot read: {e}")))?;
@@ -257,14 +277,7 @@ impl Config {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         cfg.resolve_paths(&base);
-        let findings = cfg.validate();
-        if let Some(err) = findings.iter().find(|f| f.severity == Severity::Error) {
-            return Err(ConfigError(format!(
-                "{shown}: {}: {}",
-                err.key, err.message
-            )));
-        }
-        Ok((cfg, findings))
+        Ok(cfg)
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -490,8 +503,60 @@ impl Config {
             backends: &backends,
             token_issuers: &issuers,
         };
+        out.extend(ecs_policy::lint_policy(
+            &self.domains,
+            &known,
+            self.default_backend(),
+            &self.anchor_facts(),
+            crate::app::now(),
+        ));
+        out
+    }
+
+    /// Reads every domain's third-party trust anchors for the lint.
+    fn anchor_facts(&self) -> BTreeMap<String, Vec<ecs_policy::AnchorFacts>> {
+        use der::Decode;
+        let mut out = BTreeMap::new();
         for (name, d) in &self.domains {
-            out.extend(d.validate(name, &known));
+            let Some(tp) = &d.third_party else { continue };
+            let mut facts = Vec::new();
+            for path in &tp.trust_anchors {
+                let parsed = std::fs::read_to_string(path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pem| {
+                        ecs_ca_backends::pem_chain_to_der(&pem).map_err(|e| e.to_string())
+                    })
+                    .and_then(|ders| {
+                        ders.iter()
+                            .map(|d| x509_cert::Certificate::from_der(d).map_err(|e| e.to_string()))
+                            .collect::<Result<Vec<_>, _>>()
+                    });
+                match parsed {
+                    Ok(certs) => {
+                        for c in certs {
+                            let tbs = c.tbs_certificate();
+                            facts.push(ecs_policy::AnchorFacts {
+                                path: path.clone(),
+                                parsed: Ok(()),
+                                is_ca: tbs
+                                    .get_extension::<x509_cert::ext::pkix::BasicConstraints>()
+                                    .ok()
+                                    .flatten()
+                                    .is_some_and(|(_, b)| b.ca),
+                                not_after: tbs.validity().not_after.to_unix_duration().as_secs()
+                                    as i64,
+                            });
+                        }
+                    }
+                    Err(e) => facts.push(ecs_policy::AnchorFacts {
+                        path: path.clone(),
+                        parsed: Err(e),
+                        is_ca: false,
+                        not_after: 0,
+                    }),
+                }
+            }
+            out.insert(name.clone(), facts);
         }
         out
     }

@@ -43,6 +43,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     }
     let sweeper = tokio::spawn(sweep_loop(app.clone(), stop_rx.clone()));
     tokio::spawn(probe_loop(app.clone(), stop_rx.clone()));
+    tokio::spawn(reload_on_sighup(app.clone()));
 
     wait_for_signal().await;
     tracing::info!("shutting down");
@@ -84,6 +85,18 @@ async fn probe_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         app.backend_readiness().await;
+    }
+}
+
+/// SIGHUP re-reads the policy (the `[domains]` of the configuration file).
+async fn reload_on_sighup(app: Arc<App>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let app = app.clone();
+        let _ = tokio::task::spawn_blocking(move || app.reload_policy_recorded("SIGHUP")).await;
     }
 }
 

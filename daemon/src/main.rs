@@ -181,6 +181,42 @@ enum PolicyCmd {
         #[arg(long, default_value = "text")]
         format: Format,
     },
+    /// What a proposed policy changes: rules, and against CURRENT's store the registrations
+    /// it would no longer admit and the recorded refusals it would now admit.
+    Diff {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        proposed: PathBuf,
+        #[arg(long, default_value = "text")]
+        format: Format,
+    },
+    /// The decision for one case, with every rule evaluated in order.
+    Explain {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        ees_id: Option<String>,
+        /// An onboarding token (read for iss, sub and provId; not verified).
+        #[arg(long)]
+        token: Option<String>,
+        /// The token issuer's configuration name, when no token is given.
+        #[arg(long)]
+        token_issuer: Option<String>,
+        /// A third-party certificate chain (PEM, leaf first): explains the third-party path.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// The CSR key type for the ECS-issued path.
+        #[arg(long, default_value = "p256")]
+        key_type: String,
+        /// The decision time (RFC 3339); default now.
+        #[arg(long)]
+        at: Option<String>,
+        #[arg(long, default_value = "text")]
+        format: Format,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -327,9 +363,83 @@ async fn run(cmd: Command) -> Result<(), Fail> {
         Command::Ees(cmd) => run_ees(cmd).await,
         Command::Ceremony { config } => ceremony(&config),
         Command::Audit(cmd) => run_audit(cmd).await,
+        Command::Policy(PolicyCmd::Diff {
+            config,
+            proposed,
+            format,
+        }) => {
+            let current = load(&config)?;
+            let (new, _) = Config::load(&proposed).map_err(|e| usage(e.0))?;
+            let (audit, _) = audit_log(&current).await?;
+            let registrations = active_registrations(&current).await?;
+            let d = ecs_daemon::diff::diff(
+                &current,
+                &new,
+                &registrations,
+                &audit,
+                ecs_daemon::app::now(),
+            );
+            if format == Format::Json {
+                println!("{}", serde_json::to_string(&d).unwrap_or_default());
+            } else {
+                print!("{}", ecs_daemon::diff::render_text(&d));
+            }
+            Ok(())
+        }
+        Command::Policy(PolicyCmd::Explain {
+            config,
+            domain,
+            ees_id,
+            token,
+            token_issuer,
+            cert,
+            key_type,
+            at,
+            format,
+        }) => {
+            let cfg = load(&config)?;
+            let at = match at {
+                Some(s) => {
+                    time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
+                        .map_err(|_| usage(format!("--at: {s:?} is not an RFC 3339 time")))?
+                        .unix_timestamp()
+                }
+                None => ecs_daemon::app::now(),
+            };
+            let key_type: ecs_policy::KeyType =
+                serde_json::from_value(json!(key_type)).map_err(|_| {
+                    usage("--key-type: one of p256, p384, ed25519, rsa2048, rsa3072, rsa4096")
+                })?;
+            let chain_pem = match cert {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .map_err(|e| usage(format!("--cert: {}: {e}", p.display())))?,
+                ),
+                None => None,
+            };
+            let (_, v) = ecs_daemon::explain::explain(
+                &cfg,
+                &ecs_daemon::explain::Case {
+                    domain,
+                    ees_id,
+                    token,
+                    token_issuer,
+                    chain_pem,
+                    key_type,
+                    at,
+                },
+            )
+            .map_err(usage)?;
+            if format == Format::Json {
+                println!("{v}");
+            } else {
+                print!("{}", ecs_daemon::explain::render_text(&v));
+            }
+            Ok(())
+        }
         Command::Policy(PolicyCmd::Lint { config, format }) => {
-            let (cfg_result, findings) = match Config::load(&config) {
-                Ok((cfg, _)) => (Ok(()), cfg.validate()),
+            let (cfg_result, findings) = match Config::parse(&config) {
+                Ok(cfg) => (Ok(()), cfg.validate()),
                 Err(e) => (Err(e.0), Vec::new()),
             };
             let errors =
@@ -509,6 +619,45 @@ async fn audit_log(cfg: &Config) -> Result<(Vec<AuditRecord>, (u64, String)), Fa
                 v["head"]["hash"].as_str().unwrap_or_default().to_string(),
             );
             Ok((records, head))
+        }
+    }
+}
+
+/// Active registrations with their certificates: from the store, or through the admin API
+/// while the daemon holds it.
+async fn active_registrations(
+    cfg: &Config,
+) -> Result<
+    Vec<(
+        ecs_daemon::store::RegistrationRecord,
+        ecs_daemon::store::CertRecord,
+    )>,
+    Fail,
+> {
+    match SledStore::open(&cfg.storage.path) {
+        Ok(store) => store
+            .active_registrations()
+            .map_err(|e| other(e.to_string())),
+        Err(open_err) => {
+            let Some(admin) = &cfg.server.admin_listen else {
+                return Err(other(format!("storage.path: {open_err}")));
+            };
+            let v = admin_get(admin, "/admin/v1/registrations")
+                .await
+                .map_err(|e| other(format!("storage.path: {open_err}; admin API {admin}: {e}")))?;
+            v["registrations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|item| {
+                    Ok((
+                        serde_json::from_value(item["registration"].clone())
+                            .map_err(|e| other(e.to_string()))?,
+                        serde_json::from_value(item["cert"].clone())
+                            .map_err(|e| other(e.to_string()))?,
+                    ))
+                })
+                .collect()
         }
     }
 }

@@ -50,6 +50,7 @@ struct Facts {
     registration_id: Option<String>,
     cert_serial: Option<String>,
     cert_fingerprint: Option<String>,
+    key: Option<String>,
 }
 
 impl Facts {
@@ -84,7 +85,8 @@ impl Facts {
             registration_id: self.registration_id.clone(),
             cert_serial: self.cert_serial.clone(),
             cert_fingerprint: self.cert_fingerprint.clone(),
-            policy_hash: app.policy_hash.clone(),
+            key: self.key.clone(),
+            policy_hash: app.policy().hash.clone(),
         }
     }
 }
@@ -140,13 +142,11 @@ pub async fn refuse(
     }
 }
 
-fn domain_of<'a>(
-    app: &'a App,
-    prov_id: Option<&str>,
-) -> Result<(String, &'a DomainPolicy), ApiError> {
+/// The domain that governs a profile, from the policy in force now.
+fn domain_of(app: &App, prov_id: Option<&str>) -> Result<(String, DomainPolicy), ApiError> {
     let name = prov_id.unwrap_or(DEFAULT_DOMAIN).to_string();
-    match app.cfg.domains.get(&name) {
-        Some(d) => Ok((name, d)),
+    match app.policy().domains.get(&name) {
+        Some(d) => Ok((name, d.clone())),
         None => Err(ApiError {
             rule: Some(format!("domains.{name}")),
             ..ApiError::new(
@@ -157,7 +157,8 @@ fn domain_of<'a>(
     }
 }
 
-fn key_type(kind: KeyKind) -> Option<KeyType> {
+/// The policy's name for a key kind (`None`: a size no `key_types` entry names).
+pub fn key_type(kind: KeyKind) -> Option<KeyType> {
     match kind {
         KeyKind::P256 => Some(KeyType::P256),
         KeyKind::P384 => Some(KeyType::P384),
@@ -275,7 +276,8 @@ async fn third_party_decision(
     })?;
     f.cert_serial = Some(leaf.serial_hex.clone());
     f.cert_fingerprint = Some(leaf.fingerprint.clone());
-    let trust = app.third_party.get(domain_name);
+    let policy = app.policy();
+    let trust = policy.third_party.get(domain_name);
     let anchors: Vec<Vec<u8>> = trust
         .map(|t| t.anchors.iter().map(|(_, d)| d.clone()).collect())
         .unwrap_or_default();
@@ -307,6 +309,7 @@ async fn third_party_decision(
         .cloned()
         .collect();
     let description = leaf.key.describe();
+    f.key = Some(description.clone());
     let decision = domain.decide_third_party(
         domain_name,
         &ecs_policy::ThirdPartyFacts {
@@ -495,11 +498,12 @@ async fn create_inner(
     // certificate issued for the CSR's key. Both are decided before anything is reserved.
     let (approval, third_party) = if onboarding.third_party_cert {
         let (approval, cert) =
-            third_party_decision(app, ctx, &token, &req, &domain_name, domain, now, f).await?;
+            third_party_decision(app, ctx, &token, &req, &domain_name, &domain, now, f).await?;
         (approval, Some(cert))
     } else {
         let csr = parse_csr(onboarding.csr.as_deref().unwrap_or_default())?;
         let description = csr.key.describe();
+        f.key = Some(description.clone());
         let decision = domain.decide_onboarding(
             &domain_name,
             &OnboardingFacts {
@@ -538,7 +542,7 @@ async fn create_inner(
         return Err(crate::store::StoreError::EesAlreadyRegistered.into());
     }
 
-    let backend = app.cfg.domain_backend(domain).to_string();
+    let backend = app.cfg.domain_backend(&domain).to_string();
     let mut cert = match third_party {
         Some(cert) => cert,
         None => {
@@ -990,7 +994,7 @@ pub async fn expire(app: &App, client: &str, reg: RegistrationRecord) -> Result<
                 .map(|n| format!("; {n}"))
                 .unwrap_or_default()
         )),
-        policy_hash: app.policy_hash.clone(),
+        policy_hash: app.policy().hash.clone(),
         ..Default::default()
     };
     tracing::info!(registration = %reg.id, "registration expired: implicit de-registration");

@@ -323,7 +323,7 @@ pub async fn serve_admin(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
             _ = shutdown.changed() => return,
         };
@@ -331,7 +331,7 @@ pub async fn serve_admin(
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let app = app.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin(app, req).await) }
+                async move { Ok::<_, std::convert::Infallible>(admin(app, peer, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -340,9 +340,38 @@ pub async fn serve_admin(
     }
 }
 
-async fn admin(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+async fn admin(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let query = req.uri().query().unwrap_or("").to_string();
     match req.uri().path() {
+        "/admin/v1/policy/reload" => {
+            if req.method() != Method::POST {
+                return response(405, "text/plain", b"POST\n".to_vec());
+            }
+            if !peer.ip().is_loopback() {
+                return response(403, "text/plain", b"local only\n".to_vec());
+            }
+            let app = app.clone();
+            let result =
+                tokio::task::spawn_blocking(move || app.reload_policy_recorded("admin API"))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+            match result {
+                Ok((old, new)) => response(
+                    200,
+                    "application/json",
+                    serde_json::json!({"reloaded": true, "oldPolicyHash": old, "policyHash": new})
+                        .to_string()
+                        .into_bytes(),
+                ),
+                Err(e) => response(
+                    409,
+                    "application/json",
+                    serde_json::json!({"reloaded": false, "error": e})
+                        .to_string()
+                        .into_bytes(),
+                ),
+            }
+        }
         "/healthz" => response(200, "text/plain", b"ok\n".to_vec()),
         "/readyz" => {
             let mut problems = Vec::new();
@@ -372,6 +401,22 @@ async fn admin(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             }
             response(200, "text/plain; version=0.0.4", app.metrics.render())
         }
+        "/admin/v1/registrations" => match app.store.active_registrations() {
+            Ok(list) => {
+                let items: Vec<serde_json::Value> = list
+                    .into_iter()
+                    .map(|(r, c)| serde_json::json!({"registration": r, "cert": c}))
+                    .collect();
+                response(
+                    200,
+                    "application/json",
+                    serde_json::json!({ "registrations": items })
+                        .to_string()
+                        .into_bytes(),
+                )
+            }
+            Err(_) => response(500, "text/plain", b"store error\n".to_vec()),
+        },
         "/admin/v1/audit/records" => {
             let from = query
                 .split('&')

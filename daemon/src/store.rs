@@ -144,6 +144,8 @@ pub trait Store: Send + Sync {
     fn counts(&self) -> Result<StoreCounts, StoreError>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+    /// Every active registration with its current certificate.
+    fn active_registrations(&self) -> Result<Vec<(RegistrationRecord, CertRecord)>, StoreError>;
 }
 
 /// Sizes, for metrics and the admin API.
@@ -435,6 +437,19 @@ impl Store for SledStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map(|_| ()).map_err(io)
+    }
+
+    fn active_registrations(&self) -> Result<Vec<(RegistrationRecord, CertRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(b"ees/") {
+            let (_, id) = item.map_err(io)?;
+            if let Some(reg) = self.registration(&String::from_utf8_lossy(&id))?
+                && let Some(cert) = self.cert(&reg.current_cert)?
+            {
+                out.push((reg, cert));
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -26,9 +26,42 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
+/// Whether some name matches both patterns (two domains' `ees_ids` that overlap admit the
+/// same EES ID, and the domain is then decided by `provId` alone).
+pub fn glob_overlap(a: &str, b: &str) -> bool {
+    let p: Vec<char> = a.to_ascii_lowercase().chars().collect();
+    let q: Vec<char> = b.to_ascii_lowercase().chars().collect();
+    // memo[i][j]: the suffixes p[i..] and q[j..] can match a common string.
+    let mut memo = vec![vec![false; q.len() + 1]; p.len() + 1];
+    for i in (0..=p.len()).rev() {
+        for j in (0..=q.len()).rev() {
+            memo[i][j] = if i == p.len() && j == q.len() {
+                true
+            } else if i < p.len() && p[i] == '*' {
+                memo[i + 1][j] || (j < q.len() && memo[i][j + 1])
+            } else if j < q.len() && q[j] == '*' {
+                memo[i][j + 1] || (i < p.len() && memo[i + 1][j])
+            } else {
+                i < p.len() && j < q.len() && p[i] == q[j] && memo[i + 1][j + 1]
+            };
+        }
+    }
+    memo[0][0]
+}
+
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::{glob_match, glob_overlap};
+
+    #[test]
+    fn overlaps() {
+        assert!(glob_overlap("*.ecsp-a.example", "ees1.*"));
+        assert!(glob_overlap("*", "ees1.ecsp-b.example"));
+        assert!(!glob_overlap("*.ecsp-a.example", "*.ecsp-b.example"));
+        assert!(glob_overlap("*.example", "*.ecsp-b.example"));
+        assert!(!glob_overlap("a*", "b*"));
+        assert!(glob_overlap("a*c", "*bc"));
+    }
 
     #[test]
     fn contract_patterns() {

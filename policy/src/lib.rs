@@ -16,7 +16,7 @@ mod duration;
 mod glob;
 
 pub use duration::PolicyDuration;
-pub use glob::glob_match;
+pub use glob::{glob_match, glob_overlap};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -271,6 +271,98 @@ impl DomainPolicy {
         }
         out
     }
+}
+
+/// What a lint knows about a trust anchor file (read by the caller).
+#[derive(Debug, Clone)]
+pub struct AnchorFacts {
+    /// The configured path.
+    pub path: String,
+    /// `Err` when the file cannot be read or parsed.
+    pub parsed: Result<(), String>,
+    pub is_ca: bool,
+    pub not_after: i64,
+}
+
+/// Checks across the whole policy that no single domain can see: overlapping `ees_ids`,
+/// backends and token issuers that no domain uses, and trust anchors that are not CAs or
+/// expire within 30 days of `now`. `anchors` maps each domain to its anchors' facts.
+pub fn lint_policy(
+    domains: &std::collections::BTreeMap<String, DomainPolicy>,
+    known: &Known<'_>,
+    default_backend: &str,
+    anchors: &std::collections::BTreeMap<String, Vec<AnchorFacts>>,
+    now: i64,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (name, d) in domains {
+        out.extend(d.validate(name, known));
+    }
+    let names: Vec<&String> = domains.keys().collect();
+    for (i, a) in names.iter().enumerate() {
+        for b in &names[i + 1..] {
+            for pa in &domains[*a].ees_ids {
+                for pb in &domains[*b].ees_ids {
+                    if glob_overlap(pa, pb) {
+                        out.push(Finding {
+                            severity: Severity::Warning,
+                            key: format!("domains.{b}.ees_ids"),
+                            message: format!(
+                                "{pb:?} overlaps {pa:?} of domains.{a}: an EES ID both admit is placed by provId alone"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    for backend in known.backends {
+        let used = *backend == default_backend
+            || domains
+                .values()
+                .any(|d| d.backend.as_deref().unwrap_or(default_backend) == *backend);
+        if !used {
+            out.push(Finding {
+                severity: Severity::Warning,
+                key: format!("backends.{backend}"),
+                message: "no domain uses this backend".into(),
+            });
+        }
+    }
+    for issuer in known.token_issuers {
+        if !domains
+            .values()
+            .any(|d| d.token_issuers.iter().any(|t| t == issuer))
+        {
+            out.push(Finding {
+                severity: Severity::Warning,
+                key: format!("token_issuers.{issuer}"),
+                message: "no domain trusts this token issuer".into(),
+            });
+        }
+    }
+    for (domain, facts) in anchors {
+        let key = format!("domains.{domain}.third_party.trust_anchors");
+        for a in facts {
+            let mut push = |severity, message: String| {
+                out.push(Finding {
+                    severity,
+                    key: key.clone(),
+                    message: format!("{}: {message}", a.path),
+                })
+            };
+            if let Err(e) = &a.parsed {
+                push(Severity::Error, e.clone());
+            } else if !a.is_ca {
+                push(Severity::Error, "not a CA certificate".into());
+            } else if a.not_after <= now {
+                push(Severity::Error, "expired".into());
+            } else if a.not_after <= now + 30 * 86_400 {
+                push(Severity::Warning, "expires within 30 days".into());
+            }
+        }
+    }
+    out
 }
 
 /// The facts of one onboarding (or re-key) request, gathered by the daemon.
@@ -913,5 +1005,218 @@ mod tests {
     fn unknown_keys_are_refused() {
         let err = toml::from_str::<DomainPolicy>("ees_idz = []").unwrap_err();
         assert!(err.to_string().contains("ees_idz"));
+    }
+}
+
+/// How a policy change moves a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    Added,
+    Removed,
+    /// Admits less than before.
+    Tightened,
+    /// Admits more than before.
+    Loosened,
+    /// Different, neither strictly more nor less (a backend, a set that gained and lost).
+    Changed,
+}
+
+/// One rule's change between two policies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleChange {
+    pub rule: String,
+    pub change: ChangeKind,
+    pub detail: String,
+}
+
+fn set_change<T: PartialEq + fmt::Debug>(
+    rule: String,
+    old: &[T],
+    new: &[T],
+    more_is_looser: bool,
+) -> Option<RuleChange> {
+    let added: Vec<&T> = new.iter().filter(|x| !old.contains(x)).collect();
+    let removed: Vec<&T> = old.iter().filter(|x| !new.contains(x)).collect();
+    let change = match (added.is_empty(), removed.is_empty()) {
+        (true, true) => return None,
+        (false, true) if more_is_looser => ChangeKind::Loosened,
+        (false, true) => ChangeKind::Tightened,
+        (true, false) if more_is_looser => ChangeKind::Tightened,
+        (true, false) => ChangeKind::Loosened,
+        (false, false) => ChangeKind::Changed,
+    };
+    Some(RuleChange {
+        rule,
+        change,
+        detail: format!("added {added:?}, removed {removed:?}"),
+    })
+}
+
+fn order_change<T: PartialOrd + fmt::Display>(
+    rule: String,
+    old: T,
+    new: T,
+    more_is_looser: bool,
+) -> Option<RuleChange> {
+    if old == new {
+        return None;
+    }
+    let looser = (new > old) == more_is_looser;
+    Some(RuleChange {
+        rule,
+        change: if looser {
+            ChangeKind::Loosened
+        } else {
+            ChangeKind::Tightened
+        },
+        detail: format!("{old} → {new}"),
+    })
+}
+
+/// What changes, rule by rule, from `old` to `new` domains.
+pub fn diff_domains(
+    old: &std::collections::BTreeMap<String, DomainPolicy>,
+    new: &std::collections::BTreeMap<String, DomainPolicy>,
+) -> Vec<RuleChange> {
+    let mut out = Vec::new();
+    for (name, o) in old {
+        let Some(n) = new.get(name) else {
+            out.push(RuleChange {
+                rule: format!("domains.{name}"),
+                change: ChangeKind::Removed,
+                detail: "the domain is removed: it admits nothing".into(),
+            });
+            continue;
+        };
+        let k = |key: &str| format!("domains.{name}.{key}");
+        out.extend(set_change(
+            k("token_issuers"),
+            &o.token_issuers,
+            &n.token_issuers,
+            true,
+        ));
+        out.extend(set_change(k("ees_ids"), &o.ees_ids, &n.ees_ids, true));
+        out.extend(set_change(k("key_types"), &o.key_types, &n.key_types, true));
+        out.extend(order_change(
+            k("cert_validity"),
+            o.cert_validity,
+            n.cert_validity,
+            true,
+        ));
+        out.extend(order_change(
+            k("max_registration"),
+            o.max_registration,
+            n.max_registration,
+            true,
+        ));
+        if o.backend != n.backend {
+            out.push(RuleChange {
+                rule: k("backend"),
+                change: ChangeKind::Changed,
+                detail: format!("{:?} → {:?}", o.backend, n.backend),
+            });
+        }
+        if o.secret_token != n.secret_token {
+            out.push(RuleChange {
+                rule: k("secret_token"),
+                change: ChangeKind::Changed,
+                detail: format!("{:?} → {:?}", o.secret_token, n.secret_token),
+            });
+        }
+        let (ot, nt) = (
+            o.third_party.clone().unwrap_or_default(),
+            n.third_party.clone().unwrap_or_default(),
+        );
+        if ot.accept != nt.accept {
+            out.push(RuleChange {
+                rule: k("third_party.accept"),
+                change: if nt.accept {
+                    ChangeKind::Loosened
+                } else {
+                    ChangeKind::Tightened
+                },
+                detail: format!("{} → {}", ot.accept, nt.accept),
+            });
+        }
+        out.extend(set_change(
+            k("third_party.trust_anchors"),
+            &ot.trust_anchors,
+            &nt.trust_anchors,
+            true,
+        ));
+        out.extend(set_change(
+            k("third_party.require_eku"),
+            &ot.require_eku,
+            &nt.require_eku,
+            false,
+        ));
+        out.extend(set_change(k("third_party.crls"), &ot.crls, &nt.crls, false));
+        if ot.names_must_match != nt.names_must_match {
+            out.push(RuleChange {
+                rule: k("third_party.names_must_match"),
+                change: if nt.names_must_match {
+                    ChangeKind::Tightened
+                } else {
+                    ChangeKind::Loosened
+                },
+                detail: format!("{} → {}", ot.names_must_match, nt.names_must_match),
+            });
+        }
+        let secs = |d: Option<PolicyDuration>| d.map(|d| d.as_secs()).unwrap_or(u64::MAX);
+        if ot.max_validity != nt.max_validity {
+            out.push(RuleChange {
+                rule: k("third_party.max_validity"),
+                change: if secs(nt.max_validity) > secs(ot.max_validity) {
+                    ChangeKind::Loosened
+                } else {
+                    ChangeKind::Tightened
+                },
+                detail: format!(
+                    "{:?} → {:?}",
+                    ot.max_validity.map(|d| d.to_string()),
+                    nt.max_validity.map(|d| d.to_string())
+                ),
+            });
+        }
+    }
+    for name in new.keys().filter(|n| !old.contains_key(*n)) {
+        out.push(RuleChange {
+            rule: format!("domains.{name}"),
+            change: ChangeKind::Added,
+            detail: "a new domain".into(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod diff_tests {
+    use super::*;
+
+    #[test]
+    fn a_change_is_named_and_classified() {
+        let old: std::collections::BTreeMap<String, DomainPolicy> = toml::from_str::<toml::Table>(
+            "[a]\ntoken_issuers=[\"x\"]\nees_ids=[\"*.a\"]\ncert_validity=\"30d\"\n[b]\nees_ids=[\"*\"]\n",
+        )
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.try_into().unwrap()))
+        .collect();
+        let mut new = old.clone();
+        new.get_mut("a").unwrap().cert_validity = PolicyDuration::from_secs(10 * 86_400);
+        new.get_mut("a").unwrap().ees_ids.push("*.a2".into());
+        new.get_mut("a")
+            .unwrap()
+            .key_types
+            .retain(|k| *k != KeyType::Rsa2048);
+        new.remove("b");
+        let d = diff_domains(&old, &new);
+        let find = |r: &str| d.iter().find(|c| c.rule == r).map(|c| c.change);
+        assert_eq!(find("domains.a.cert_validity"), Some(ChangeKind::Tightened));
+        assert_eq!(find("domains.a.ees_ids"), Some(ChangeKind::Loosened));
+        assert_eq!(find("domains.a.key_types"), Some(ChangeKind::Tightened));
+        assert_eq!(find("domains.b"), Some(ChangeKind::Removed));
+        assert_eq!(find("domains.a.token_issuers"), None);
     }
 }

@@ -139,6 +139,11 @@ impl Ecs {
         c.wait().unwrap()
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop it first");
         assert!(self.spawn(), "ecsd did not restart");

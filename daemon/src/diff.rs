@@ -1,0 +1,255 @@
+//! `ecsd policy diff`: what a proposed policy changes, rule by rule, and what it would do to
+//! the registrations in the store and to the refusals in the audit log.
+
+use crate::audit::AuditRecord;
+use crate::config::{Config, DEFAULT_DOMAIN};
+use crate::store::{CertRecord, RegistrationRecord};
+use ecs_policy::{KeyType, OnboardingFacts, RuleChange, ThirdPartyFacts};
+use serde::Serialize;
+
+/// A registration the proposed policy would no longer admit.
+#[derive(Debug, Serialize)]
+pub struct NoLongerAdmitted {
+    pub registration_id: String,
+    pub ees_id: String,
+    pub domain: String,
+    pub cert_source: String,
+    pub rule: String,
+    pub reason: String,
+}
+
+/// A refusal in the audit log that the proposed policy would admit.
+#[derive(Debug, Serialize)]
+pub struct NowAdmitted {
+    pub seq: u64,
+    pub time: String,
+    pub ees_id: String,
+    pub domain: String,
+    pub refused_by: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Diff {
+    pub current_policy_hash: String,
+    pub proposed_policy_hash: String,
+    pub rules: Vec<RuleChange>,
+    pub no_longer_admitted: Vec<NoLongerAdmitted>,
+    pub now_admitted: Vec<NowAdmitted>,
+    /// Refusals that cannot be replayed (third-party chains are not in the audit log).
+    pub not_replayed: usize,
+}
+
+fn key_type_of(description: &str) -> Option<KeyType> {
+    Some(match description {
+        "ECDSA P-256" => KeyType::P256,
+        "ECDSA P-384" => KeyType::P384,
+        "Ed25519" => KeyType::Ed25519,
+        "RSA 2048" => KeyType::Rsa2048,
+        "RSA 3072" => KeyType::Rsa3072,
+        "RSA 4096" => KeyType::Rsa4096,
+        _ => return None,
+    })
+}
+
+/// Computes the diff from the current configuration, its store's contents, and the
+/// proposed configuration, at time `now`.
+pub fn diff(
+    current: &Config,
+    proposed: &Config,
+    registrations: &[(RegistrationRecord, CertRecord)],
+    audit: &[AuditRecord],
+    now: i64,
+) -> Diff {
+    let rules = ecs_policy::diff_domains(&current.domains, &proposed.domains);
+    let mut no_longer_admitted = Vec::new();
+    for (reg, cert) in registrations {
+        let refuse = |rule: String, reason: String| NoLongerAdmitted {
+            registration_id: reg.id.clone(),
+            ees_id: reg.ees_id.clone(),
+            domain: reg.domain.clone(),
+            cert_source: reg.cert_source.clone(),
+            rule,
+            reason,
+        };
+        let Some(domain) = proposed.domains.get(&reg.domain) else {
+            no_longer_admitted.push(refuse(
+                format!("domains.{}", reg.domain),
+                "the domain is removed".into(),
+            ));
+            continue;
+        };
+        let Ok(leaf) = ecs_ca_backends::chain::leaf_facts(&cert.der()) else {
+            continue;
+        };
+        let description = leaf.key.describe();
+        let decision = if reg.cert_source == "THIRD_PARTY" {
+            let mut chain = vec![cert.der()];
+            chain.extend(cert.chain_hex.iter().filter_map(|h| hex::decode(h).ok()));
+            let tp = domain.third_party.clone().unwrap_or_default();
+            let anchors: Vec<(String, Vec<u8>)> = tp
+                .trust_anchors
+                .iter()
+                .filter_map(|p| std::fs::read_to_string(p).ok().map(|t| (p.clone(), t)))
+                .flat_map(|(p, t)| {
+                    ecs_ca_backends::pem_chain_to_der(&t)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |d| (p.clone(), d))
+                })
+                .collect();
+            let ders: Vec<Vec<u8>> = anchors.iter().map(|(_, d)| d.clone()).collect();
+            let names: Vec<String> = leaf
+                .common_names
+                .iter()
+                .chain(&leaf.dns_names)
+                .chain(&leaf.uris)
+                .chain(&leaf.ips)
+                .cloned()
+                .collect();
+            domain.decide_third_party(
+                &reg.domain,
+                &ThirdPartyFacts {
+                    token_issuer: &reg.token_issuer,
+                    ees_id: &reg.ees_id,
+                    endpoint_names: &names,
+                    path: ecs_ca_backends::chain::validate_path(&chain, &ders, now)
+                        .map(|i| anchors[i].0.clone()),
+                    leaf_ekus: &leaf.ekus,
+                    leaf_names: &names,
+                    leaf_not_before: leaf.not_before,
+                    leaf_not_after: leaf.not_after,
+                    key_type: crate::registrations::key_type(leaf.key.kind),
+                    key_description: &description,
+                    revocation: None,
+                    requested_expiry: Some(reg.exp_time),
+                    secret_token_requested: false,
+                    now,
+                },
+            )
+        } else {
+            domain.decide_onboarding(
+                &reg.domain,
+                &OnboardingFacts {
+                    token_issuer: &reg.token_issuer,
+                    ees_id: &reg.ees_id,
+                    key_type: crate::registrations::key_type(leaf.key.kind),
+                    key_description: &description,
+                    requested_expiry: Some(reg.exp_time),
+                    secret_token_requested: false,
+                    now,
+                },
+            )
+        };
+        if let Err(r) = decision.outcome {
+            no_longer_admitted.push(refuse(r.rule, r.reason));
+        }
+    }
+    let mut now_admitted = Vec::new();
+    let mut not_replayed = 0;
+    for rec in audit {
+        let e = &rec.event;
+        let policy_refusal = e.outcome == "refused"
+            && e.action == "register"
+            && e.rule.as_deref().is_some_and(|r| r.starts_with("domains."));
+        if !policy_refusal {
+            continue;
+        }
+        let (Some(ees_id), Some(iss)) = (&e.ees_id, &e.token_iss) else {
+            not_replayed += 1;
+            continue;
+        };
+        if e.cause.as_deref() == Some("UNTRUSTED_CLIENT_CERT") {
+            not_replayed += 1;
+            continue;
+        }
+        let domain_name = e.prov_id.clone().unwrap_or_else(|| DEFAULT_DOMAIN.into());
+        let Some(domain) = proposed.domains.get(&domain_name) else {
+            continue;
+        };
+        let issuer = proposed
+            .token_issuers
+            .iter()
+            .find(|(_, i)| &i.issuer == iss)
+            .map(|(n, _)| n.clone())
+            .unwrap_or_default();
+        let description = e.key.clone().unwrap_or_default();
+        let decision = domain.decide_onboarding(
+            &domain_name,
+            &OnboardingFacts {
+                token_issuer: &issuer,
+                ees_id,
+                key_type: key_type_of(&description),
+                key_description: &description,
+                requested_expiry: None,
+                secret_token_requested: false,
+                now,
+            },
+        );
+        if decision.outcome.is_ok() {
+            now_admitted.push(NowAdmitted {
+                seq: rec.seq,
+                time: e.time.clone(),
+                ees_id: ees_id.clone(),
+                domain: domain_name,
+                refused_by: e.rule.clone().unwrap_or_default(),
+            });
+        }
+    }
+    Diff {
+        current_policy_hash: current.policy_hash(),
+        proposed_policy_hash: proposed.policy_hash(),
+        rules,
+        no_longer_admitted,
+        now_admitted,
+        not_replayed,
+    }
+}
+
+/// The human rendering.
+pub fn render_text(d: &Diff) -> String {
+    let mut s = format!(
+        "policy {} → {}\n",
+        &d.current_policy_hash[..12.min(d.current_policy_hash.len())],
+        &d.proposed_policy_hash[..12.min(d.proposed_policy_hash.len())]
+    );
+    if d.rules.is_empty() {
+        s += "rules: no change\n";
+    } else {
+        s += "rules:\n";
+        for r in &d.rules {
+            s += &format!(
+                "  {:<10} {:<44} {}\n",
+                format!("{:?}", r.change).to_lowercase(),
+                r.rule,
+                r.detail
+            );
+        }
+    }
+    s += &format!(
+        "active registrations no longer admitted: {}\n",
+        d.no_longer_admitted.len()
+    );
+    for n in &d.no_longer_admitted {
+        s += &format!(
+            "  {} {} ({}, {}): {} — {}\n",
+            n.registration_id, n.ees_id, n.domain, n.cert_source, n.rule, n.reason
+        );
+    }
+    s += &format!(
+        "refusals in the audit log now admitted: {}\n",
+        d.now_admitted.len()
+    );
+    for n in &d.now_admitted {
+        s += &format!(
+            "  record {} {} {} ({}): refused by {}\n",
+            n.seq, n.time, n.ees_id, n.domain, n.refused_by
+        );
+    }
+    if d.not_replayed > 0 {
+        s += &format!(
+            "({} third-party refusals not replayed: their chains are not in the audit log)\n",
+            d.not_replayed
+        );
+    }
+    s
+}

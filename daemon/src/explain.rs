@@ -1,0 +1,215 @@
+//! `ecsd policy explain`: the decision the running policy would take for one case, with
+//! every rule evaluated in order. An audit tool: a token given here is read, not verified.
+
+use crate::config::{Config, DEFAULT_DOMAIN};
+use ecs_policy::{Decision, KeyType, OnboardingFacts, RefusalKind, ThirdPartyFacts};
+use serde_json::{Value, json};
+
+/// One case to explain.
+pub struct Case {
+    pub domain: String,
+    pub ees_id: Option<String>,
+    /// An onboarding token (read for `iss`, `sub`, `provId`; not verified).
+    pub token: Option<String>,
+    /// The token issuer's configuration name, when no token is given.
+    pub token_issuer: Option<String>,
+    /// A third-party chain (PEM, leaf first): explains the third-party path.
+    pub chain_pem: Option<String>,
+    /// The key type of the CSR, for the ECS-issued path.
+    pub key_type: KeyType,
+    pub at: i64,
+}
+
+/// The decision, as text or JSON.
+pub fn explain(cfg: &Config, case: &Case) -> Result<(Decision, Value), String> {
+    let domain = cfg
+        .domains
+        .get(&case.domain)
+        .ok_or_else(|| format!("--domain: no [domains.{}]", case.domain))?;
+    let claims: Value = match &case.token {
+        Some(t) => jsonwebtoken::dangerous::insecure_decode_claims(t)
+            .map_err(|e| format!("--token: {e}"))?,
+        None => Value::Null,
+    };
+    let issuer_name = match (&case.token_issuer, claims["iss"].as_str()) {
+        (Some(n), _) => n.clone(),
+        (None, Some(iss)) => cfg
+            .token_issuers
+            .iter()
+            .find(|(_, i)| i.issuer == iss)
+            .map(|(n, _)| n.clone())
+            .unwrap_or_else(|| format!("(untrusted issuer {iss})")),
+        (None, None) => "(no token)".into(),
+    };
+    let ees_id = case
+        .ees_id
+        .clone()
+        .or_else(|| claims["sub"].as_str().map(String::from))
+        .ok_or("give --ees-id or a --token with sub")?;
+    let decision = match &case.chain_pem {
+        None => domain.decide_onboarding(
+            &case.domain,
+            &OnboardingFacts {
+                token_issuer: &issuer_name,
+                ees_id: &ees_id,
+                key_type: Some(case.key_type),
+                key_description: case.key_type.name(),
+                requested_expiry: None,
+                secret_token_requested: false,
+                now: case.at,
+            },
+        ),
+        Some(pem) => {
+            let chain =
+                ecs_ca_backends::pem_chain_to_der(pem).map_err(|e| format!("--cert: {e}"))?;
+            let leaf = ecs_ca_backends::chain::leaf_facts(&chain[0])
+                .map_err(|e| format!("--cert: {e}"))?;
+            let tp = domain.third_party.clone().unwrap_or_default();
+            let mut anchors = Vec::new();
+            for path in &tp.trust_anchors {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+                for der in
+                    ecs_ca_backends::pem_chain_to_der(&text).map_err(|e| format!("{path}: {e}"))?
+                {
+                    anchors.push((path.clone(), der));
+                }
+            }
+            let ders: Vec<Vec<u8>> = anchors.iter().map(|(_, d)| d.clone()).collect();
+            let path = ecs_ca_backends::chain::validate_path(&chain, &ders, case.at);
+            let revocation = match (&path, tp.crls.is_empty()) {
+                (Ok(i), false) => Some(crl_files(&tp.crls).and_then(|crls| {
+                    ecs_ca_backends::chain::check_revocation(&chain, &ders[*i], &crls, case.at)
+                })),
+                _ => None,
+            };
+            let names: Vec<String> = leaf
+                .common_names
+                .iter()
+                .chain(&leaf.dns_names)
+                .chain(&leaf.uris)
+                .chain(&leaf.ips)
+                .cloned()
+                .collect();
+            let description = leaf.key.describe();
+            domain.decide_third_party(
+                &case.domain,
+                &ThirdPartyFacts {
+                    token_issuer: &issuer_name,
+                    ees_id: &ees_id,
+                    endpoint_names: std::slice::from_ref(&ees_id),
+                    path: path.map(|i| anchors[i].0.clone()),
+                    leaf_ekus: &leaf.ekus,
+                    leaf_names: &names,
+                    leaf_not_before: leaf.not_before,
+                    leaf_not_after: leaf.not_after,
+                    key_type: crate::registrations::key_type(leaf.key.kind),
+                    key_description: &description,
+                    revocation,
+                    requested_expiry: None,
+                    secret_token_requested: false,
+                    now: case.at,
+                },
+            )
+        }
+    };
+    let mut v = json!({
+        "domain": case.domain,
+        "eesId": ees_id,
+        "tokenIssuer": issuer_name,
+        "at": crate::model::format_time(case.at),
+        "path": if case.chain_pem.is_some() { "THIRD_PARTY" } else { "ECS_ISSUED" },
+        "rules": decision.evaluated.iter().map(|r| json!({"rule": r.rule, "passed": r.passed, "detail": r.detail})).collect::<Vec<_>>(),
+    });
+    if let Some(p) = claims["provId"].as_str()
+        && p != case.domain
+        && !(case.domain == DEFAULT_DOMAIN && p.is_empty())
+    {
+        v["warning"] = json!(format!("the token's provId {p:?} is not this domain"));
+    }
+    match &decision.outcome {
+        Ok(a) => {
+            v["allowed"] = json!(true);
+            v["approval"] = json!({
+                "backend": a.backend.clone().unwrap_or_else(|| cfg.default_backend().to_string()),
+                "certValiditySecs": a.cert_validity_secs,
+                "registrationExpiry": crate::model::format_time(a.registration_expiry),
+                "secretToken": a.issue_secret_token,
+            });
+        }
+        Err(r) => {
+            let cause = match r.kind {
+                RefusalKind::WeakKey => "WEAK_KEY",
+                RefusalKind::Rejected => "POLICY_REJECTED",
+                RefusalKind::UntrustedCertificate => "UNTRUSTED_CLIENT_CERT",
+            };
+            v["allowed"] = json!(false);
+            v["refusal"] = json!({"rule": r.rule, "cause": cause, "reason": r.reason});
+        }
+    }
+    Ok((decision, v))
+}
+
+fn crl_files(crls: &[String]) -> Result<Vec<Vec<u8>>, String> {
+    crls.iter()
+        .map(|c| {
+            if c.starts_with("https://") {
+                return Err(format!(
+                    "CRL {c} is not fetched by explain; the daemon fetches it"
+                ));
+            }
+            let bytes = std::fs::read(c).map_err(|e| format!("CRL {c}: {e}"))?;
+            match std::str::from_utf8(&bytes) {
+                Ok(t) if t.contains("-----BEGIN") => {
+                    ecs_ca_backends::pem_to_der(t, "X509 CRL").map_err(|e| format!("CRL {c}: {e}"))
+                }
+                _ => Ok(bytes),
+            }
+        })
+        .collect()
+}
+
+/// The human rendering.
+pub fn render_text(v: &Value) -> String {
+    let mut s = format!(
+        "domain {}, EES ID {}, token issuer {}, {} path, at {}\n",
+        v["domain"].as_str().unwrap_or(""),
+        v["eesId"].as_str().unwrap_or(""),
+        v["tokenIssuer"].as_str().unwrap_or(""),
+        v["path"].as_str().unwrap_or(""),
+        v["at"].as_str().unwrap_or("")
+    );
+    for r in v["rules"].as_array().into_iter().flatten() {
+        s += &format!(
+            "  {} {:<44} {}\n",
+            if r["passed"] == json!(true) {
+                "pass"
+            } else {
+                "FAIL"
+            },
+            r["rule"].as_str().unwrap_or(""),
+            r["detail"].as_str().unwrap_or("")
+        );
+    }
+    if let Some(w) = v["warning"].as_str() {
+        s += &format!("  warning: {w}\n");
+    }
+    if v["allowed"] == json!(true) {
+        let a = &v["approval"];
+        s += &format!(
+            "decision: ALLOWED (backend {}, certificate {} s, registration until {}, Secret_token {})\n",
+            a["backend"].as_str().unwrap_or(""),
+            a["certValiditySecs"],
+            a["registrationExpiry"].as_str().unwrap_or(""),
+            a["secretToken"]
+        );
+    } else {
+        let r = &v["refusal"];
+        s += &format!(
+            "decision: REFUSED {} by {}: {}\n",
+            r["cause"].as_str().unwrap_or(""),
+            r["rule"].as_str().unwrap_or(""),
+            r["reason"].as_str().unwrap_or("")
+        );
+    }
+    s
+}

@@ -1,0 +1,354 @@
+//! The policy audits: `ecsd policy lint`, `explain` and `diff`, and live reload, on the
+//! example configuration and on a running `ecsd`.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::path::Path;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = ecsd().args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn example() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/examples/ecs.toml")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn the_example_configuration_lints_clean_and_explains_its_decisions() {
+    let (code, out, err) = run(&["policy", "lint", &example()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.trim(), "clean");
+
+    let (code, out, _) = run(&[
+        "policy",
+        "explain",
+        "--config",
+        &example(),
+        "--domain",
+        "ecsp-a",
+        "--ees-id",
+        "ees1.edn1.ecsp-a.example",
+        "--token-issuer",
+        "ecsp-a-as",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["allowed"], json!(true));
+    assert_eq!(v["approval"]["backend"], json!("issuing"));
+    let rules: Vec<&str> = v["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rule"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rules[..3],
+        [
+            "domains.ecsp-a.token_issuers",
+            "domains.ecsp-a.ees_ids",
+            "domains.ecsp-a.key_types"
+        ]
+    );
+
+    // Domain A's token issuer does not onboard into domain B.
+    let (_, out, _) = run(&[
+        "policy",
+        "explain",
+        "--config",
+        &example(),
+        "--domain",
+        "ecsp-b",
+        "--ees-id",
+        "ees1.ecsp-b.example",
+        "--token-issuer",
+        "ecsp-a-as",
+    ]);
+    assert!(out.contains("FAIL domains.ecsp-b.token_issuers"), "{out}");
+    assert!(
+        out.contains("decision: REFUSED POLICY_REJECTED by domains.ecsp-b.token_issuers"),
+        "{out}"
+    );
+}
+
+#[test]
+fn lint_names_every_problem_an_auditor_wants() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        ecsd()
+            .args(["init", "--dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let leaf = dir.path().join("leaf.pem");
+    let (ok, out) = openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=leaf",
+            "-days",
+            "10",
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.pem",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+        ],
+        dir.path(),
+    );
+    assert!(ok, "{out}");
+    let cfg = dir.path().join("ecs.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text = text.replace(
+        "key_types = [\"p256\",",
+        "key_types = [\"rsa2048\", \"p256\",",
+    );
+    text.push_str(&format!(
+        "\n[backends.spare]\nkind = \"software\"\nkey = \"keys/issuing-ca.key\"\ncert = \"keys/issuing-ca.pem\"\n\
+         [domains.ecsp-x]\ntoken_issuers = []\nees_ids = [\"ees*.example\"]\nbackend = \"soft\"\ncert_validity = \"400d\"\n\
+         [domains.ecsp-x.third_party]\naccept = true\ntrust_anchors = [\"{}\"]\n",
+        leaf.display()
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    let (code, out, _) = run(&["policy", "lint", "--format", "json", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "an anchor that is not a CA is an error: {out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let has = |severity: &str, key: &str, text: &str| {
+        v["findings"].as_array().unwrap().iter().any(|f| {
+            f["severity"] == json!(severity)
+                && f["key"] == json!(key)
+                && f["message"].as_str().unwrap_or("").contains(text)
+        })
+    };
+    assert!(
+        has("warning", "domains.default.key_types", "rsa2048"),
+        "{out}"
+    );
+    assert!(
+        has("warning", "domains.ecsp-x.ees_ids", "overlaps"),
+        "{out}"
+    );
+    assert!(
+        has("warning", "domains.ecsp-x.token_issuers", "no token issuer"),
+        "{out}"
+    );
+    assert!(
+        has("warning", "domains.ecsp-x.cert_validity", "398 days"),
+        "{out}"
+    );
+    assert!(has("warning", "backends.spare", "no domain uses"), "{out}");
+    assert!(
+        has(
+            "error",
+            "domains.ecsp-x.third_party.trust_anchors",
+            "not a CA"
+        ),
+        "{out}"
+    );
+    // serve refuses what lint calls an error, naming the key.
+    let (code, _, err) = run(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("domains.ecsp-x.third_party.trust_anchors"),
+        "{err}"
+    );
+}
+
+/// A CSR made by openssl with an RSA 2048 key.
+fn rsa_csr(dir: &Path) -> String {
+    let (ok, out) = openssl(
+        &[
+            "req", "-new", "-nodes", "-subj", "/CN=x", "-newkey", "rsa:2048", "-keyout", "rsa.key",
+            "-out", "rsa.csr",
+        ],
+        dir,
+    );
+    assert!(ok, "{out}");
+    std::fs::read_to_string(dir.join("rsa.csr")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_shows_what_a_change_would_do_and_reload_applies_it() {
+    let ecs = Ecs::start();
+    ecs.register("ees-keep.a.example").await;
+    let dropped = ecs.register("ees-drop.b.example").await;
+    let id = "ees-rsa.a.example";
+    let r = ecs
+        .post(
+            Some(&ecs.token(id)),
+            &registration_body(id, &rsa_csr(ecs.dir.path())),
+        )
+        .await;
+    assert_problem(&r, 400, "WEAK_KEY");
+
+    // The proposal: only *.a.example, and RSA 2048 allowed.
+    let current = std::fs::read_to_string(ecs.config_path()).unwrap();
+    let proposed = current
+        .replace("ees_ids = [\"*\"]", "ees_ids = [\"*.a.example\"]")
+        .replace(
+            "key_types = [\"p256\",",
+            "key_types = [\"rsa2048\", \"p256\",",
+        );
+    let proposed_path = ecs.dir.path().join("proposed.toml");
+    std::fs::write(&proposed_path, &proposed).unwrap();
+    // The daemon holds the store: diff goes through its admin API.
+    let (code, out, err) = run(&[
+        "policy",
+        "diff",
+        "--config",
+        ecs.config_path().to_str().unwrap(),
+        "--proposed",
+        proposed_path.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let d: Value = serde_json::from_str(&out).unwrap();
+    let change = |rule: &str| {
+        d["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["rule"] == json!(rule))
+            .map(|r| r["change"].clone())
+    };
+    assert_eq!(change("domains.default.key_types"), Some(json!("loosened")));
+    assert_eq!(change("domains.default.ees_ids"), Some(json!("changed")));
+    let gone = d["no_longer_admitted"].as_array().unwrap();
+    assert_eq!(gone.len(), 1, "{out}");
+    assert_eq!(gone[0]["registration_id"], json!(dropped.id));
+    assert_eq!(gone[0]["rule"], json!("domains.default.ees_ids"));
+    let admitted = d["now_admitted"].as_array().unwrap();
+    assert_eq!(admitted.len(), 1, "{out}");
+    assert_eq!(admitted[0]["ees_id"], json!(id));
+    assert_eq!(
+        admitted[0]["refused_by"],
+        json!("domains.default.key_types")
+    );
+
+    // Reload: an invalid file keeps the running policy and says why.
+    let still = "ees-still.b.example";
+    let still_token = ecs.token(still);
+    std::fs::write(
+        ecs.config_path(),
+        current.replace("cert_validity = \"30d\"", "cert_validity = \"forever\""),
+    )
+    .unwrap();
+    let (status, body) = admin_post(ecs.admin_port, "/admin/v1/policy/reload");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("forever"), "{body}");
+    let r = ecs
+        .post(
+            Some(&still_token),
+            &registration_body(still, &Key::new().csr(still)),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        201,
+        "the running policy stays: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+
+    // A valid one is swapped in at once, and recorded with both hashes.
+    std::fs::write(ecs.config_path(), &proposed).unwrap();
+    let (status, body) = admin_post(ecs.admin_port, "/admin/v1/policy/reload");
+    assert_eq!(status, 200, "{body}");
+    let hashes: Value = serde_json::from_str(&body).unwrap();
+    let id = "ees-new.b.example";
+    let r = ecs
+        .post(
+            Some(&ecs.token(id)),
+            &registration_body(id, &Key::new().csr(id)),
+        )
+        .await;
+    assert_problem(&r, 403, "POLICY_REJECTED");
+    let (intact, records) = ecs.audit();
+    assert!(intact);
+    let reload = records
+        .iter()
+        .rev()
+        .find(|r| r["action"] == json!("policy_reload") && r["outcome"] == json!("accepted"))
+        .unwrap();
+    assert!(
+        reload["detail"]
+            .as_str()
+            .unwrap()
+            .contains(hashes["oldPolicyHash"].as_str().unwrap())
+    );
+    assert_eq!(records.last().unwrap()["policy_hash"], hashes["policyHash"]);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["action"] == json!("policy_reload") && r["outcome"] == json!("refused"))
+    );
+
+    // SIGHUP does the same.
+    std::fs::write(ecs.config_path(), &current).unwrap();
+    hup(&ecs);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = ecs
+            .post(
+                Some(&ecs.token(id)),
+                &registration_body(id, &Key::new().csr(id)),
+            )
+            .await;
+        if r.status == 201 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+fn hup(ecs: &Ecs) {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &ecs.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn admin_post(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default(),
+    )
+}
