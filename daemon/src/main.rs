@@ -599,6 +599,10 @@ async fn run_ees(cmd: EesCmd) -> Result<(), Fail> {
 /// Reads the audit log: from the store when no daemon holds it, else through the daemon's
 /// admin API.
 async fn audit_log(cfg: &Config) -> Result<(Vec<AuditRecord>, (u64, String)), Fail> {
+    if !cfg.storage.path.exists() {
+        // No store yet (a daemon never ran with this configuration): nothing recorded.
+        return Ok((Vec::new(), (0, ecs_daemon::audit::GENESIS_HASH.to_string())));
+    }
     match SledStore::open(&cfg.storage.path) {
         Ok(store) => {
             let records = store.audit_records(1).map_err(|e| other(e.to_string()))?;
@@ -634,6 +638,9 @@ async fn active_registrations(
     )>,
     Fail,
 > {
+    if !cfg.storage.path.exists() {
+        return Ok(Vec::new());
+    }
     match SledStore::open(&cfg.storage.path) {
         Ok(store) => store
             .active_registrations()
