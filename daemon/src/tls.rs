@@ -136,6 +136,7 @@ pub async fn server_identity(app: &App) -> Result<ServerIdentity, String> {
             sans.push(s)
         }
     };
+    // Only names that are valid in a dNSName (pkilint refuses e.g. "localhost").
     match host.parse::<std::net::IpAddr>() {
         Ok(ip) => add(SanEntry::Ip(ip)),
         Err(_) => add(SanEntry::Dns(host.to_ascii_lowercase())),
@@ -143,7 +144,6 @@ pub async fn server_identity(app: &App) -> Result<ServerIdentity, String> {
     if crate::model::is_fqdn(&cfg.ecs_id) {
         add(SanEntry::Dns(cfg.ecs_id.to_ascii_lowercase()));
     }
-    add(SanEntry::Dns("localhost".into()));
     add(SanEntry::Ip(std::net::Ipv4Addr::LOCALHOST.into()));
     let backend = app.default_backend().clone();
     let template = CertTemplate {
