@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod daemon;

@@ -57,6 +57,37 @@ enum Command {
     /// Static checks of a configuration's policy.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// The load generator: full registrations against an ECS, or the same CSRs against a
+    /// `cfssl serve` `/api/v1/cfssl/sign` endpoint.
+    Bench {
+        /// The ECS configuration whose development token issuer mints the tokens.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "ecs")]
+        target: BenchTarget,
+        /// The ECS (https) or cfssl (http/https) base URL; default: the ECS's public_url.
+        #[arg(long)]
+        url: Option<String>,
+        /// Trust roots for https; default: the configuration's root.pem.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        #[arg(long)]
+        cfssl_profile: Option<String>,
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value = "reuse")]
+        connections: BenchConnections,
+        /// Stop after this long even if requests remain.
+        #[arg(long)]
+        duration: Option<PolicyDuration>,
+        /// The server's pid, for its CPU seconds and peak RSS.
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long, default_value = "text")]
+        format: Format,
+    },
     /// A PKCS#11 key ceremony: one reviewed file in, verified artefacts and a transcript out.
     Ceremony {
         #[arg(long)]
@@ -220,6 +251,18 @@ enum PolicyCmd {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+enum BenchTarget {
+    Ecs,
+    Cfssl,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+enum BenchConnections {
+    Reuse,
+    New,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
 enum Format {
     Text,
     Json,
@@ -362,6 +405,86 @@ async fn run(cmd: Command) -> Result<(), Fail> {
         }
         Command::Ees(cmd) => run_ees(cmd).await,
         Command::Ceremony { config } => ceremony(&config),
+        Command::Bench {
+            config,
+            target,
+            url,
+            ca,
+            cfssl_profile,
+            requests,
+            concurrency,
+            connections,
+            duration,
+            pid,
+            format,
+        } => {
+            use ecs_daemon::bench;
+            let cfg = load(&config)?;
+            let prefix = format!(
+                "bench-{}",
+                token::random_b64(6).to_lowercase().replace(['-', '_'], "x")
+            );
+            let (ees_ids, csrs) = bench::prepare(requests, &prefix).map_err(other)?;
+            let tokens = if target == BenchTarget::Ecs {
+                let name = cfg
+                    .token_issuers
+                    .iter()
+                    .find(|(_, i)| i.private_key.is_some())
+                    .map(|(n, _)| n.clone())
+                    .ok_or_else(|| usage("--config: no token issuer with a private_key"))?;
+                let now = ecs_daemon::app::now();
+                ees_ids
+                    .iter()
+                    .map(|id| {
+                        token::mint(
+                            &cfg,
+                            &name,
+                            &token::MintRequest {
+                                ees_id: id,
+                                prov_id: None,
+                                ttl_secs: 3600,
+                                now,
+                            },
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(other)?
+            } else {
+                Vec::new()
+            };
+            let ca =
+                ca.unwrap_or_else(|| config.parent().unwrap_or(Path::new(".")).join("root.pem"));
+            let roots_pem = std::fs::read(&ca).unwrap_or_default();
+            let report = bench::run(bench::BenchArgs {
+                target: if target == BenchTarget::Ecs {
+                    bench::Target::Ecs
+                } else {
+                    bench::Target::Cfssl
+                },
+                url: url.unwrap_or_else(|| cfg.public_base().to_string()),
+                roots_pem,
+                tokens,
+                ees_ids,
+                csrs,
+                concurrency: concurrency.max(1),
+                connections: if connections == BenchConnections::Reuse {
+                    bench::Connections::Reuse
+                } else {
+                    bench::Connections::New
+                },
+                duration: duration.map(|d| std::time::Duration::from_secs(d.as_secs())),
+                cfssl_profile,
+                server_pid: pid,
+            })
+            .await
+            .map_err(other)?;
+            if format == Format::Json {
+                println!("{report}");
+            } else {
+                print!("{}", bench::render_text(&report));
+            }
+            Ok(())
+        }
         Command::Audit(cmd) => run_audit(cmd).await,
         Command::Policy(PolicyCmd::Diff {
             config,

@@ -8,6 +8,7 @@
 use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH, chain_hash};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
 
 /// The lifecycle of a registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,6 +161,95 @@ pub struct StoreCounts {
 pub struct SledStore {
     db: sled::Db,
     tree: sled::Tree,
+    flusher: Arc<GroupFlush>,
+    /// Every commit appends to the audit chain (one head key), so concurrent sled
+    /// transactions would conflict and retry; taking turns is cheaper. The wait for
+    /// durability happens outside it.
+    apply_lock: Mutex<()>,
+}
+
+/// Group commit: every commit waits for a flush that started after it was applied, and one
+/// flush serves every commit that arrived while the previous one ran. Under load many
+/// registrations share one `fsync`; alone, a commit costs one flush, as before.
+struct GroupFlush {
+    state: Mutex<FlushState>,
+    wake_flusher: Condvar,
+    flushed: Condvar,
+}
+
+#[derive(Default)]
+struct FlushState {
+    /// Commits applied so far (each takes the next number).
+    requested: u64,
+    /// All commits up to this number are durable.
+    done: u64,
+    /// The error of the last flush, handed to the commits it covered.
+    failed: Option<(u64, String)>,
+    stop: bool,
+}
+
+impl GroupFlush {
+    fn start(db: sled::Db) -> Arc<Self> {
+        let g = Arc::new(GroupFlush {
+            state: Mutex::new(FlushState::default()),
+            wake_flusher: Condvar::new(),
+            flushed: Condvar::new(),
+        });
+        let worker = g.clone();
+        std::thread::Builder::new()
+            .name("sled-flush".into())
+            .spawn(move || worker.run(db))
+            .expect("spawn the flush thread");
+        g
+    }
+
+    fn run(&self, db: sled::Db) {
+        loop {
+            let target = {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                while st.requested == st.done && !st.stop {
+                    st = self
+                        .wake_flusher
+                        .wait(st)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                if st.stop && st.requested == st.done {
+                    return;
+                }
+                st.requested
+            };
+            let result = db.flush();
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = result {
+                st.failed = Some((target, e.to_string()));
+            }
+            st.done = target;
+            self.flushed.notify_all();
+        }
+    }
+
+    /// Waits until everything applied before this call is on disk.
+    fn wait_durable(&self) -> Result<(), StoreError> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.requested += 1;
+        let mine = st.requested;
+        self.wake_flusher.notify_one();
+        while st.done < mine {
+            st = self.flushed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        match &st.failed {
+            Some((upto, e)) if *upto >= mine => Err(StoreError::Io(format!("flush: {e}"))),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        let mut st = self.flusher.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.stop = true;
+        self.flusher.wake_flusher.notify_one();
+    }
 }
 
 const AUDIT_HEAD: &[u8] = b"meta/audit_head";
@@ -206,7 +296,13 @@ impl SledStore {
             .open()
             .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
         let tree = db.open_tree("ecs").map_err(io)?;
-        Ok(SledStore { db, tree })
+        let flusher = GroupFlush::start(db.clone());
+        Ok(SledStore {
+            db,
+            tree,
+            flusher,
+            apply_lock: Mutex::new(()),
+        })
     }
 
     fn get<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -220,6 +316,7 @@ impl SledStore {
 impl SledStore {
     fn apply(&self, c: &Commit) -> Result<Option<AuditRecord>, StoreError> {
         use sled::transaction::ConflictableTransactionError::Abort;
+        let _turn = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let result = self.tree.transaction(|tx| {
             if let Some(t) = &c.spend_token {
                 let key = k("jti/", &format!("{}\0{}", t.iss, t.jti));
@@ -313,8 +410,8 @@ fn tx_get<T: for<'de> Deserialize<'de>>(
 impl Store for SledStore {
     fn commit(&self, c: Commit) -> Result<Option<AuditRecord>, StoreError> {
         let written = self.apply(&c)?;
-        // Durable before the caller answers.
-        self.db.flush().map_err(io)?;
+        // Durable before the caller answers, in a flush shared with concurrent commits.
+        self.flusher.wait_durable()?;
         Ok(written)
     }
 

@@ -115,7 +115,14 @@ async fn a_client_certificate_from_an_unknown_issuer_reaches_the_route() {
         )
         .await
         .unwrap();
-    assert_problem(&r, 403, "POLICY_REJECTED");
+    // ... and for the third-party path, the domain policy (which accepts none here).
+    assert_problem(&r, 403, "UNTRUSTED_CLIENT_CERT");
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("domains.default.third_party.accept")
+    );
 }
 
 struct Attempt {

@@ -264,14 +264,14 @@ async fn every_refusal_has_the_contract_cause() {
             "POLICY_REJECTED",
         ),
         (
-            "third party not yet",
+            "third party without a client certificate",
             Some(token.clone()),
             "application/json",
             edit(&|b| {
                 b["onboarding"] = json!({"thirdPartyCert": true});
             }),
-            403,
-            "POLICY_REJECTED",
+            401,
+            "CLIENT_CERT_REQUIRED",
         ),
         (
             "wrong content type",
@@ -306,7 +306,7 @@ async fn every_refusal_has_the_contract_cause() {
             Some("application/problem+json"),
             "{what}"
         );
-        if status == 401 {
+        if cause == "INVALID_TOKEN" {
             assert!(
                 r.header("www-authenticate")
                     .unwrap()

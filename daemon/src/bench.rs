@@ -1,0 +1,320 @@
+//! `ecsd bench`: a load generator that drives an ECS (or, with the same CSRs, a `cfssl serve`
+//! `/api/v1/cfssl/sign` endpoint) with full registrations, and prints what an operator needs
+//! to size a deployment. Everything is prepared before the clock starts.
+
+use crate::client::{provider, root_store};
+use bytes::Bytes;
+use ecs_ca_backends::{SoftwareKey, build_csr, generate_p256_pkcs8_pem};
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// What to drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Ecs,
+    Cfssl,
+}
+
+/// How connections are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connections {
+    /// Keep-alive: each client sends all its requests on one connection.
+    Reuse,
+    /// A new TCP (and TLS) connection for every request.
+    New,
+}
+
+pub struct BenchArgs {
+    pub target: Target,
+    /// `https://…` for the ECS; `http(s)://…` for cfssl.
+    pub url: String,
+    /// Trust roots (PEM) for https.
+    pub roots_pem: Vec<u8>,
+    /// Pre-minted onboarding tokens, one per request (ECS target).
+    pub tokens: Vec<String>,
+    pub ees_ids: Vec<String>,
+    pub csrs: Vec<String>,
+    pub concurrency: usize,
+    pub connections: Connections,
+    pub duration: Option<Duration>,
+    pub cfssl_profile: Option<String>,
+    pub server_pid: Option<u32>,
+}
+
+/// Prepares `n` distinct EES IDs and their CSRs (P-256).
+pub fn prepare(n: usize, prefix: &str) -> Result<(Vec<String>, Vec<String>), String> {
+    let mut ids = Vec::with_capacity(n);
+    let mut csrs = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("{prefix}-{i}.bench.example");
+        let key =
+            SoftwareKey::from_pkcs8_pem(&generate_p256_pkcs8_pem().map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        csrs.push(build_csr(&key, &id).map_err(|e| e.to_string())?);
+        ids.push(id);
+    }
+    Ok((ids, csrs))
+}
+
+struct Sample {
+    latency: Duration,
+    status: u16,
+    cause: String,
+}
+
+enum Conn {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+}
+
+async fn connect(url: &str, tls: &Option<tokio_rustls::TlsConnector>) -> Result<Conn, String> {
+    let (scheme, rest) = url.split_once("://").ok_or("bad url")?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let (host, port) = authority.rsplit_once(':').ok_or("url needs a port")?;
+    let tcp = TcpStream::connect((host, port.parse::<u16>().map_err(|_| "bad port")?))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let send = if scheme == "https" {
+        let tls = tls.as_ref().ok_or("https needs roots")?;
+        let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+        let stream = tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        send
+    } else {
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        send
+    };
+    Ok(Conn::Http1(send))
+}
+
+fn request(args: &BenchArgs, i: usize) -> Request<Full<Bytes>> {
+    let authority = args
+        .url
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let (path, body, auth) = match args.target {
+        Target::Ecs => {
+            let body = json!({
+                "eesProf": { "eesId": args.ees_ids[i], "endPt": { "fqdn": args.ees_ids[i] }, "eecRegConf": false },
+                "onboarding": { "csr": args.csrs[i] }
+            });
+            (
+                "/eecs-eesregistration/v1/registrations",
+                body,
+                Some(format!("Bearer {}", args.tokens[i])),
+            )
+        }
+        Target::Cfssl => {
+            let mut body = json!({
+                "certificate_request": args.csrs[i],
+                "hosts": [args.ees_ids[i]],
+                "subject": { "CN": args.ees_ids[i] },
+            });
+            if let Some(p) = &args.cfssl_profile {
+                body["profile"] = json!(p);
+            }
+            ("/api/v1/cfssl/sign", body, None)
+        }
+    };
+    let mut b = Request::post(path)
+        .header("host", authority)
+        .header("content-type", "application/json");
+    if let Some(a) = auth {
+        b = b.header("authorization", a);
+    }
+    b.body(Full::new(Bytes::from(body.to_string())))
+        .expect("valid request")
+}
+
+/// Runs the load and returns the report.
+pub async fn run(args: BenchArgs) -> Result<Value, String> {
+    let args = Arc::new(args);
+    let tls = if args.url.starts_with("https://") {
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(root_store(&args.roots_pem).map_err(|e| e.to_string())?)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    } else {
+        None
+    };
+    let total = args.csrs.len();
+    let next = Arc::new(AtomicUsize::new(0));
+    let cpu_before = args.server_pid.and_then(cpu_seconds);
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + d);
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency {
+        let (args, next, tls) = (args.clone(), next.clone(), tls.clone());
+        workers.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut conn: Option<Conn> = None;
+            loop {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let t0 = Instant::now();
+                if conn.is_none() || args.connections == Connections::New {
+                    conn = match connect(&args.url, &tls).await {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            samples.push(Sample {
+                                latency: t0.elapsed(),
+                                status: 0,
+                                cause: format!("connect: {e}"),
+                            });
+                            continue;
+                        }
+                    };
+                }
+                let Some(Conn::Http1(send)) = conn.as_mut() else {
+                    continue;
+                };
+                let result = async {
+                    send.ready().await.map_err(|e| e.to_string())?;
+                    let resp = send
+                        .send_request(request(&args, i))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let status = resp.status().as_u16();
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .to_bytes();
+                    Ok::<_, String>((status, body))
+                }
+                .await;
+                match result {
+                    Ok((status, body)) => {
+                        let cause = if (200..300).contains(&status) {
+                            String::new()
+                        } else {
+                            serde_json::from_slice::<Value>(&body)
+                                .ok()
+                                .and_then(|v| v["cause"].as_str().map(String::from))
+                                .unwrap_or_default()
+                        };
+                        samples.push(Sample {
+                            latency: t0.elapsed(),
+                            status,
+                            cause,
+                        });
+                    }
+                    Err(e) => {
+                        samples.push(Sample {
+                            latency: t0.elapsed(),
+                            status: 0,
+                            cause: e,
+                        });
+                        conn = None;
+                    }
+                }
+            }
+            samples
+        }));
+    }
+    let mut samples = Vec::new();
+    for w in workers {
+        samples.extend(w.await.map_err(|e| e.to_string())?);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_after = args.server_pid.and_then(cpu_seconds);
+    let ok: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| (200..300).contains(&s.status))
+        .collect();
+    let mut lat: Vec<f64> = ok
+        .iter()
+        .map(|s| s.latency.as_secs_f64() * 1000.0)
+        .collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        lat[((lat.len() as f64 - 1.0) * p).round() as usize]
+    };
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for s in samples.iter().filter(|s| !(200..300).contains(&s.status)) {
+        *errors
+            .entry(format!("{} {}", s.status, s.cause))
+            .or_default() += 1;
+    }
+    Ok(json!({
+        "target": format!("{:?}", args.target).to_lowercase(),
+        "connections": format!("{:?}", args.connections).to_lowercase(),
+        "concurrency": args.concurrency,
+        "requests": samples.len(),
+        "ok": ok.len(),
+        "seconds": elapsed,
+        "rps": ok.len() as f64 / elapsed,
+        "latency_ms": { "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": lat.last().copied().unwrap_or(0.0) },
+        "errors": errors,
+        "server_cpu_seconds": match (cpu_before, cpu_after) { (Some(a), Some(b)) => json!(b - a), _ => Value::Null },
+        "server_peak_rss_mib": args.server_pid.and_then(peak_rss_mib),
+    }))
+}
+
+/// utime + stime of a process, in seconds (Linux `/proc`).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Peak resident set size of a process, MiB (`VmHWM`).
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// One line for people.
+pub fn render_text(v: &Value) -> String {
+    format!(
+        "{} {} c={}: {} ok of {} in {:.1} s = {:.0} req/s; latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}; errors {}; server cpu {} s, peak rss {} MiB\n",
+        v["target"].as_str().unwrap_or(""),
+        v["connections"].as_str().unwrap_or(""),
+        v["concurrency"],
+        v["ok"],
+        v["requests"],
+        v["seconds"].as_f64().unwrap_or(0.0),
+        v["rps"].as_f64().unwrap_or(0.0),
+        v["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+        v["latency_ms"]["p90"].as_f64().unwrap_or(0.0),
+        v["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+        v["latency_ms"]["max"].as_f64().unwrap_or(0.0),
+        v["errors"],
+        v["server_cpu_seconds"],
+        v["server_peak_rss_mib"],
+    )
+}
