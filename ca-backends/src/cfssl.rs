@@ -9,19 +9,12 @@
 //! background.
 
 use crate::{
-    CertIssuer, CertTemplate, Error, IssuedCert, RevokedEntry, SanEntry, sha256_hex,
-    verify_cert_signed_by,
+    CertIssuer, CertTemplate, Error, IssuedCert, RevokedEntry, SanEntry, verify_cert_signed_by,
 };
 use aws_lc_rs::hmac;
-use der::{Decode, Encode};
 use serde_json::{Value, json};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use x509_cert::Certificate;
-use x509_cert::ext::pkix::name::GeneralName;
-use x509_cert::ext::pkix::{
-    BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName,
-};
 
 /// Parts of the approved certificate an external CA profile may be unable to put in; each
 /// must be declared in the configuration to be tolerated when missing.
@@ -249,19 +242,13 @@ impl CfsslIssuer {
     /// Checks a returned certificate against the approval. Returns a sentence for what is
     /// wrong.
     fn verify(&self, t: &CertTemplate, der: &[u8]) -> Result<IssuedCert, String> {
-        let cert = Certificate::from_der(der).map_err(|e| format!("does not parse: {e}"))?;
-        let tbs = cert.tbs_certificate();
-        let spki = tbs
-            .subject_public_key_info()
-            .to_der()
-            .map_err(|e| e.to_string())?;
-        if spki != t.spki_der {
+        let leaf = crate::chain::leaf_facts(der).map_err(|e| format!("does not parse: {e}"))?;
+        if leaf.spki_der != t.spki_der {
             return Err("it certifies another public key than the CSR's".into());
         }
         verify_cert_signed_by(der, &self.cfg.chain_der[0])
             .map_err(|_| "it is not signed by the configured CA certificate".to_string())?;
-        let nb = tbs.validity().not_before.to_unix_duration().as_secs() as i64;
-        let na = tbs.validity().not_after.to_unix_duration().as_secs() as i64;
+        let (nb, na) = (leaf.not_before, leaf.not_after);
         if na <= t.now {
             return Err("it has already expired".into());
         }
@@ -276,60 +263,38 @@ impl CfsslIssuer {
         }
         let tolerated = |n| self.cfg.not_honoured.contains(&n);
         // Subject: exactly the approved CN (and O unless declared not honoured).
-        let mut cn = Vec::new();
-        let mut org = Vec::new();
-        for rdn in tbs.subject().as_ref().iter() {
-            for atv in rdn.iter() {
-                let v = atv
-                    .value
-                    .decode_as::<der::asn1::Utf8StringRef>()
-                    .map(|s| s.to_string())
-                    .or_else(|_| {
-                        atv.value
-                            .decode_as::<der::asn1::PrintableStringRef>()
-                            .map(|s| s.to_string())
-                    })
-                    .unwrap_or_default();
-                if atv.oid == const_oid::db::rfc4519::CN {
-                    cn.push(v);
-                } else if atv.oid == const_oid::db::rfc4519::O {
-                    org.push(v);
-                } else {
-                    return Err(format!(
-                        "its subject has an unapproved attribute {}",
-                        atv.oid
-                    ));
-                }
-            }
+        if let Some(oid) = leaf.other_subject_attributes.first() {
+            return Err(format!("its subject has an unapproved attribute {oid}"));
         }
-        if cn != [t.common_name.clone()] {
+        if leaf.common_names != [t.common_name.clone()] {
             return Err(format!(
-                "its subject CN is {cn:?}, approved {:?}",
-                t.common_name
+                "its subject CN is {:?}, approved {:?}",
+                leaf.common_names, t.common_name
             ));
         }
         let want_org: Vec<String> = t.organization.iter().cloned().collect();
-        if org != want_org && !(org.is_empty() && tolerated(NotHonoured::Organization)) {
-            return Err(format!("its subject O is {org:?}, approved {want_org:?}"));
+        if leaf.organizations != want_org
+            && !(leaf.organizations.is_empty() && tolerated(NotHonoured::Organization))
+        {
+            return Err(format!(
+                "its subject O is {:?}, approved {want_org:?}",
+                leaf.organizations
+            ));
         }
         // subjectAltName: nothing unapproved, nothing approved missing (URIs if declared).
-        let got: Vec<SanEntry> = match tbs.get_extension::<SubjectAltName>() {
-            Ok(Some((_, san))) => san
-                .0
+        let mut got: Vec<SanEntry> = Vec::new();
+        got.extend(
+            leaf.dns_names
                 .iter()
-                .map(|g| match g {
-                    GeneralName::DnsName(d) => {
-                        Ok(SanEntry::Dns(d.to_string().to_ascii_lowercase()))
-                    }
-                    GeneralName::UniformResourceIdentifier(u) => Ok(SanEntry::Uri(u.to_string())),
-                    GeneralName::IpAddress(o) => ip_of(o.as_bytes()).map(SanEntry::Ip).ok_or(()),
-                    _ => Err(()),
-                })
-                .collect::<Result<_, _>>()
-                .map_err(|_| "its subjectAltName has an unapproved kind of name".to_string())?,
-            Ok(None) => Vec::new(),
-            Err(e) => return Err(format!("its subjectAltName does not parse: {e}")),
-        };
+                .map(|d| SanEntry::Dns(d.to_ascii_lowercase())),
+        );
+        got.extend(leaf.uris.iter().map(|u| SanEntry::Uri(u.clone())));
+        for ip in &leaf.ips {
+            got.push(SanEntry::Ip(
+                ip.parse()
+                    .map_err(|_| "its subjectAltName has a bad IP address")?,
+            ));
+        }
         for g in &got {
             if !t.sans.contains(g) {
                 return Err(format!("it names {g:?}, which was not approved"));
@@ -342,50 +307,26 @@ impl CfsslIssuer {
             }
         }
         // Usage: an end entity for TLS, digitalSignature, the approved EKUs.
-        if tbs
-            .get_extension::<BasicConstraints>()
-            .ok()
-            .flatten()
-            .is_some_and(|(_, b)| b.ca)
-        {
+        if leaf.is_ca {
             return Err("it is a CA certificate".into());
         }
-        let ku = tbs.get_extension::<KeyUsage>().ok().flatten();
-        if !ku.is_some_and(|(_, k)| {
-            k.0.contains(KeyUsages::DigitalSignature) && !k.0.contains(KeyUsages::KeyCertSign)
-        }) {
+        if !leaf.digital_signature || leaf.key_cert_sign {
             return Err("its keyUsage is not digitalSignature".into());
         }
-        let eku = tbs
-            .get_extension::<ExtendedKeyUsage>()
-            .ok()
-            .flatten()
-            .map(|(_, e)| e.0)
-            .unwrap_or_default();
-        if t.client_auth && !eku.contains(&const_oid::db::rfc5280::ID_KP_CLIENT_AUTH) {
+        let has = |e: &str| leaf.ekus.iter().any(|x| x == e);
+        if t.client_auth && !has("clientAuth") {
             return Err("its extendedKeyUsage lacks clientAuth".into());
         }
-        if t.server_auth
-            && !eku.contains(&const_oid::db::rfc5280::ID_KP_SERVER_AUTH)
-            && !tolerated(NotHonoured::ServerAuth)
-        {
+        if t.server_auth && !has("serverAuth") && !tolerated(NotHonoured::ServerAuth) {
             return Err("its extendedKeyUsage lacks serverAuth".into());
         }
         Ok(IssuedCert {
-            fingerprint: sha256_hex(der),
+            fingerprint: leaf.fingerprint,
             der: der.to_vec(),
-            serial_hex: hex::encode(tbs.serial_number().as_bytes()),
+            serial_hex: leaf.serial_hex,
             not_before: nb,
             not_after: na,
         })
-    }
-}
-
-fn ip_of(b: &[u8]) -> Option<std::net::IpAddr> {
-    match b.len() {
-        4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
-        16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
-        _ => None,
     }
 }
 

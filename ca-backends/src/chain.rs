@@ -15,15 +15,25 @@ use x509_cert::Certificate;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{ExtendedKeyUsage, SubjectAltName};
 
-/// What the policy needs to know about a leaf certificate.
+/// What the policy (and the passthrough's checks) need to know about a leaf certificate.
 #[derive(Debug, Clone)]
 pub struct LeafFacts {
     pub common_names: Vec<String>,
+    pub organizations: Vec<String>,
+    /// OIDs of subject attributes other than CN and O.
+    pub other_subject_attributes: Vec<String>,
     pub dns_names: Vec<String>,
     pub uris: Vec<String>,
     pub ips: Vec<String>,
     /// `clientAuth`, `serverAuth`, or the dotted OID of any other purpose.
     pub ekus: Vec<String>,
+    /// basicConstraints cA.
+    pub is_ca: bool,
+    /// keyUsage bits that matter for an end entity.
+    pub digital_signature: bool,
+    pub key_cert_sign: bool,
+    /// The certified public key, DER SubjectPublicKeyInfo.
+    pub spki_der: Vec<u8>,
     pub not_before: i64,
     pub not_after: i64,
     pub key: PublicKeyInfo,
@@ -31,17 +41,30 @@ pub struct LeafFacts {
     pub fingerprint: String,
 }
 
+impl LeafFacts {
+    /// Every name the certificate carries: CNs, dNSNames, URIs, IP addresses (as text).
+    pub fn names(&self) -> Vec<String> {
+        self.common_names
+            .iter()
+            .chain(&self.dns_names)
+            .chain(&self.uris)
+            .chain(&self.ips)
+            .cloned()
+            .collect()
+    }
+}
+
 /// Reads the facts of a leaf certificate.
 pub fn leaf_facts(der: &[u8]) -> Result<LeafFacts, Error> {
     let cert =
         Certificate::from_der(der).map_err(|e| Error::Encoding(format!("certificate: {e}")))?;
     let tbs = cert.tbs_certificate();
-    let mut common_names = Vec::new();
+    let (mut common_names, mut organizations, mut other_subject_attributes) =
+        (Vec::new(), Vec::new(), Vec::new());
     for rdn in tbs.subject().as_ref().iter() {
         for atv in rdn.iter() {
-            if atv.oid == const_oid::db::rfc4519::CN {
-                let v = atv
-                    .value
+            let text = || {
+                atv.value
                     .decode_as::<der::asn1::Utf8StringRef>()
                     .map(|s| s.to_string())
                     .or_else(|_| {
@@ -54,8 +77,14 @@ pub fn leaf_facts(der: &[u8]) -> Result<LeafFacts, Error> {
                             .decode_as::<der::asn1::Ia5StringRef>()
                             .map(|s| s.to_string())
                     })
-                    .unwrap_or_default();
-                common_names.push(v);
+                    .unwrap_or_default()
+            };
+            if atv.oid == const_oid::db::rfc4519::CN {
+                common_names.push(text());
+            } else if atv.oid == const_oid::db::rfc4519::O {
+                organizations.push(text());
+            } else {
+                other_subject_attributes.push(atv.oid.to_string());
             }
         }
     }
@@ -97,8 +126,23 @@ pub fn leaf_facts(der: &[u8]) -> Result<LeafFacts, Error> {
         _ => Vec::new(),
     };
     let spki = tbs.subject_public_key_info().to_der()?;
+    let is_ca = tbs
+        .get_extension::<x509_cert::ext::pkix::BasicConstraints>()
+        .ok()
+        .flatten()
+        .is_some_and(|(_, b)| b.ca);
+    let ku = tbs
+        .get_extension::<x509_cert::ext::pkix::KeyUsage>()
+        .ok()
+        .flatten()
+        .map(|(_, k)| k);
     Ok(LeafFacts {
         common_names,
+        organizations,
+        other_subject_attributes,
+        is_ca,
+        digital_signature: ku.is_some_and(|k| k.digital_signature()),
+        key_cert_sign: ku.is_some_and(|k| k.key_cert_sign()),
         dns_names,
         uris,
         ips,
@@ -106,6 +150,7 @@ pub fn leaf_facts(der: &[u8]) -> Result<LeafFacts, Error> {
         not_before: tbs.validity().not_before.to_unix_duration().as_secs() as i64,
         not_after: tbs.validity().not_after.to_unix_duration().as_secs() as i64,
         key: classify_spki(&spki)?,
+        spki_der: spki,
         serial_hex: hex::encode(tbs.serial_number().as_bytes()),
         fingerprint: sha256_hex(der),
     })
@@ -130,21 +175,27 @@ fn algorithms() -> &'static [&'static dyn rustls::pki_types::SignatureVerificati
         .all
 }
 
-/// Validates the path from `chain[0]` (the leaf, then the intermediates the client sent) to
-/// one of `anchors` at time `now`. Returns the index of the anchor reached, or why none was.
-pub fn validate_path(chain: &[Vec<u8>], anchors: &[Vec<u8>], now: i64) -> Result<usize, String> {
-    let leaf_der = CertificateDer::from(
+/// The leaf and intermediates of a presented chain, as webpki wants them.
+fn parse_chain(chain: &[Vec<u8>]) -> Result<(CertificateDer<'_>, Vec<CertificateDer<'_>>), String> {
+    let leaf = CertificateDer::from(
         chain
             .first()
             .ok_or("no certificate was presented")?
             .as_slice(),
     );
-    let leaf = EndEntityCert::try_from(&leaf_der)
-        .map_err(|e| format!("the certificate does not parse: {e}"))?;
-    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+    let intermediates = chain[1..]
         .iter()
         .map(|c| CertificateDer::from(c.as_slice()))
         .collect();
+    Ok((leaf, intermediates))
+}
+
+/// Validates the path from `chain[0]` (the leaf, then the intermediates the client sent) to
+/// one of `anchors` at time `now`. Returns the index of the anchor reached, or why none was.
+pub fn validate_path(chain: &[Vec<u8>], anchors: &[Vec<u8>], now: i64) -> Result<usize, String> {
+    let (leaf_der, intermediates) = parse_chain(chain)?;
+    let leaf = EndEntityCert::try_from(&leaf_der)
+        .map_err(|e| format!("the certificate does not parse: {e}"))?;
     let mut last = String::from("no trust anchor is configured");
     for (i, a) in anchors.iter().enumerate() {
         let a_der = CertificateDer::from(a.as_slice());
@@ -209,18 +260,9 @@ pub fn check_revocation(
         .with_status_policy(UnknownStatusPolicy::Deny)
         .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
         .build();
-    let leaf_der = CertificateDer::from(
-        chain
-            .first()
-            .ok_or("no certificate was presented")?
-            .as_slice(),
-    );
+    let (leaf_der, intermediates) = parse_chain(chain)?;
     let leaf = EndEntityCert::try_from(&leaf_der)
         .map_err(|e| format!("the certificate does not parse: {e}"))?;
-    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
-        .iter()
-        .map(|c| CertificateDer::from(c.as_slice()))
-        .collect();
     let a_der = CertificateDer::from(anchor);
     let anchor = webpki::anchor_from_trusted_cert(&a_der).map_err(|e| e.to_string())?;
     leaf.verify_for_usage(

@@ -98,14 +98,7 @@ pub fn diff(
                 })
                 .collect();
             let ders: Vec<Vec<u8>> = anchors.iter().map(|(_, d)| d.clone()).collect();
-            let names: Vec<String> = leaf
-                .common_names
-                .iter()
-                .chain(&leaf.dns_names)
-                .chain(&leaf.uris)
-                .chain(&leaf.ips)
-                .cloned()
-                .collect();
+            let names = leaf.names();
             domain.decide_third_party(
                 &reg.domain,
                 &ThirdPartyFacts {

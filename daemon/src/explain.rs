@@ -82,14 +82,7 @@ pub fn explain(cfg: &Config, case: &Case) -> Result<(Decision, Value), String> {
                 })),
                 _ => None,
             };
-            let names: Vec<String> = leaf
-                .common_names
-                .iter()
-                .chain(&leaf.dns_names)
-                .chain(&leaf.uris)
-                .chain(&leaf.ips)
-                .cloned()
-                .collect();
+            let names = leaf.names();
             let description = leaf.key.describe();
             domain.decide_third_party(
                 &case.domain,

@@ -300,14 +300,7 @@ async fn third_party_decision(
             ecs_ca_backends::SanEntry::Uri(u) => u.clone(),
         })
         .collect();
-    let leaf_names: Vec<String> = leaf
-        .common_names
-        .iter()
-        .chain(&leaf.dns_names)
-        .chain(&leaf.uris)
-        .chain(&leaf.ips)
-        .cloned()
-        .collect();
+    let leaf_names = leaf.names();
     let description = leaf.key.describe();
     f.key = Some(description.clone());
     let decision = domain.decide_third_party(
