@@ -406,6 +406,14 @@ fn location(app: &App, id: &str) -> String {
     )
 }
 
+/// What becomes the EES certificate of a new registration.
+enum Material<'a> {
+    /// Issue for this CSR (PEM, as sent) and its public key (SPKI DER).
+    Csr(&'a str, Vec<u8>),
+    /// Accept this third-party certificate.
+    ThirdParty(CertRecord),
+}
+
 /// `POST /registrations`: onboard an EES (solution #12 steps 3–5).
 pub async fn create(app: &Arc<App>, ctx: &RequestCtx, body: &[u8]) -> Result<Reply, ApiError> {
     audited(app, ctx, "register", async |f: &mut Facts| {
@@ -489,12 +497,13 @@ async fn create_inner(
     }
     // What becomes the EES certificate: a third-party chain from this handshake, or a
     // certificate issued for the CSR's key. Both are decided before anything is reserved.
-    let (approval, third_party) = if onboarding.third_party_cert {
+    let (approval, material) = if onboarding.third_party_cert {
         let (approval, cert) =
             third_party_decision(app, ctx, &token, &req, &domain_name, &domain, now, f).await?;
-        (approval, Some(cert))
+        (approval, Material::ThirdParty(cert))
     } else {
-        let csr = parse_csr(onboarding.csr.as_deref().unwrap_or_default())?;
+        let csr_pem = onboarding.csr.as_deref().unwrap_or_default();
+        let csr = parse_csr(csr_pem)?;
         let description = csr.key.describe();
         f.key = Some(description.clone());
         let decision = domain.decide_onboarding(
@@ -509,7 +518,8 @@ async fn create_inner(
                 now,
             },
         );
-        (decision.outcome?, None)
+        // The CSR checked above is the one issued for: parsed and verified once.
+        (decision.outcome?, Material::Csr(csr_pem, csr.spki_der))
     };
 
     // Two requests with one token, or for one EES, never both reach the signer.
@@ -536,20 +546,18 @@ async fn create_inner(
     }
 
     let backend = app.cfg.domain_backend(&domain).to_string();
-    let mut cert = match third_party {
-        Some(cert) => cert,
-        None => {
-            let csr_pem = onboarding.csr.as_deref().unwrap_or_default();
-            let csr = parse_csr(csr_pem)?;
+    let mut cert = match material {
+        Material::Csr(pem, spki) => {
             issue(
                 app,
                 &backend,
                 profile,
-                (csr_pem, csr.spki_der),
+                (pem, spki),
                 approval.cert_validity_secs,
             )
             .await?
         }
+        Material::ThirdParty(cert) => cert,
     };
     let cert_source = if cert.chain_hex.is_empty() {
         "ECS_ISSUED"
@@ -821,6 +829,8 @@ async fn update(
     if third_party {
         return Err(third_party_refused(&domain_name));
     }
+    // Said of the certificate a re-key supersedes, so taken before the re-key changes it.
+    let superseded_unpublished = unpublished_revocation(app, &reg);
     reg.profile = profile.json.clone();
     reg.exp_time = domain.registration_expiry(req.exp_time, now);
     reg.supp_feat = req.supp_feat.clone();
@@ -881,7 +891,7 @@ async fn update(
     commit_c.registration = Some(reg.clone());
     let mut event = f.event(app, ctx, 200, None);
     if rekeyed {
-        event.detail = unpublished_revocation(app, &reg);
+        event.detail = superseded_unpublished;
     }
     commit_c.audit = Some(event);
     commit(app, commit_c).await?;
