@@ -471,6 +471,7 @@ fn load_backend(
 ) -> Result<Arc<dyn CertIssuer>, String> {
     match b {
         BackendConfig::Software { key, cert } => {
+            crate::secrets::check_private(key, &format!("backends.{name}.key"))?;
             let key_pem = std::fs::read_to_string(key)
                 .map_err(|e| format!("backends.{name}.key: {}: {e}", key.display()))?;
             let signer = SoftwareKey::from_pkcs8_pem(&key_pem)

@@ -26,6 +26,8 @@ pub struct Config {
     pub token_issuers: BTreeMap<String, TokenIssuerConfig>,
     #[serde(default)]
     pub domains: BTreeMap<String, DomainPolicy>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Where the file was read from; relative paths were resolved against its folder.
     #[serde(skip)]
     pub source: PathBuf,
@@ -56,6 +58,56 @@ pub struct ServerConfig {
     /// Longest time to wait for in-flight requests on SIGTERM.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: PolicyDuration,
+}
+
+/// Bounds on what a client may hold of the EES-facing listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open connections at most; more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time to complete the TLS handshake.
+    #[serde(default = "default_handshake_timeout")]
+    pub tls_handshake_timeout: PolicyDuration,
+    /// Time to send a request's headers, and to start the next request on a kept-alive
+    /// connection (slowloris and idle keep-alive).
+    #[serde(default = "default_header_timeout")]
+    pub header_read_timeout: PolicyDuration,
+    /// Time to send a request's body.
+    #[serde(default = "default_body_timeout")]
+    pub request_body_timeout: PolicyDuration,
+    /// Concurrent HTTP/2 streams per connection.
+    #[serde(default = "default_h2_streams")]
+    pub h2_max_concurrent_streams: u32,
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_handshake_timeout() -> PolicyDuration {
+    PolicyDuration::from_secs(10)
+}
+fn default_header_timeout() -> PolicyDuration {
+    PolicyDuration::from_secs(10)
+}
+fn default_body_timeout() -> PolicyDuration {
+    PolicyDuration::from_secs(30)
+}
+fn default_h2_streams() -> u32 {
+    64
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: default_max_connections(),
+            tls_handshake_timeout: default_handshake_timeout(),
+            header_read_timeout: default_header_timeout(),
+            request_body_timeout: default_body_timeout(),
+            h2_max_concurrent_streams: default_h2_streams(),
+        }
+    }
 }
 
 fn default_connect_timeout() -> PolicyDuration {
@@ -379,6 +431,30 @@ impl Config {
             err(
                 "server.tls_key".into(),
                 "tls_cert and tls_key go together".into(),
+            );
+        }
+        for (key, secs) in [
+            (
+                "limits.tls_handshake_timeout",
+                self.limits.tls_handshake_timeout.as_secs(),
+            ),
+            (
+                "limits.header_read_timeout",
+                self.limits.header_read_timeout.as_secs(),
+            ),
+            (
+                "limits.request_body_timeout",
+                self.limits.request_body_timeout.as_secs(),
+            ),
+        ] {
+            if secs == 0 {
+                err(key.into(), "must be longer than zero".into());
+            }
+        }
+        if self.limits.max_connections == 0 || self.limits.h2_max_concurrent_streams == 0 {
+            err(
+                "limits".into(),
+                "max_connections and h2_max_concurrent_streams must be at least 1".into(),
             );
         }
         if self.storage.kind != "sled" {

@@ -28,6 +28,19 @@ pub fn resolve(spec: &str, key: &str, base: &Path) -> Result<String, String> {
     ))
 }
 
+/// Refuses a private-key file that group or others may read.
+pub fn check_private(path: &Path, key: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{key}: {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "{key}: {} is readable by group or others; chmod 600 it",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

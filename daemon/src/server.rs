@@ -21,7 +21,6 @@ use tokio::sync::watch;
 /// Largest request body accepted (`contract/api.md` §1).
 pub const MAX_BODY: usize = 64 * 1024;
 const API_PREFIX: &str = "/eecs-eesregistration/v1/registrations";
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Body = Full<Bytes>;
 
@@ -94,7 +93,7 @@ fn check_content_type(req: &Request<Incoming>, expected: &str) -> Result<(), Api
 
 /// Reads the body, refusing more than [`MAX_BODY`] bytes before reading them when the
 /// length is announced, and as soon as they arrive otherwise.
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+async fn read_body(req: Request<Incoming>, within: Duration) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             Cause::PayloadTooLarge,
@@ -110,7 +109,10 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+    let collected = tokio::time::timeout(within, Limited::new(req.into_body(), MAX_BODY).collect())
+        .await
+        .map_err(|_| ApiError::new(Cause::InvalidMsgFormat, "the body did not arrive in time"))?;
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(ApiError::new(
@@ -121,9 +123,14 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
 }
 
 /// Content type first, then the size: both are refused before anything is parsed.
-async fn checked_body(req: Request<Incoming>, content_type: &str) -> Result<Bytes, ApiError> {
+async fn checked_body(
+    app: &App,
+    req: Request<Incoming>,
+    content_type: &str,
+) -> Result<Bytes, ApiError> {
     check_content_type(&req, content_type)?;
-    read_body(req).await
+    let within = Duration::from_secs(app.cfg.limits.request_body_timeout.as_secs());
+    read_body(req, within).await
 }
 
 fn bearer(req: &Request<Incoming>) -> Option<String> {
@@ -177,7 +184,7 @@ async fn route(
         if method != Method::POST {
             return Ok(method_not_allowed("POST"));
         }
-        let body = match checked_body(req, "application/json").await {
+        let body = match checked_body(app, req, "application/json").await {
             Ok(b) => b,
             Err(e) => return Err(registrations::refuse(app, ctx, "register", e).await),
         };
@@ -195,11 +202,11 @@ async fn route(
         }
         return match *method {
             Method::GET => registrations::get(app, ctx, id).await.map(reply),
-            Method::PUT => match checked_body(req, "application/json").await {
+            Method::PUT => match checked_body(app, req, "application/json").await {
                 Ok(body) => registrations::put(app, ctx, id, &body).await.map(reply),
                 Err(e) => Err(registrations::refuse(app, ctx, "update", e).await),
             },
-            Method::PATCH => match checked_body(req, "application/merge-patch+json").await {
+            Method::PATCH => match checked_body(app, req, "application/merge-patch+json").await {
                 Ok(body) => registrations::patch(app, ctx, id, &body).await.map(reply),
                 Err(e) => Err(registrations::refuse(app, ctx, "patch", e).await),
             },
@@ -255,7 +262,18 @@ pub async fn serve_api(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let limits = app.cfg.limits.clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(limits.header_read_timeout.as_secs()));
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams);
+    let handshake_timeout = Duration::from_secs(limits.tls_handshake_timeout.as_secs());
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -268,14 +286,20 @@ pub async fn serve_api(
             },
             _ = shutdown.changed() => break,
         };
+        // Over the limit: close at once rather than queue without bound.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(client = %addr, "connection limit reached; closing");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
                     tracing::debug!(client = %addr, error = %e, "TLS handshake failed");

@@ -356,6 +356,7 @@ pub fn mint(cfg: &Config, name: &str, req: &MintRequest<'_>) -> Result<String, S
     let path = ic.private_key.as_ref().ok_or_else(|| {
         format!("token_issuers.{name}: no private_key: this ECS cannot mint for that issuer")
     })?;
+    crate::secrets::check_private(path, &format!("token_issuers.{name}.private_key"))?;
     let pem = std::fs::read(path)
         .map_err(|e| format!("token_issuers.{name}.private_key: {}: {e}", path.display()))?;
     let key = EncodingKey::from_ec_pem(&pem)

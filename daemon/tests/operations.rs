@@ -7,6 +7,7 @@ use common::*;
 use ecs_daemon::client::{HttpVersion, HttpsClient};
 use serde_json::json;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// `openssl s_client` against the ECS with extra arguments; true when the handshake
 /// completed.
@@ -297,6 +298,22 @@ fn configuration_faults_stop_the_start_with_one_line_naming_the_key() {
             "{to}: {stderr}"
         );
     }
+    // A private key that others may read is refused, naming the file.
+    std::fs::write(&cfg, &good).unwrap();
+    let key = dir.path().join("keys/issuing-ca.key");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = ecsd()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("backends.soft.key") && stderr.contains("readable by group or others"),
+        "{stderr}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     // The environment overrides the file.
     std::fs::write(&cfg, &good).unwrap();
     let out = ecsd()
@@ -326,4 +343,77 @@ fn configuration_faults_stop_the_start_with_one_line_naming_the_key() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
+}
+
+/// 500 idle TCP connections and 100 TLS connections that send one header byte per second
+/// hold what they hold; a normal registration still goes through at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slowloris_connections_do_not_starve_a_registration() {
+    use tokio::io::AsyncWriteExt;
+    let ecs = Ecs::start_with(|c| c.push_str("\n[limits]\nheader_read_timeout = \"3s\"\n"));
+    let mut idle = Vec::new();
+    for _ in 0..500 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", ecs.port))
+                .await
+                .unwrap(),
+        );
+    }
+    let roots = ecs_daemon::client::root_store(&ecs.root_pem).unwrap();
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(ecs_daemon::client::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut slow = Vec::new();
+    for _ in 0..100 {
+        let (config, stop, port) = (config.clone(), stop.clone(), ecs.port);
+        slow.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            let mut cut_off = false;
+            for b in b"POST /eecs-eesregistration/v1/registrations HTTP/1.1\r\n".iter() {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                if tls.write_all(&[*b]).await.is_err() {
+                    cut_off = true;
+                    break;
+                }
+                let _ = tls.flush().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            cut_off
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let e = ecs.register("ees-under-siege.ecsp.example").await;
+    let took = started.elapsed();
+    // Generous for a loaded CI machine; typically tens of milliseconds.
+    assert!(took < Duration::from_secs(3), "registration took {took:?}");
+    let r = ecs
+        .client_as(&e)
+        .request("GET", &e.location, &[], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    // The slow senders are cut off by header_read_timeout (3 s here), not left hanging.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut cut = 0;
+    for s in slow {
+        cut += s.await.unwrap() as usize;
+    }
+    assert!(cut >= 90, "only {cut} of 100 slow connections were cut off");
+    drop(idle);
 }
