@@ -24,17 +24,34 @@ pub enum SigAlg {
     EcdsaP384Sha384,
     Ed25519,
     RsaPkcs1Sha256,
+    /// RSASSA-PSS with SHA-256, MGF1-SHA-256 and a 32-byte salt.
+    RsaPssSha256,
 }
+
+/// RSASSA-PSS-params for SHA-256 / MGF1-SHA-256 / salt 32 (RFC 4055), DER.
+const PSS_SHA256_PARAMS: [u8; 54] = [
+    0x30, 0x34, 0xa0, 0x0f, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+    0x01, 0x05, 0x00, 0xa1, 0x1c, 0x30, 0x1a, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01,
+    0x01, 0x08, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0xa2, 0x03, 0x02, 0x01, 0x20,
+];
 
 impl SigAlg {
     /// The X.509 `AlgorithmIdentifier` of this algorithm.
     pub fn algorithm_identifier(self) -> AlgorithmIdentifierOwned {
+        if self == SigAlg::RsaPssSha256 {
+            return AlgorithmIdentifierOwned {
+                oid: rfc5912::ID_RSASSA_PSS,
+                parameters: Some(der::Any::from_der(&PSS_SHA256_PARAMS).expect("valid DER")),
+            };
+        }
         let (oid, null_params) = match self {
             SigAlg::EcdsaP256Sha256 => (rfc5912::ECDSA_WITH_SHA_256, false),
             SigAlg::EcdsaP384Sha384 => (rfc5912::ECDSA_WITH_SHA_384, false),
             SigAlg::Ed25519 => (rfc8410::ID_ED_25519, false),
             // RFC 4055: the parameters of sha256WithRSAEncryption are an explicit NULL.
             SigAlg::RsaPkcs1Sha256 => (rfc5912::SHA_256_WITH_RSA_ENCRYPTION, true),
+            SigAlg::RsaPssSha256 => unreachable!("handled above"),
         };
         AlgorithmIdentifierOwned {
             oid,
@@ -169,6 +186,9 @@ pub fn verify_signature(
         (KeyKind::Rsa(_), a) if a == rfc5912::SHA_512_WITH_RSA_ENCRYPTION => {
             &sig::RSA_PKCS1_1024_8192_SHA512_FOR_LEGACY_USE_ONLY
         }
+        // PSS is verified as SHA-256 with MGF1-SHA-256, the parameters this crate writes; a
+        // signature made with other parameters does not verify (fails closed).
+        (KeyKind::Rsa(_), a) if a == rfc5912::ID_RSASSA_PSS => &sig::RSA_PSS_2048_8192_SHA256,
         (kind, a) => {
             return Err(Error::UnsupportedKey(format!(
                 "signature algorithm {a} with a {} key is not supported",

@@ -360,6 +360,15 @@ pub fn sign_with(
             Ok(ecdsa_raw_to_der(&raw))
         }
         SigAlg::RsaPkcs1Sha256 => session.sign(&Mechanism::Sha256RsaPkcs, key, message),
+        SigAlg::RsaPssSha256 => session.sign(
+            &Mechanism::Sha256RsaPkcsPss(cryptoki::mechanism::rsa::PkcsPssParams {
+                hash_alg: cryptoki::mechanism::MechanismType::SHA256,
+                mgf: cryptoki::mechanism::rsa::PkcsMgfType::MGF1_SHA256,
+                s_len: 32u64.into(),
+            }),
+            key,
+            message,
+        ),
         SigAlg::Ed25519 => session.sign(
             &Mechanism::Eddsa(cryptoki::mechanism::eddsa::EddsaParams::new(
                 cryptoki::mechanism::eddsa::EddsaSignatureScheme::Pure,
@@ -395,6 +404,8 @@ pub struct Pkcs11Config {
     pub uri: Pkcs11Uri,
     pub pin: AuthPin,
     pub max_sessions: usize,
+    /// Sign with RSASSA-PSS rather than PKCS#1 v1.5 (RSA keys).
+    pub rsa_pss: bool,
     /// The SubjectPublicKeyInfo of the issuing certificate: the key on the token must be
     /// this one.
     pub expected_spki: Vec<u8>,
@@ -452,8 +463,14 @@ impl Pkcs11Key {
             KeyKind::P256 => SigAlg::EcdsaP256Sha256,
             KeyKind::P384 => SigAlg::EcdsaP384Sha384,
             KeyKind::Ed25519 => SigAlg::Ed25519,
+            KeyKind::Rsa(_) if cfg.rsa_pss => SigAlg::RsaPssSha256,
             KeyKind::Rsa(_) => SigAlg::RsaPkcs1Sha256,
         };
+        if cfg.rsa_pss && alg != SigAlg::RsaPssSha256 {
+            return Err(Error::Config(
+                "rsa_signature = \"pss\" needs an RSA key".into(),
+            ));
+        }
         let key = Pkcs11Key {
             cfg,
             ctx,

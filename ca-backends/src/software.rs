@@ -4,7 +4,7 @@ use crate::{Error, KeySigner, SigAlg};
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair,
-    KeyPair, RSA_PKCS1_SHA256, RsaKeyPair,
+    KeyPair, RSA_PKCS1_SHA256, RSA_PSS_SHA256, RsaKeyPair,
 };
 use std::fmt;
 
@@ -69,6 +69,19 @@ impl SoftwareKey {
     }
 }
 
+impl SoftwareKey {
+    /// Signs with RSASSA-PSS instead of PKCS#1 v1.5 (RSA keys only).
+    pub fn with_rsa_pss(mut self) -> Result<Self, Error> {
+        if !matches!(self.inner, Inner::Rsa(_)) {
+            return Err(Error::Config(
+                "rsa_signature = \"pss\" needs an RSA key".into(),
+            ));
+        }
+        self.alg = SigAlg::RsaPssSha256;
+        Ok(self)
+    }
+}
+
 impl KeySigner for SoftwareKey {
     fn public_key_der(&self) -> &[u8] {
         &self.spki_der
@@ -89,7 +102,12 @@ impl KeySigner for SoftwareKey {
             Inner::Ed25519(k) => Ok(k.sign(message).as_ref().to_vec()),
             Inner::Rsa(k) => {
                 let mut out = vec![0; k.public_modulus_len()];
-                k.sign(&RSA_PKCS1_SHA256, &self.rng, message, &mut out)
+                let encoding = if self.alg == SigAlg::RsaPssSha256 {
+                    &RSA_PSS_SHA256
+                } else {
+                    &RSA_PKCS1_SHA256
+                };
+                k.sign(encoding, &self.rng, message, &mut out)
                     .map_err(failed)?;
                 Ok(out)
             }
@@ -176,5 +194,30 @@ mod tests {
             )
             .is_err()
         );
+    }
+}
+
+#[cfg(test)]
+mod rsa_tests {
+    use super::*;
+    use crate::verify_signature;
+    use aws_lc_rs::encoding::AsDer;
+
+    #[test]
+    fn an_rsa_key_signs_pkcs1_or_pss_and_each_verifies_as_what_it_says() {
+        let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let der = kp.as_der().unwrap();
+        for pss in [false, true] {
+            let mut key = SoftwareKey::from_pkcs8_der(der.as_ref()).unwrap();
+            if pss {
+                key = key.with_rsa_pss().unwrap();
+            }
+            let alg = key.algorithm().algorithm_identifier();
+            let sig = key.sign(b"tbs").unwrap();
+            verify_signature(key.public_key_der(), &alg.oid, b"tbs", &sig).unwrap();
+            assert_eq!(alg.oid == const_oid::db::rfc5912::ID_RSASSA_PSS, pss);
+        }
+        let ec = SoftwareKey::from_pkcs8_pem(&generate_p256_pkcs8_pem().unwrap()).unwrap();
+        assert!(ec.with_rsa_pss().is_err());
     }
 }

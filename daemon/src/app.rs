@@ -470,12 +470,21 @@ fn load_backend(
     base: &std::path::Path,
 ) -> Result<Arc<dyn CertIssuer>, String> {
     match b {
-        BackendConfig::Software { key, cert } => {
+        BackendConfig::Software {
+            key,
+            cert,
+            rsa_signature,
+        } => {
             crate::secrets::check_private(key, &format!("backends.{name}.key"))?;
             let key_pem = std::fs::read_to_string(key)
                 .map_err(|e| format!("backends.{name}.key: {}: {e}", key.display()))?;
-            let signer = SoftwareKey::from_pkcs8_pem(&key_pem)
+            let mut signer = SoftwareKey::from_pkcs8_pem(&key_pem)
                 .map_err(|e| format!("backends.{name}.key: {}: {e}", key.display()))?;
+            if *rsa_signature == crate::config::RsaSignature::Pss {
+                signer = signer
+                    .with_rsa_pss()
+                    .map_err(|e| format!("backends.{name}.rsa_signature: {e}"))?;
+            }
             let chain = read_chain(name, cert)?;
             let issuer = LocalIssuer::new(Arc::new(signer), chain)
                 .map_err(|e| format!("backends.{name}: {e}"))?;
@@ -487,6 +496,7 @@ fn load_backend(
             pin,
             cert,
             max_sessions,
+            rsa_signature,
         } => {
             use ecs_ca_backends::pkcs11::{Pkcs11Config, Pkcs11Key, Pkcs11Uri};
             let uri = Pkcs11Uri::parse(key).map_err(|e| format!("backends.{name}.key: {e}"))?;
@@ -511,6 +521,7 @@ fn load_backend(
                 uri,
                 pin: pin.into(),
                 max_sessions: max_sessions.unwrap_or(2 * cores),
+                rsa_pss: *rsa_signature == crate::config::RsaSignature::Pss,
                 expected_spki,
             })
             .map_err(|e| format!("backends.{name}: {e}"))?;

@@ -161,6 +161,9 @@ pub enum BackendConfig {
         key: PathBuf,
         /// The issuing CA certificate, followed by its chain up to the root.
         cert: PathBuf,
+        /// For an RSA key: `pkcs1` (PKCS#1 v1.5, the default) or `pss` (RSASSA-PSS).
+        #[serde(default)]
+        rsa_signature: RsaSignature,
     },
     Pkcs11 {
         /// The PKCS#11 module; may instead come from the URI's `module-path`.
@@ -174,6 +177,9 @@ pub enum BackendConfig {
         /// Signing sessions at most (default: 2 × cores).
         #[serde(default)]
         max_sessions: Option<usize>,
+        /// For an RSA key: `pkcs1` (the default) or `pss`.
+        #[serde(default)]
+        rsa_signature: RsaSignature,
     },
     Cfssl {
         /// `http://host:port` or `https://host:port` of `cfssl serve` (or any CA speaking
@@ -198,6 +204,15 @@ pub enum BackendConfig {
         #[serde(default)]
         not_honoured: Vec<String>,
     },
+}
+
+/// The RSA signature scheme of an issuing key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RsaSignature {
+    #[default]
+    Pkcs1,
+    Pss,
 }
 
 impl BackendConfig {
@@ -347,7 +362,7 @@ impl Config {
         fix(&mut self.storage.path);
         for b in self.backends.values_mut() {
             match b {
-                BackendConfig::Software { key, cert } => {
+                BackendConfig::Software { key, cert, .. } => {
                     fix(key);
                     fix(cert);
                 }

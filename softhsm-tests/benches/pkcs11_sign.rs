@@ -58,6 +58,7 @@ fn main() {
         uri: Pkcs11Uri::parse("pkcs11:token=ecs-ca;object=bench-key").unwrap(),
         pin: AuthPin::from(HSM_PIN),
         max_sessions: 4,
+        rsa_pss: false,
         expected_spki: spki,
     })
     .unwrap();

@@ -260,3 +260,60 @@ async fn a_token_pulled_mid_run_fails_one_request_and_comes_back() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rsa_issuing_key_in_the_token_signs_with_rsassa_pss() {
+    let hsm = hsm_with_ca();
+    // A second issuing CA in the token, RSA 3072, certified by the root.
+    let file = intermediate_ceremony()
+        .replace(
+            "label = \"issuing-key\"\ntype = \"p256\"",
+            "label = \"issuing-rsa\"\ntype = \"rsa3072\"",
+        )
+        .replace("out/ca", "out/rsa");
+    let out = hsm.ceremony("rsa.toml", &file, &pins());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut ecsd = Ecsd::configure(&hsm, false, "rsa_signature = \"pss\"\n");
+    let chain = format!(
+        "{}{}",
+        std::fs::read_to_string(hsm.path().join("out/rsa.pem")).unwrap(),
+        std::fs::read_to_string(hsm.path().join("out/root.pem")).unwrap()
+    );
+    std::fs::write(ecsd.dir.path().join("keys/hsm-chain.pem"), chain).unwrap();
+    let path = ecsd.config_path();
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("object=issuing-key", "object=issuing-rsa");
+    std::fs::write(&path, text).unwrap();
+    assert!(ecsd.start(), "{}", ecsd.log());
+    wait_ready(&ecsd, 200);
+    let client = HttpsClient::new(&ecsd.server_root(false), None, HttpVersion::Http1).unwrap();
+    let id = "ees-rsa.ecsp-a.example";
+    let (body, _) = registration(id);
+    let r = post(&ecsd, &client, &ecsd.token(id), &body).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let d = ecsd.dir.path();
+    let ob = &r.json()["onboarding"];
+    std::fs::write(d.join("leaf.pem"), ob["eesCert"].as_str().unwrap()).unwrap();
+    std::fs::write(d.join("chain.pem"), ob["certChain"][0].as_str().unwrap()).unwrap();
+    std::fs::copy(hsm.path().join("out/root.pem"), d.join("root.hsm.pem")).unwrap();
+    let (_, text) = openssl(&["x509", "-in", "leaf.pem", "-noout", "-text"], d);
+    assert!(text.contains("Signature Algorithm: rsassaPss"), "{text}");
+    let (ok, out) = openssl(
+        &[
+            "verify",
+            "-x509_strict",
+            "-CAfile",
+            "root.hsm.pem",
+            "-untrusted",
+            "chain.pem",
+            "leaf.pem",
+        ],
+        d,
+    );
+    assert!(ok, "{out}");
+}
