@@ -241,6 +241,30 @@ fn load_third_party(
     Ok(ThirdPartyTrust { anchors, crls })
 }
 
+/// The rate limits of `[limits]` (each `None` when off).
+pub struct Limiters {
+    pub registrations_per_address: Option<crate::ratelimit::Gcra>,
+    pub registrations_per_issuer: Option<crate::ratelimit::Gcra>,
+    pub failed_auth_per_address: Option<crate::ratelimit::Gcra>,
+}
+
+impl Limiters {
+    fn new(l: &crate::config::LimitsConfig) -> Self {
+        use crate::ratelimit::Gcra;
+        Limiters {
+            registrations_per_address: Gcra::new(
+                l.registrations_per_minute_per_address,
+                l.rate_burst,
+            ),
+            registrations_per_issuer: Gcra::new(
+                l.registrations_per_minute_per_issuer,
+                l.rate_burst,
+            ),
+            failed_auth_per_address: Gcra::new(l.failed_auth_per_minute_per_address, l.rate_burst),
+        }
+    }
+}
+
 /// The part of the configuration that can change without a restart: the ECSP domains and
 /// what they trust.
 pub struct Policy {
@@ -284,6 +308,7 @@ pub struct App {
     pub metrics: Metrics,
     /// The backends' CA chains (PEM), trusted for fetching CRLs.
     roots: Vec<u8>,
+    pub limiters: Limiters,
     /// Token IDs and EES IDs of registrations being created right now, so that two
     /// concurrent requests never both sign a certificate for one token or one EES.
     inflight: Mutex<HashSet<String>>,
@@ -336,6 +361,7 @@ impl App {
         }
         let tokens = TokenVerifier::from_config(&cfg, &roots).await?;
         let policy = Policy::load(&cfg, &roots)?;
+        let limiters = Limiters::new(&cfg.limits);
         Ok(Arc::new(App {
             cfg,
             store: Arc::new(store),
@@ -343,6 +369,7 @@ impl App {
             backends,
             policy: std::sync::RwLock::new(Arc::new(policy)),
             roots,
+            limiters,
             metrics: Metrics::new(),
             inflight: Mutex::new(HashSet::new()),
         }))

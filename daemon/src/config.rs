@@ -80,6 +80,23 @@ pub struct LimitsConfig {
     /// Concurrent HTTP/2 streams per connection.
     #[serde(default = "default_h2_streams")]
     pub h2_max_concurrent_streams: u32,
+    /// Registration requests (POST) per minute from one client address; 0 is no limit.
+    #[serde(default)]
+    pub registrations_per_minute_per_address: u32,
+    /// Registrations per minute onboarded by one token issuer; 0 is no limit.
+    #[serde(default)]
+    pub registrations_per_minute_per_issuer: u32,
+    /// Failed authentications (401) per minute from one client address; past it, every
+    /// request from that address answers 429 until the allowance recovers. 0 is no limit.
+    #[serde(default)]
+    pub failed_auth_per_minute_per_address: u32,
+    /// The burst each of the rate limits above allows.
+    #[serde(default = "default_burst")]
+    pub rate_burst: u32,
+}
+
+fn default_burst() -> u32 {
+    10
 }
 
 fn default_max_connections() -> usize {
@@ -106,6 +123,10 @@ impl Default for LimitsConfig {
             header_read_timeout: default_header_timeout(),
             request_body_timeout: default_body_timeout(),
             h2_max_concurrent_streams: default_h2_streams(),
+            registrations_per_minute_per_address: 0,
+            registrations_per_minute_per_issuer: 0,
+            failed_auth_per_minute_per_address: 0,
+            rate_burst: default_burst(),
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod init;
 pub mod metrics;
 pub mod model;
 pub mod problem;
+pub mod ratelimit;
 pub mod registrations;
 pub mod secrets;
 pub mod server;

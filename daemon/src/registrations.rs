@@ -103,7 +103,25 @@ where
     F: AsyncFnOnce(&mut Facts) -> Result<Reply, ApiError>,
 {
     let mut facts = Facts::new(action);
-    let result = op(&mut facts).await;
+    let ip = client_ip(ctx);
+    // An address that keeps failing authentication is answered 429, not checked again.
+    let result = match app
+        .limiters
+        .failed_auth_per_address
+        .as_ref()
+        .and_then(|g| g.blocked(&ip, Instant::now()))
+    {
+        Some(wait) => Err(too_many(
+            wait,
+            "too many failed authentications from this address",
+        )),
+        None => op(&mut facts).await,
+    };
+    if let (Err(e), Some(g)) = (&result, &app.limiters.failed_auth_per_address)
+        && e.status() == 401
+    {
+        let _ = g.check(&ip, Instant::now());
+    }
     match &result {
         Ok(_) => {
             app.metrics
@@ -125,6 +143,22 @@ where
         }
     }
     result
+}
+
+/// The client's address without its port: what rate limits count by.
+fn client_ip(ctx: &RequestCtx) -> String {
+    ctx.client_addr
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| ctx.client_addr.clone())
+}
+
+/// 429 with `Retry-After` (whole seconds, at least 1).
+fn too_many(wait: std::time::Duration, why: &str) -> ApiError {
+    ApiError {
+        retry_after: Some(wait.as_secs() + 1),
+        ..ApiError::new(Cause::TooManyRequests, why)
+    }
 }
 
 /// Records a refusal decided before the pipeline ran (content type, body size) and
@@ -429,8 +463,16 @@ async fn create_inner(
     f: &mut Facts,
 ) -> Result<Reply, ApiError> {
     let now = now();
+    if let Some(g) = &app.limiters.registrations_per_address {
+        g.check(&client_ip(ctx), Instant::now())
+            .map_err(|w| too_many(w, "too many registration requests from this address"))?;
+    }
     let bearer = ctx.bearer.as_deref().ok_or(TokenError::Missing)?;
     let token = app.tokens.verify(bearer, now).await?;
+    if let Some(g) = &app.limiters.registrations_per_issuer {
+        g.check(&token.issuer_name, Instant::now())
+            .map_err(|w| too_many(w, "too many registrations from this token issuer"))?;
+    }
     f.token_iss = Some(token.iss.clone());
     f.token_sub = Some(token.sub.clone());
     f.token_jti = Some(token.jti.clone());

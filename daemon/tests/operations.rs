@@ -417,3 +417,49 @@ async fn idle_and_slowloris_connections_do_not_starve_a_registration() {
     assert!(cut >= 90, "only {cut} of 100 slow connections were cut off");
     drop(idle);
 }
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after_and_spend_nothing() {
+    // Per address: bursts of 3, then one a second.
+    let ecs = Ecs::start_with(|c| {
+        c.push_str("\n[limits]\nregistrations_per_minute_per_address = 60\nrate_burst = 3\n")
+    });
+    for i in 0..3 {
+        ecs.register(&format!("ees-rl-{i}.ecsp.example")).await;
+    }
+    let id = "ees-rl-3.ecsp.example";
+    let token = ecs.token(id);
+    let body = registration_body(id, &Key::new().csr(id));
+    let r = ecs.post(Some(&token), &body).await;
+    assert_problem(&r, 429, "TOO_MANY_REQUESTS");
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&wait), "{wait}");
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    let r = ecs.post(Some(&token), &body).await;
+    assert_eq!(
+        r.status,
+        201,
+        "the refused request spent no token: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+
+    // Failed authentication: after two bad tokens, the address is answered 429 whatever it sends.
+    let ecs = Ecs::start_with(|c| {
+        c.push_str("\n[limits]\nfailed_auth_per_minute_per_address = 60\nrate_burst = 2\n")
+    });
+    let id = "ees-bad.ecsp.example";
+    let body = registration_body(id, &Key::new().csr(id));
+    for _ in 0..2 {
+        let r = ecs.post(Some("not-a-token"), &body).await;
+        assert_problem(&r, 401, "INVALID_TOKEN");
+    }
+    let r = ecs.post(Some(&ecs.token(id)), &body).await;
+    assert_problem(&r, 429, "TOO_MANY_REQUESTS");
+    assert!(r.header("retry-after").is_some());
+    let (_, records) = ecs.audit();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["cause"] == json!("TOO_MANY_REQUESTS"))
+    );
+}
