@@ -241,6 +241,40 @@ fn load_third_party(
     Ok(ThirdPartyTrust { anchors, crls })
 }
 
+/// Back-pressure on signing and storing: a bounded number at work, a bounded number waiting,
+/// and an immediate 503 past that instead of unbounded latency and memory.
+pub struct SigningQueue {
+    admitted: Arc<tokio::sync::Semaphore>,
+    working: Arc<tokio::sync::Semaphore>,
+}
+
+/// Held while a request signs and stores.
+pub struct SigningSlot {
+    _admitted: tokio::sync::OwnedSemaphorePermit,
+    _working: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl SigningQueue {
+    fn new(l: &crate::config::LimitsConfig) -> Self {
+        SigningQueue {
+            admitted: Arc::new(tokio::sync::Semaphore::new(
+                l.max_signing_inflight + l.signing_queue,
+            )),
+            working: Arc::new(tokio::sync::Semaphore::new(l.max_signing_inflight)),
+        }
+    }
+
+    /// A slot to sign in, after waiting in the queue; `None` when the queue is full.
+    pub async fn enter(&self) -> Option<SigningSlot> {
+        let admitted = self.admitted.clone().try_acquire_owned().ok()?;
+        let working = self.working.clone().acquire_owned().await.ok()?;
+        Some(SigningSlot {
+            _admitted: admitted,
+            _working: working,
+        })
+    }
+}
+
 /// The rate limits of `[limits]` (each `None` when off).
 pub struct Limiters {
     pub registrations_per_address: Option<crate::ratelimit::Gcra>,
@@ -309,6 +343,7 @@ pub struct App {
     /// The backends' CA chains (PEM), trusted for fetching CRLs.
     roots: Vec<u8>,
     pub limiters: Limiters,
+    pub signing: SigningQueue,
     /// Token IDs and EES IDs of registrations being created right now, so that two
     /// concurrent requests never both sign a certificate for one token or one EES.
     inflight: Mutex<HashSet<String>>,
@@ -362,6 +397,7 @@ impl App {
         let tokens = TokenVerifier::from_config(&cfg, &roots).await?;
         let policy = Policy::load(&cfg, &roots)?;
         let limiters = Limiters::new(&cfg.limits);
+        let signing = SigningQueue::new(&cfg.limits);
         Ok(Arc::new(App {
             cfg,
             store: Arc::new(store),
@@ -370,6 +406,7 @@ impl App {
             policy: std::sync::RwLock::new(Arc::new(policy)),
             roots,
             limiters,
+            signing,
             metrics: Metrics::new(),
             inflight: Mutex::new(HashSet::new()),
         }))

@@ -93,6 +93,19 @@ pub struct LimitsConfig {
     /// The burst each of the rate limits above allows.
     #[serde(default = "default_burst")]
     pub rate_burst: u32,
+    /// Certificates being signed (and stored) at once.
+    #[serde(default = "default_signing_inflight")]
+    pub max_signing_inflight: usize,
+    /// Requests that may wait for a signing slot; past it, 503 with `Retry-After` at once.
+    #[serde(default = "default_signing_queue")]
+    pub signing_queue: usize,
+}
+
+fn default_signing_inflight() -> usize {
+    64
+}
+fn default_signing_queue() -> usize {
+    1024
 }
 
 fn default_burst() -> u32 {
@@ -127,6 +140,8 @@ impl Default for LimitsConfig {
             registrations_per_minute_per_issuer: 0,
             failed_auth_per_minute_per_address: 0,
             rate_burst: default_burst(),
+            max_signing_inflight: default_signing_inflight(),
+            signing_queue: default_signing_queue(),
         }
     }
 }
@@ -486,6 +501,12 @@ impl Config {
             if secs == 0 {
                 err(key.into(), "must be longer than zero".into());
             }
+        }
+        if self.limits.max_signing_inflight == 0 {
+            err(
+                "limits.max_signing_inflight".into(),
+                "must be at least 1".into(),
+            );
         }
         if self.limits.max_connections == 0 || self.limits.h2_max_concurrent_streams == 0 {
             err(

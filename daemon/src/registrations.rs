@@ -145,6 +145,17 @@ where
     result
 }
 
+/// 503 when more requests wait to be signed than `limits.signing_queue` allows.
+fn busy() -> ApiError {
+    ApiError {
+        retry_after: Some(1),
+        ..ApiError::new(
+            Cause::BackendUnavailable,
+            "the ECS is signing at capacity and its queue is full; retry later",
+        )
+    }
+}
+
 /// The client's address without its port: what rate limits count by.
 fn client_ip(ctx: &RequestCtx) -> String {
     ctx.client_addr
@@ -588,6 +599,7 @@ async fn create_inner(
     }
 
     let backend = app.cfg.domain_backend(&domain).to_string();
+    let _slot = app.signing.enter().await.ok_or_else(busy)?;
     let mut cert = match material {
         Material::Csr(pem, spki) => {
             issue(
@@ -905,6 +917,7 @@ async fn update(
                     "a re-key of this registration is already in progress",
                 )
             })?;
+        let _slot = app.signing.enter().await.ok_or_else(busy)?;
         let mut new_cert = issue(
             app,
             &reg.backend,

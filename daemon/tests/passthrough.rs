@@ -311,6 +311,8 @@ enum Mode {
     Garbage,
     ServerError,
     Hang,
+    /// Signs, after a second and a half.
+    Slow,
 }
 
 /// A CA speaking the CFSSL API that signs with a real key but lies when told to.
@@ -387,6 +389,7 @@ async fn answer(issuer: &LocalIssuer, mode: Mode, path: &str, body: &[u8]) -> (u
             tokio::time::sleep(Duration::from_secs(30)).await;
             return (500, String::new());
         }
+        Mode::Slow => tokio::time::sleep(Duration::from_millis(1500)).await,
         _ => {}
     }
     let req: Value = serde_json::from_slice(body).unwrap();
@@ -486,4 +489,55 @@ async fn a_misbehaving_ca_is_never_believed() {
         assert!(Instant::now() < deadline, "never recovered");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_signer_turns_excess_requests_away_at_once() {
+    let ca = FaultyCa::start().await;
+    *ca.mode.lock().unwrap() = Mode::Slow;
+    let ca_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca_file.path(), &ca.ca_pem).unwrap();
+    let (port, ca_path) = (ca.port, ca_file.path().display().to_string());
+    let ecs = Arc::new(Ecs::start_with(move |c| {
+        with_partner(
+            c,
+            "ecsp-b",
+            "partner",
+            &format!("url = \"http://127.0.0.1:{port}\"\ncert = \"{ca_path}\"\n"),
+        );
+        c.push_str("\n[limits]\nmax_signing_inflight = 1\nsigning_queue = 1\n");
+    }));
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let ecs = ecs.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("ees{i}.ecsp-b.example");
+            let started = Instant::now();
+            let r = ecs
+                .post(
+                    Some(&ecs.token_with(&id, Some("ecsp-b"))),
+                    &partner_body(&id, "ecsp-b"),
+                )
+                .await;
+            (r, started.elapsed())
+        }));
+    }
+    let (mut created, mut turned_away) = (0, 0);
+    for t in tasks {
+        let (r, took) = t.await.unwrap();
+        match r.status {
+            201 => created += 1,
+            _ => {
+                assert_problem(&r, 503, "BACKEND_UNAVAILABLE");
+                assert!(r.header("retry-after").is_some());
+                assert!(
+                    took < Duration::from_millis(1400),
+                    "turned away without waiting: {took:?}"
+                );
+                turned_away += 1;
+            }
+        }
+    }
+    // One signing, one waiting; the rest are told to come back.
+    assert_eq!((created, turned_away), (2, 4));
 }
