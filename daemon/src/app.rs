@@ -368,7 +368,8 @@ impl App {
     /// Builds the ECS from a loaded configuration: opens the store, loads and checks every
     /// backend's key against its certificate, loads the token issuers' keys.
     pub async fn build(cfg: Config) -> Result<Arc<App>, String> {
-        let store = SledStore::open(&cfg.storage.path).map_err(|e| format!("storage.path: {e}"))?;
+        let store = SledStore::open_with_cache(&cfg.storage.path, cfg.storage.cache_mib)
+            .map_err(|e| format!("storage.path: {e}"))?;
         let mut backends = BTreeMap::new();
         let mut roots = Vec::new();
         for (name, b) in &cfg.backends {

@@ -170,6 +170,13 @@ pub struct StorageConfig {
     pub kind: String,
     #[serde(default = "default_storage_path")]
     pub path: PathBuf,
+    /// The store's page cache, MiB (sled's default is 1 GiB, which memory would grow to).
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: u64,
+}
+
+fn default_cache_mib() -> u64 {
+    32
 }
 
 fn default_storage_kind() -> String {
@@ -184,6 +191,7 @@ impl Default for StorageConfig {
         StorageConfig {
             kind: default_storage_kind(),
             path: default_storage_path(),
+            cache_mib: default_cache_mib(),
         }
     }
 }

@@ -289,10 +289,17 @@ struct Head {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store at `path`. Fails when another process holds it.
+    /// Opens (or creates) the store at `path` with the default cache. Fails when another
+    /// process holds it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, 32)
+    }
+
+    /// Opens (or creates) the store with a page cache of `cache_mib` MiB.
+    pub fn open_with_cache(path: &Path, cache_mib: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
+            .cache_capacity(cache_mib.max(1) << 20)
             .open()
             .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
         let tree = db.open_tree("ecs").map_err(io)?;
