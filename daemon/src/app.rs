@@ -347,6 +347,33 @@ pub struct App {
     /// Token IDs and EES IDs of registrations being created right now, so that two
     /// concurrent requests never both sign a certificate for one token or one EES.
     inflight: Mutex<HashSet<String>>,
+    /// One lock per registration being read or changed, so that two changes of one
+    /// registration (re-key, patch, delete, expiry) never work from the same stale record.
+    registration_locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Holds a registration's lock; forgets the lock when nobody else wants it.
+pub struct RegistrationGuard<'a> {
+    app: &'a App,
+    id: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for RegistrationGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = self
+            .app
+            .registration_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if locks
+            .get(&self.id)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            locks.remove(&self.id);
+        }
+    }
 }
 
 /// Releases an in-flight reservation when the request ends, however it ends.
@@ -410,6 +437,7 @@ impl App {
             signing,
             metrics: Metrics::new(),
             inflight: Mutex::new(HashSet::new()),
+            registration_locks: Mutex::new(std::collections::HashMap::new()),
         }))
     }
 
@@ -514,6 +542,22 @@ impl App {
             out.push((name.clone(), ready));
         }
         out
+    }
+
+    /// Waits for, and holds until dropped, the lock of registration `id`.
+    pub async fn lock_registration(&self, id: &str) -> RegistrationGuard<'_> {
+        let lock = self
+            .registration_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        RegistrationGuard {
+            app: self,
+            id: id.to_string(),
+            guard: Some(lock.lock_owned().await),
+        }
     }
 
     /// Reserves `keys` for this request; `Err(key)` names the first one already taken.

@@ -770,6 +770,7 @@ async fn authorize(
 /// `GET /registrations/{id}`.
 pub async fn get(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply, ApiError> {
     audited(app, ctx, "get", async |f: &mut Facts| {
+        let _lock = app.lock_registration(id).await;
         let (reg, cert, _) = authorize(app, ctx, id, false, f).await?;
         Ok(Reply {
             status: 200,
@@ -789,6 +790,7 @@ pub async fn put(
     body: &[u8],
 ) -> Result<Reply, ApiError> {
     audited(app, ctx, "update", async |f: &mut Facts| {
+        let _lock = app.lock_registration(id).await;
         let (reg, current, by) = authorize(app, ctx, id, true, f).await?;
         let now = now();
         let obj = parse_object(body)?;
@@ -824,6 +826,7 @@ pub async fn patch(
     body: &[u8],
 ) -> Result<Reply, ApiError> {
     audited(app, ctx, "patch", async |f: &mut Facts| {
+        let _lock = app.lock_registration(id).await;
         let (reg, current, _) = authorize(app, ctx, id, false, f).await?;
         let now = now();
         let patch = parse_object(body)?;
@@ -891,6 +894,8 @@ async fn update(
     reg.updated_at = now;
     let mut commit_c = Commit::default();
     let mut cert = current;
+    // Held until the change is committed: signing and storing are one unit of back-pressure.
+    let mut _slot = None;
     if let Some(csr_pem) = csr {
         f.action = "rekey";
         let csr = parse_csr(&csr_pem)?;
@@ -909,15 +914,7 @@ async fn update(
                 },
             )
             .outcome?;
-        let _reservation = app
-            .reserve(vec![format!("rekey:{}", reg.id)])
-            .map_err(|_| {
-                ApiError::new(
-                    Cause::PolicyRejected,
-                    "a re-key of this registration is already in progress",
-                )
-            })?;
-        let _slot = app.signing.enter().await.ok_or_else(busy)?;
+        _slot = Some(app.signing.enter().await.ok_or_else(busy)?);
         let mut new_cert = issue(
             app,
             &reg.backend,
@@ -963,6 +960,7 @@ async fn update(
 /// `DELETE /registrations/{id}`: ends the registration and revokes its certificates.
 pub async fn delete(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply, ApiError> {
     audited(app, ctx, "deregister", async |f: &mut Facts| {
+        let _lock = app.lock_registration(id).await;
         let (reg, _, _) = authorize(app, ctx, id, false, f).await?;
         let mut event = f.event(app, ctx, 204, None);
         event.detail = unpublished_revocation(app, &reg);
@@ -1066,8 +1064,10 @@ pub async fn sweep(app: &App) -> Result<usize, ApiError> {
     let due = app.store.due_expiries(now, 1000)?;
     let n = due.len();
     for id in due {
+        let _lock = app.lock_registration(&id).await;
         if let Some(reg) = app.store.registration(&id)?
             && reg.state == RegState::Active
+            && reg.exp_time <= now
         {
             expire(app, "sweep", reg).await?;
         }

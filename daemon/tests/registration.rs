@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use jsonwebtoken::{Algorithm, Header};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use x509_parser::prelude::*;
 
 fn pem_der(pem: &str) -> Vec<u8> {
@@ -909,4 +910,78 @@ async fn the_admin_listener_reports_health_and_metrics() {
     );
     assert!(metrics.contains("ecs_issuance_seconds_bucket"), "{metrics}");
     assert!(metrics.contains("ecs_active_registrations 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rekeys_are_serialised_and_every_certificate_is_revoked_at_the_end() {
+    let ecs = Arc::new(Ecs::start());
+    let a = ecs.register("ees-race.ecsp.example").await;
+    let auth = format!("Bearer {}", a.secret_token().unwrap());
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (ecs, auth, location, prof) = (
+            ecs.clone(),
+            auth.clone(),
+            a.location.clone(),
+            r_json_profile(&a),
+        );
+        tasks.push(tokio::spawn(async move {
+            let key = Key::new();
+            let put = json!({"eesProf": prof, "onboarding": {"csr": key.csr("x")}});
+            let r = ecs
+                .client()
+                .request(
+                    "PUT",
+                    &location,
+                    &[
+                        ("content-type", "application/json"),
+                        ("authorization", &auth),
+                    ],
+                    Some(put.to_string().into_bytes()),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            Ees::from_response(&with_location(r, &location), key)
+        }));
+    }
+    let mut issued = vec![a];
+    for t in tasks {
+        issued.push(t.await.unwrap());
+    }
+    // Exactly one of them is current; it de-registers.
+    let mut current = Vec::new();
+    for e in &issued {
+        let r = ecs
+            .client_as(e)
+            .request("GET", &e.location, &[], None)
+            .await
+            .unwrap();
+        if r.status == 200 {
+            current.push(e);
+        }
+    }
+    assert_eq!(current.len(), 1);
+    let r = ecs
+        .client_as(current[0])
+        .request("DELETE", &current[0].location, &[], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204);
+    // No certificate of the registration is left unrevoked.
+    let der = crl(&ecs).await;
+    let (_, parsed) = CertificateRevocationList::from_der(&der).unwrap();
+    let revoked: Vec<Vec<u8>> = parsed
+        .iter_revoked_certificates()
+        .map(|r| r.raw_serial().to_vec())
+        .collect();
+    for e in &issued {
+        let der = pem_der(&e.cert_pem);
+        let (_, c) = X509Certificate::from_der(&der).unwrap();
+        assert!(
+            revoked.contains(&c.raw_serial().to_vec()),
+            "a certificate was left unrevoked"
+        );
+    }
+    assert_eq!(revoked.len(), issued.len());
 }
