@@ -103,19 +103,14 @@ async fn a_client_certificate_from_an_unknown_issuer_reaches_the_route() {
     assert_problem(&r, 403, "NOT_REGISTRATION_OWNER");
     let id = "ees-tp.ecsp.example";
     let body = json!({"eesProf": {"eesId": id, "endPt": {"fqdn": id}, "eecRegConf": false}, "onboarding": {"thirdPartyCert": true}});
-    let auth = format!("Bearer {}", ecs.token(id));
-    let r = stranger
-        .request(
-            "POST",
-            &ecs.url(API),
-            &[
-                ("content-type", "application/json"),
-                ("authorization", &auth),
-            ],
-            Some(body.to_string().into_bytes()),
+    let r = ecs
+        .post_as(
+            &stranger,
+            Some(&ecs.token(id)),
+            "application/json",
+            body.to_string().into_bytes(),
         )
-        .await
-        .unwrap();
+        .await;
     // ... and for the third-party path, the domain policy (which accepts none here).
     assert_problem(&r, 403, "UNTRUSTED_CLIENT_CERT");
     assert!(

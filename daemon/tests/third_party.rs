@@ -103,19 +103,13 @@ async fn a_trusted_partner_certificate_is_accepted_and_every_rule_refuses_with_i
             .unwrap(),
             None => ecs.client(),
         };
-        let auth = format!("Bearer {}", ecs.token(ID));
-        client
-            .request(
-                "POST",
-                &ecs.url(API),
-                &[
-                    ("content-type", "application/json"),
-                    ("authorization", &auth),
-                ],
-                Some(body.to_string().into_bytes()),
-            )
-            .await
-            .unwrap()
+        ecs.post_as(
+            &client,
+            Some(&ecs.token(ID)),
+            "application/json",
+            body.to_string().into_bytes(),
+        )
+        .await
     };
 
     let r = post(None).await;
@@ -210,19 +204,14 @@ async fn a_trusted_partner_certificate_is_accepted_and_every_rule_refuses_with_i
         "eesProf": { "eesId": id, "endPt": { "fqdn": id }, "provId": "ecsp-b", "eecRegConf": false },
         "onboarding": { "thirdPartyCert": true }
     });
-    let auth = format!("Bearer {}", ecs.token_with(id, Some("ecsp-b")));
-    let r = client
-        .request(
-            "POST",
-            &ecs.url(API),
-            &[
-                ("content-type", "application/json"),
-                ("authorization", &auth),
-            ],
-            Some(body_b.to_string().into_bytes()),
+    let r = ecs
+        .post_as(
+            &client,
+            Some(&ecs.token_with(id, Some("ecsp-b"))),
+            "application/json",
+            body_b.to_string().into_bytes(),
         )
-        .await
-        .unwrap();
+        .await;
     assert_problem(&r, 403, "UNTRUSTED_CLIENT_CERT");
     assert!(
         r.json()["detail"]

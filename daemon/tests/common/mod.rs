@@ -224,12 +224,24 @@ impl Ecs {
         content_type: &str,
         body: Vec<u8>,
     ) -> Response {
+        self.post_as(&self.client(), token, content_type, body)
+            .await
+    }
+
+    /// POSTs a registration over `client` (e.g. one presenting a third-party certificate).
+    pub async fn post_as(
+        &self,
+        client: &HttpsClient,
+        token: Option<&str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Response {
         let auth = token.map(|t| format!("Bearer {t}"));
         let mut headers = vec![("content-type", content_type)];
         if let Some(a) = &auth {
             headers.push(("authorization", a.as_str()));
         }
-        self.client()
+        client
             .request("POST", &self.url(API), &headers, Some(body))
             .await
             .unwrap()
