@@ -47,7 +47,7 @@ pub struct CfsslConfig {
     pub url: String,
     pub profile: Option<String>,
     /// The HMAC key of `/authsign`, raw bytes.
-    pub auth_key: Option<Vec<u8>>,
+    pub auth_key: Option<zeroize::Zeroizing<Vec<u8>>>,
     /// The external CA's chain (issuing CA first): what it returns must chain to it.
     pub chain_der: Vec<Vec<u8>>,
     /// Trust roots for an `https://` URL (DER); the chain above when empty.

@@ -7,6 +7,7 @@ use aws_lc_rs::signature::{
     KeyPair, RSA_PKCS1_SHA256, RSA_PSS_SHA256, RsaKeyPair,
 };
 use std::fmt;
+use zeroize::Zeroizing;
 
 enum Inner {
     Ecdsa(EcdsaKeyPair),
@@ -35,7 +36,7 @@ impl fmt::Debug for SoftwareKey {
 impl SoftwareKey {
     /// Loads a PEM `PRIVATE KEY` (PKCS#8).
     pub fn from_pkcs8_pem(pem: &str) -> Result<Self, Error> {
-        let der = crate::pem_to_der(pem, "PRIVATE KEY")?;
+        let der = Zeroizing::new(crate::pem_to_der(pem, "PRIVATE KEY")?);
         Self::from_pkcs8_der(&der)
     }
 
@@ -162,10 +163,14 @@ fn rsa_spki(pkcs1: &[u8]) -> Vec<u8> {
 }
 
 /// Generates a new P-256 key as a PEM `PRIVATE KEY` (PKCS#8), from the OS CSPRNG.
-pub fn generate_p256_pkcs8_pem() -> Result<String, Error> {
+/// The PEM is wiped from memory when dropped.
+pub fn generate_p256_pkcs8_pem() -> Result<Zeroizing<String>, Error> {
     let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new())
         .map_err(|_| Error::Signing("key generation failed".into()))?;
-    Ok(crate::der_to_pem(doc.as_ref(), "PRIVATE KEY"))
+    Ok(Zeroizing::new(crate::der_to_pem(
+        doc.as_ref(),
+        "PRIVATE KEY",
+    )))
 }
 
 #[cfg(test)]

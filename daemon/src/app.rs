@@ -585,8 +585,10 @@ fn load_backend(
             rsa_signature,
         } => {
             crate::secrets::check_private(key, &format!("backends.{name}.key"))?;
-            let key_pem = std::fs::read_to_string(key)
-                .map_err(|e| format!("backends.{name}.key: {}: {e}", key.display()))?;
+            let key_pem = zeroize::Zeroizing::new(
+                std::fs::read_to_string(key)
+                    .map_err(|e| format!("backends.{name}.key: {}: {e}", key.display()))?,
+            );
             let mut signer = SoftwareKey::from_pkcs8_pem(&key_pem)
                 .map_err(|e| format!("backends.{name}.key: {}: {e}", key.display()))?;
             if *rsa_signature == crate::config::RsaSignature::Pss {
@@ -628,7 +630,7 @@ fn load_backend(
                 name: name.to_string(),
                 module,
                 uri,
-                pin: pin.into(),
+                pin: pin.as_str().into(),
                 max_sessions: max_sessions.unwrap_or(2 * cores),
                 rsa_pss: *rsa_signature == crate::config::RsaSignature::Pss,
                 expected_spki,
@@ -653,7 +655,8 @@ fn load_backend(
                 Some(spec) => {
                     let key = format!("backends.{name}.auth_key");
                     let text = crate::secrets::resolve(spec, &key, base)?;
-                    Some(hex::decode(text.trim()).map_err(|_| format!("{key}: not hex"))?)
+                    let bytes = hex::decode(text.trim()).map_err(|_| format!("{key}: not hex"))?;
+                    Some(zeroize::Zeroizing::new(bytes))
                 }
                 None => None,
             };

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod diff;
 pub mod ees;
 pub mod explain;
+pub mod hardening;
 pub mod init;
 pub mod metrics;
 pub mod model;

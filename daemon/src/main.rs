@@ -289,6 +289,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| if serving { "info" } else { "warn" }.into()),
         )
         .init();
+    // Before any key, PIN or token is read: none of them may reach a core dump.
+    if let Err(e) = ecs_daemon::hardening::forbid_core_dumps() {
+        eprintln!("ecsd: {e}");
+        return ExitCode::from(1);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -610,7 +615,7 @@ fn ceremony(path: &Path) -> Result<(), Fail> {
      -> Result<Option<ecs_ca_backends::pkcs11::AuthPin>, Fail> {
         match spec {
             Some(s) => ecs_daemon::secrets::resolve(s, key, base)
-                .map(|p| Some(p.into()))
+                .map(|p| Some(p.as_str().into()))
                 .map_err(|e| usage(format!("{}: {e}", path.display()))),
             None => Ok(None),
         }

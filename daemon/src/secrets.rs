@@ -1,12 +1,14 @@
 //! Secrets named in configuration files: `env:NAME` or `file:PATH`, never the value itself.
 
 use std::path::Path;
+use zeroize::Zeroizing;
 
 /// Resolves `spec` for configuration key `key`. A file must not be readable by group or
-/// others. The value never appears in an error.
-pub fn resolve(spec: &str, key: &str, base: &Path) -> Result<String, String> {
+/// others. The value never appears in an error, and is wiped from memory when dropped.
+pub fn resolve(spec: &str, key: &str, base: &Path) -> Result<Zeroizing<String>, String> {
     if let Some(name) = spec.strip_prefix("env:") {
         return std::env::var(name)
+            .map(Zeroizing::new)
             .map_err(|_| format!("{key}: environment variable {name} is not set"));
     }
     if let Some(path) = spec.strip_prefix("file:") {
@@ -19,9 +21,12 @@ pub fn resolve(spec: &str, key: &str, base: &Path) -> Result<String, String> {
                 p.display()
             ));
         }
-        let text =
-            std::fs::read_to_string(&p).map_err(|e| format!("{key}: {}: {e}", p.display()))?;
-        return Ok(text.trim_end_matches(['\n', '\r']).to_string());
+        let text = Zeroizing::new(
+            std::fs::read_to_string(&p).map_err(|e| format!("{key}: {}: {e}", p.display()))?,
+        );
+        return Ok(Zeroizing::new(
+            text.trim_end_matches(['\n', '\r']).to_string(),
+        ));
     }
     Err(format!(
         "{key}: give env:NAME or file:PATH, never the secret itself"
@@ -58,7 +63,10 @@ mod tests {
             "{err}"
         );
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(resolve("file:pin", "k", dir.path()).unwrap(), "1234");
+        assert_eq!(
+            resolve("file:pin", "k", dir.path()).unwrap().as_str(),
+            "1234"
+        );
         let err = resolve("1234", "backends.hsm.pin", dir.path()).unwrap_err();
         assert!(!err.contains("1234"), "{err}");
         assert!(resolve("env:ECS_TEST_SURELY_UNSET_VAR", "k", dir.path()).is_err());

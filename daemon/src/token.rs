@@ -357,8 +357,10 @@ pub fn mint(cfg: &Config, name: &str, req: &MintRequest<'_>) -> Result<String, S
         format!("token_issuers.{name}: no private_key: this ECS cannot mint for that issuer")
     })?;
     crate::secrets::check_private(path, &format!("token_issuers.{name}.private_key"))?;
-    let pem = std::fs::read(path)
-        .map_err(|e| format!("token_issuers.{name}.private_key: {}: {e}", path.display()))?;
+    let pem = zeroize::Zeroizing::new(
+        std::fs::read(path)
+            .map_err(|e| format!("token_issuers.{name}.private_key: {}: {e}", path.display()))?,
+    );
     let key = EncodingKey::from_ec_pem(&pem)
         .map_err(|e| format!("token_issuers.{name}.private_key: {}: {e}", path.display()))?;
     let mut header = Header::new(Algorithm::ES256);

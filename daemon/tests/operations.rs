@@ -458,3 +458,118 @@ async fn rate_limits_answer_429_with_retry_after_and_spend_nothing() {
             .any(|r| r["cause"] == json!("TOO_MANY_REQUESTS"))
     );
 }
+
+/// Resident set size of a process, KiB (`VmRSS`).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Sends `n` refused registrations over 8 concurrent clients, cycling through the ways a
+/// request is refused: no token, a token that is not a JWT, a well-signed but expired token,
+/// a valid token with a CSR whose signature is broken, a body that is not JSON, and one
+/// that is not `application/json`. Each gets its 4xx; nothing is stored but the audit record.
+async fn refuse(ecs: &Arc<Ecs>, n: usize) {
+    let id = "ees-mem.ecsp.example";
+    let key = Key::new();
+    let good = registration_body(id, &key.csr(id));
+    let mut broken = good.clone();
+    // Flip a byte of the CSR's signature (the last base64 characters before the footer).
+    let csr = broken["onboarding"]["csr"].as_str().unwrap().to_string();
+    let end = csr.find("\n-----END").unwrap();
+    let mut bytes = csr.into_bytes();
+    bytes[end - 3] = if bytes[end - 3] == b'A' { b'B' } else { b'A' };
+    broken["onboarding"]["csr"] = json!(String::from_utf8(bytes).unwrap());
+    let valid = ecs.token(id);
+    let mut expired = ecs.claims(id);
+    expired["exp"] = json!(now() - 600);
+    expired["iat"] = json!(now() - 1200);
+    expired["nbf"] = json!(now() - 1200);
+    let expired = ecs.token_claims(
+        jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &expired,
+    );
+    let json = "application/json";
+    let cases: Arc<Vec<(Option<String>, &str, Vec<u8>, u16)>> = Arc::new(vec![
+        (None, json, good.to_string().into_bytes(), 401),
+        (
+            Some("not-a-token".into()),
+            json,
+            good.to_string().into_bytes(),
+            401,
+        ),
+        (Some(expired), json, good.to_string().into_bytes(), 401),
+        (
+            Some(valid.clone()),
+            json,
+            broken.to_string().into_bytes(),
+            400,
+        ),
+        (Some(valid.clone()), json, b"{\"eesId\": ".to_vec(), 400),
+        (
+            Some(valid),
+            "text/plain",
+            good.to_string().into_bytes(),
+            415,
+        ),
+    ]);
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (ecs, cases) = (ecs.clone(), cases.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = ecs.client();
+            for i in (t..n).step_by(8) {
+                let (token, content_type, body, status) = &cases[i % cases.len()];
+                let r = ecs
+                    .post_as(&client, token.as_deref(), content_type, body.clone())
+                    .await;
+                assert_eq!(r.status, *status, "{}", String::from_utf8_lossy(&r.body));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn memory_stays_flat_across_10000_refused_requests() {
+    // Every refusal is audited, so the store grows; its page cache is the one bound that
+    // is meant to fill (`storage.cache_mib`, 32 MiB by default). It is made small here so
+    // that it fills during the warm-up, and what is measured after is everything else.
+    let ecs = Arc::new(Ecs::start_with(|c| {
+        *c = c.replace("[storage]", "[storage]\ncache_mib = 1")
+    }));
+    // Warm up: allocator arenas, TLS state, the store's page cache.
+    refuse(&ecs, 4_000).await;
+    let before = rss_kib(ecs.pid());
+    refuse(&ecs, 10_000).await;
+    let after = rss_kib(ecs.pid());
+    println!("RSS before {before} KiB, after 10,000 refused requests {after} KiB");
+    assert!(
+        after * 10 <= before * 11,
+        "RSS grew from {before} KiB to {after} KiB (more than 10%)"
+    );
+    // Still serving, and nothing was registered.
+    ecs.register("ees-mem-after.ecsp.example").await;
+    let (ok, records) = ecs.audit();
+    assert!(ok);
+    let accepted = records
+        .iter()
+        .filter(|r| r["outcome"] == json!("accepted"))
+        .count();
+    assert_eq!(accepted, 1);
+}
+
+#[tokio::test]
+async fn the_daemon_can_write_no_core_dump() {
+    let ecs = Ecs::start();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", ecs.pid())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+}

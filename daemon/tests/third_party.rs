@@ -49,7 +49,11 @@ fn leaf(issuer: &LocalIssuer, edit: impl Fn(&mut CertTemplate)) -> (String, Stri
     };
     edit(&mut t);
     let c = issuer.issue(&t).unwrap();
-    (der_to_pem(&c.der, "CERTIFICATE"), key_pem, c.serial_hex)
+    (
+        der_to_pem(&c.der, "CERTIFICATE"),
+        key_pem.to_string(),
+        c.serial_hex,
+    )
 }
 
 const ID: &str = "ees-tp.ecsp.example";

@@ -417,7 +417,7 @@ pub fn registration(ees_id: &str) -> (serde_json::Value, String) {
             "eesProf": { "eesId": ees_id, "endPt": { "fqdn": ees_id }, "eecRegConf": false },
             "onboarding": { "csr": csr }
         }),
-        pem,
+        pem.to_string(),
     )
 }
 

@@ -318,7 +318,10 @@ impl Key {
     pub fn new() -> Key {
         let pem = generate_p256_pkcs8_pem().unwrap();
         let key = SoftwareKey::from_pkcs8_pem(&pem).unwrap();
-        Key { pem, key }
+        Key {
+            pem: pem.to_string(),
+            key,
+        }
     }
 
     pub fn csr(&self, cn: &str) -> String {
