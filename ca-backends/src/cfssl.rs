@@ -152,19 +152,7 @@ impl CfsslIssuer {
                         .limit(1 << 20)
                         .read_to_string()
                         .map_err(|e| CallError::Down(format!("{url}: reading the answer: {e}")))?;
-                    if status >= 500 {
-                        return Err(CallError::Down(format!("{url} answered {status}")));
-                    }
-                    let v: Value = serde_json::from_str(&text).map_err(|_| {
-                        CallError::Bad(format!(
-                            "{url} answered {status} with something that is not JSON"
-                        ))
-                    })?;
-                    if status != 200 || v["success"] != json!(true) {
-                        let msg = v["errors"][0]["message"].as_str().unwrap_or("no message");
-                        return Err(CallError::Bad(format!("{url} refused ({status}): {msg}")));
-                    }
-                    return Ok(v);
+                    return read_answer(&url, status, &text);
                 }
                 Err(e) => {
                     let connect_failed = matches!(
@@ -237,6 +225,33 @@ impl CfsslIssuer {
             req["profile"] = json!(p);
         }
         Ok(req)
+    }
+
+    /// What [`CertIssuer::issue`] does with the external CA's answer (HTTP `status`, body
+    /// `text`) to a request for `t`: the certificate it carries, if every check passes.
+    /// Public so that the answers can be fuzzed without a server.
+    pub fn check_answer(
+        &self,
+        t: &CertTemplate,
+        status: u16,
+        text: &str,
+    ) -> Result<IssuedCert, Error> {
+        match read_answer("the external CA", status, text) {
+            Ok(answer) => self.accept(t, &answer),
+            Err(CallError::Down(why) | CallError::Bad(why)) => Err(Error::BadCertificate(why)),
+        }
+    }
+
+    fn accept(&self, t: &CertTemplate, answer: &Value) -> Result<IssuedCert, Error> {
+        let pem = answer["result"]["certificate"]
+            .as_str()
+            .ok_or_else(|| Error::BadCertificate("the answer has no result.certificate".into()))?;
+        let der = crate::pem_to_der(pem, "CERTIFICATE").map_err(|_| {
+            Error::BadCertificate("result.certificate is not a PEM certificate".into())
+        })?;
+        self.verify(t, &der).map_err(|why| {
+            Error::BadCertificate(format!("the external CA's certificate was refused: {why}"))
+        })
     }
 
     /// Checks a returned certificate against the approval. Returns a sentence for what is
@@ -330,6 +345,24 @@ impl CfsslIssuer {
     }
 }
 
+/// Reads a CFSSL API answer: 5xx is the CA being down; anything but `200` with
+/// `"success": true` is a refusal, reported with the CA's first message.
+fn read_answer(url: &str, status: u16, text: &str) -> Result<Value, CallError> {
+    if status >= 500 {
+        return Err(CallError::Down(format!("{url} answered {status}")));
+    }
+    let v: Value = serde_json::from_str(text).map_err(|_| {
+        CallError::Bad(format!(
+            "{url} answered {status} with something that is not JSON"
+        ))
+    })?;
+    if status != 200 || v["success"] != json!(true) {
+        let msg = v["errors"][0]["message"].as_str().unwrap_or("no message");
+        return Err(CallError::Bad(format!("{url} refused ({status}): {msg}")));
+    }
+    Ok(v)
+}
+
 impl CertIssuer for CfsslIssuer {
     fn issue(&self, t: &CertTemplate) -> Result<IssuedCert, Error> {
         self.breaker_check()?;
@@ -361,15 +394,7 @@ impl CertIssuer for CfsslIssuer {
                 return Err(Error::BadCertificate(reason));
             }
         };
-        let pem = answer["result"]["certificate"]
-            .as_str()
-            .ok_or_else(|| Error::BadCertificate("the answer has no result.certificate".into()))?;
-        let der = crate::pem_to_der(pem, "CERTIFICATE").map_err(|_| {
-            Error::BadCertificate("result.certificate is not a PEM certificate".into())
-        })?;
-        self.verify(t, &der).map_err(|why| {
-            Error::BadCertificate(format!("the external CA's certificate was refused: {why}"))
-        })
+        self.accept(t, &answer)
     }
 
     fn chain_der(&self) -> &[Vec<u8>] {

@@ -16,6 +16,8 @@ pub mod cfssl;
 pub mod chain;
 mod csr;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod issuer;
 mod key;
 pub mod pkcs11;

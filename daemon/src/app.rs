@@ -185,7 +185,7 @@ fn load_third_party(
     let key = format!("domains.{domain}.third_party");
     let mut anchors = Vec::new();
     for path in &tp.trust_anchors {
-        let pem = std::fs::read_to_string(path)
+        let pem = crate::files::read_to_string(path)
             .map_err(|e| format!("{key}.trust_anchors: {path}: {e}"))?;
         for der in
             pem_chain_to_der(&pem).map_err(|e| format!("{key}.trust_anchors: {path}: {e}"))?
@@ -224,7 +224,7 @@ fn load_third_party(
         } else if c.starts_with("http://") {
             return Err(format!("{key}.crls: {c}: give a file or an https:// URL"));
         } else {
-            let bytes = std::fs::read(c).map_err(|e| format!("{key}.crls: {c}: {e}"))?;
+            let bytes = crate::files::read(c).map_err(|e| format!("{key}.crls: {c}: {e}"))?;
             let der = match std::str::from_utf8(&bytes) {
                 Ok(text) if text.contains("-----BEGIN") => {
                     ecs_ca_backends::pem_to_der(text, "X509 CRL")
@@ -316,7 +316,7 @@ impl Policy {
             if let Some(tp) = &d.third_party {
                 let mut trust_roots = roots.to_vec();
                 for a in &tp.trust_anchors {
-                    if let Ok(pem) = std::fs::read(a) {
+                    if let Ok(pem) = crate::files::read(a) {
                         trust_roots.extend_from_slice(&pem);
                     }
                 }
@@ -586,7 +586,7 @@ fn load_backend(
         } => {
             crate::secrets::check_private(key, &format!("backends.{name}.key"))?;
             let key_pem = zeroize::Zeroizing::new(
-                std::fs::read_to_string(key)
+                crate::files::read_to_string(key)
                     .map_err(|e| format!("backends.{name}.key: {}: {e}", key.display()))?,
             );
             let mut signer = SoftwareKey::from_pkcs8_pem(&key_pem)
@@ -685,7 +685,7 @@ fn load_backend(
 }
 
 fn read_chain(name: &str, cert: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
-    let cert_pem = std::fs::read_to_string(cert)
+    let cert_pem = crate::files::read_to_string(cert)
         .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))?;
     pem_chain_to_der(&cert_pem)
         .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))

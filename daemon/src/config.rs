@@ -349,16 +349,26 @@ impl Config {
     }
 
     fn parse_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config, ConfigError> {
+        let text = crate::files::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        Self::parse_text(&text, path, env)
+    }
+
+    /// Parses configuration `text` as if read from `path` (which names it in errors and
+    /// anchors relative paths), with `ECS__…` overrides from `env`.
+    pub fn parse_text(
+        text: &str,
+        path: &Path,
+        env: HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
         let shown = path.display();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("{shown}: cannot read: {e}")))?;
         // The file alone first: toml's errors carry the line and column, which the merged
         // view below no longer knows.
-        if let Err(e) = toml::from_str::<Config>(&text) {
+        if let Err(e) = toml::from_str::<Config>(text) {
             let env_overrides = env.keys().any(|k| k.starts_with("ECS__"));
             // A required key may legitimately come from the environment only.
             if !(env_overrides && e.message().starts_with("missing field")) {
-                return Err(ConfigError(toml_error(&shown.to_string(), &text, &e)));
+                return Err(ConfigError(toml_error(&shown.to_string(), text, &e)));
             }
         }
         let mut envsrc = config::Environment::with_prefix("ECS")
@@ -371,11 +381,11 @@ impl Config {
                     .filter(|(k, _)| k.starts_with("ECS__"))
                     .collect(),
             ));
-        for key in list_keys(&text) {
+        for key in list_keys(text) {
             envsrc = envsrc.with_list_parse_key(&key);
         }
         let merged = config::Config::builder()
-            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .add_source(envsrc)
             .build()
             .map_err(|e| ConfigError(format!("{shown}: {}", one_line(&e.to_string()))))?;
@@ -662,7 +672,7 @@ impl Config {
             let Some(tp) = &d.third_party else { continue };
             let mut facts = Vec::new();
             for path in &tp.trust_anchors {
-                let parsed = std::fs::read_to_string(path)
+                let parsed = crate::files::read_to_string(path)
                     .map_err(|e| e.to_string())
                     .and_then(|pem| {
                         ecs_ca_backends::pem_chain_to_der(&pem).map_err(|e| e.to_string())

@@ -89,7 +89,7 @@ pub fn diff(
             let anchors: Vec<(String, Vec<u8>)> = tp
                 .trust_anchors
                 .iter()
-                .filter_map(|p| std::fs::read_to_string(p).ok().map(|t| (p.clone(), t)))
+                .filter_map(|p| crate::files::read_to_string(p).ok().map(|t| (p.clone(), t)))
                 .flat_map(|(p, t)| {
                     ecs_ca_backends::pem_chain_to_der(&t)
                         .unwrap_or_default()

@@ -67,7 +67,8 @@ pub fn explain(cfg: &Config, case: &Case) -> Result<(Decision, Value), String> {
             let tp = domain.third_party.clone().unwrap_or_default();
             let mut anchors = Vec::new();
             for path in &tp.trust_anchors {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+                let text =
+                    crate::files::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
                 for der in
                     ecs_ca_backends::pem_chain_to_der(&text).map_err(|e| format!("{path}: {e}"))?
                 {
@@ -150,7 +151,7 @@ fn crl_files(crls: &[String]) -> Result<Vec<Vec<u8>>, String> {
                     "CRL {c} is not fetched by explain; the daemon fetches it"
                 ));
             }
-            let bytes = std::fs::read(c).map_err(|e| format!("CRL {c}: {e}"))?;
+            let bytes = crate::files::read(c).map_err(|e| format!("CRL {c}: {e}"))?;
             match std::str::from_utf8(&bytes) {
                 Ok(t) if t.contains("-----BEGIN") => {
                     ecs_ca_backends::pem_to_der(t, "X509 CRL").map_err(|e| format!("CRL {c}: {e}"))

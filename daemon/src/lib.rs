@@ -16,6 +16,9 @@ pub mod daemon;
 pub mod diff;
 pub mod ees;
 pub mod explain;
+pub mod files;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hardening;
 pub mod init;
 pub mod metrics;

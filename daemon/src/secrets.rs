@@ -22,7 +22,7 @@ pub fn resolve(spec: &str, key: &str, base: &Path) -> Result<Zeroizing<String>, 
             ));
         }
         let text = Zeroizing::new(
-            std::fs::read_to_string(&p).map_err(|e| format!("{key}: {}: {e}", p.display()))?,
+            crate::files::read_to_string(&p).map_err(|e| format!("{key}: {}: {e}", p.display()))?,
         );
         return Ok(Zeroizing::new(
             text.trim_end_matches(['\n', '\r']).to_string(),

@@ -98,7 +98,7 @@ impl TokenVerifier {
             let url = match &ic.jwks_url {
                 Some(u) => {
                     let roots = match &ic.jwks_ca {
-                        Some(p) => std::fs::read(p).map_err(|e| {
+                        Some(p) => crate::files::read(p).map_err(|e| {
                             format!("token_issuers.{name}.jwks_ca: {}: {e}", p.display())
                         })?,
                         None => default_roots_pem.to_vec(),
@@ -128,6 +128,22 @@ impl TokenVerifier {
         Ok(TokenVerifier {
             audience: cfg.ecs_id.clone(),
             issuers,
+        })
+    }
+
+    /// A verifier for one issuer whose keys are the JWKS `jwks` (no URL to refresh from).
+    pub fn from_jwks(audience: &str, iss: &str, jwks: &str) -> Result<Self, String> {
+        let set: JwkSet = serde_json::from_str(jwks).map_err(|e| format!("JWKS: {e}"))?;
+        Ok(TokenVerifier {
+            audience: audience.to_string(),
+            issuers: vec![Issuer {
+                name: "jwks".into(),
+                issuer: iss.to_string(),
+                keys: RwLock::new(keys_from_jwks(&set)?),
+                url: None,
+                last_fetch: Mutex::new(None),
+                min_refresh: Duration::from_secs(60),
+            }],
         })
     }
 
@@ -310,7 +326,7 @@ fn load_static_keys(
     ic: &TokenIssuerConfig,
 ) -> Result<HashMap<String, Arc<KeyEntry>>, String> {
     if let Some(p) = &ic.jwks {
-        let text = std::fs::read(p)
+        let text = crate::files::read(p)
             .map_err(|e| format!("token_issuers.{name}.jwks: {}: {e}", p.display()))?;
         let set: JwkSet = serde_json::from_slice(&text).map_err(|e| {
             format!(
@@ -323,7 +339,7 @@ fn load_static_keys(
     }
     let mut out = HashMap::new();
     for p in &ic.keys {
-        let pem = std::fs::read(p)
+        let pem = crate::files::read(p)
             .map_err(|e| format!("token_issuers.{name}.keys: {}: {e}", p.display()))?;
         let key = DecodingKey::from_ec_pem(&pem)
             .or_else(|_| DecodingKey::from_ed_pem(&pem))
@@ -358,7 +374,7 @@ pub fn mint(cfg: &Config, name: &str, req: &MintRequest<'_>) -> Result<String, S
     })?;
     crate::secrets::check_private(path, &format!("token_issuers.{name}.private_key"))?;
     let pem = zeroize::Zeroizing::new(
-        std::fs::read(path)
+        crate::files::read(path)
             .map_err(|e| format!("token_issuers.{name}.private_key: {}: {e}", path.display()))?,
     );
     let key = EncodingKey::from_ec_pem(&pem)

@@ -491,7 +491,9 @@ async fn refuse(ecs: &Arc<Ecs>, n: usize) {
         &expired,
     );
     let json = "application/json";
-    let cases: Arc<Vec<(Option<String>, &str, Vec<u8>, u16)>> = Arc::new(vec![
+    // (token, content type, body, the status it must get)
+    type Case = (Option<String>, &'static str, Vec<u8>, u16);
+    let cases: Arc<Vec<Case>> = Arc::new(vec![
         (None, json, good.to_string().into_bytes(), 401),
         (
             Some("not-a-token".into()),

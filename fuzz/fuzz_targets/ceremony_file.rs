@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ecs_ca_backends::fuzzing::ceremony_file(data));
