@@ -81,13 +81,10 @@ impl Backend {
             let revoked: Vec<RevokedEntry> = store
                 .revoked(&name)?
                 .into_iter()
-                .filter_map(|c| {
-                    let r = c.revoked?;
-                    Some(RevokedEntry {
-                        serial_hex: c.serial,
-                        revoked_at: r.at,
-                        reason: reason_of(&r.reason),
-                    })
+                .map(|(serial_hex, r)| RevokedEntry {
+                    serial_hex,
+                    revoked_at: r.at,
+                    reason: reason_of(&r.reason),
                 })
                 .collect();
             let number = store.next_crl_number(&name)?;
@@ -573,7 +570,7 @@ impl App {
     }
 }
 
-fn load_backend(
+pub(crate) fn load_backend(
     name: &str,
     b: &BackendConfig,
     base: &std::path::Path,

@@ -318,3 +318,173 @@ pub fn render_text(v: &Value) -> String {
         v["server_peak_rss_mib"],
     )
 }
+
+/// `ecsd bench --prefill N`: stores `count` registrations, as the API would have (a real
+/// certificate from the default backend, the registration, its spent token and its audit
+/// record), `revoked` of them de-registered with their certificate revoked, so that the
+/// scale scenarios run against a full store. The daemon must be stopped (the store is
+/// locked by whoever has it open).
+pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Result<Value, String> {
+    use crate::audit::AuditEvent;
+    use crate::store::{
+        CertRecord, Commit, RegState, RegistrationRecord, Revocation, SledStore, SpentToken, Store,
+    };
+    use ecs_ca_backends::{CertTemplate, KeySigner, SanEntry};
+
+    let started = Instant::now();
+    let base = cfg
+        .source
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let backend = cfg.default_backend().to_string();
+    let issuer = crate::app::load_backend(&backend, &cfg.backends[&backend], &base)?;
+    let store = SledStore::open_with_cache(&cfg.storage.path, cfg.storage.cache_mib)
+        .map_err(|e| e.to_string())?;
+    // One EES key for all: the key does not change what is stored.
+    let ees_key =
+        SoftwareKey::from_pkcs8_pem(&generate_p256_pkcs8_pem().map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    let spki = ees_key.public_key_der().to_vec();
+    let now = crate::app::now();
+    let policy_hash = cfg.policy_hash();
+    let run = crate::token::random_b64(6)
+        .to_lowercase()
+        .replace(['-', '_'], "x");
+
+    let make = |i: usize| -> Result<Commit, String> {
+        let ees_id = format!("prefill-{run}-{i}.bench.example");
+        let id = crate::token::random_b64(18);
+        let issued = issuer
+            .issue(&CertTemplate {
+                common_name: ees_id.clone(),
+                organization: None,
+                sans: vec![SanEntry::Dns(ees_id.clone())],
+                spki_der: spki.clone(),
+                now,
+                validity_secs: 30 * 86_400,
+                client_auth: true,
+                server_auth: true,
+                crl_url: None,
+                csr_pem: None,
+            })
+            .map_err(|e| e.to_string())?;
+        let gone = i < revoked;
+        let cert = CertRecord {
+            serial: issued.serial_hex.clone(),
+            registration_id: id.clone(),
+            backend: backend.clone(),
+            der_hex: hex::encode(&issued.der),
+            fingerprint: issued.fingerprint.clone(),
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+            revoked: None,
+            chain_hex: Vec::new(),
+        };
+        let reg = RegistrationRecord {
+            id: id.clone(),
+            state: if gone {
+                RegState::Deregistered
+            } else {
+                RegState::Active
+            },
+            ees_id: ees_id.clone(),
+            prov_id: None,
+            domain: "default".into(),
+            backend: backend.clone(),
+            profile: json!({ "eesId": ees_id, "endPt": { "fqdn": ees_id }, "eecRegConf": false }),
+            exp_time: now + 30 * 86_400,
+            supp_feat: None,
+            created_at: now,
+            updated_at: now,
+            cert_source: "ECS_ISSUED".into(),
+            current_cert: cert.serial.clone(),
+            certs: vec![cert.serial.clone()],
+            secret_token_hash: None,
+            token_issuer: "bench-prefill".into(),
+        };
+        Ok(Commit {
+            registration: Some(reg),
+            claim_ees_id: !gone,
+            revocations: if gone {
+                vec![(
+                    cert.serial.clone(),
+                    Revocation {
+                        at: now,
+                        reason: "cessationOfOperation".into(),
+                    },
+                )]
+            } else {
+                Vec::new()
+            },
+            new_certs: vec![cert],
+            spend_token: Some(SpentToken {
+                iss: "bench-prefill".into(),
+                jti: id.clone(),
+                exp: now + 600,
+            }),
+            audit: Some(AuditEvent {
+                time: crate::model::format_time(now),
+                client: "ecsd bench --prefill".into(),
+                action: "register".into(),
+                outcome: "accepted".into(),
+                status: 201,
+                ees_id: Some(ees_id),
+                registration_id: Some(id),
+                cert_serial: Some(issued.serial_hex),
+                cert_fingerprint: Some(issued.fingerprint),
+                key: Some("ECDSA P-256".into()),
+                policy_hash: policy_hash.clone(),
+                ..Default::default()
+            }),
+        })
+    };
+
+    // Certificates are signed on every core; commits are applied in batches, one flush each.
+    const BATCH: usize = 1000;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    std::thread::scope(|s| -> Result<(), String> {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<(), String> {
+                    loop {
+                        let from = next.fetch_add(BATCH, Ordering::Relaxed);
+                        if from >= count {
+                            return Ok(());
+                        }
+                        let batch = (from..(from + BATCH).min(count))
+                            .map(make)
+                            .collect::<Result<Vec<_>, _>>()?;
+                        let n = batch.len();
+                        store.commit_all(batch).map_err(|e| e.to_string())?;
+                        let total = done.fetch_add(n, Ordering::Relaxed) + n;
+                        if total % 100_000 < n {
+                            eprintln!(
+                                "prefill: {total} of {count} in {:.0} s",
+                                started.elapsed().as_secs_f64()
+                            );
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| "a prefill thread panicked".to_string())??;
+        }
+        Ok(())
+    })?;
+    store.flush().map_err(|e| e.to_string())?;
+    let counts = store.counts().map_err(|e| e.to_string())?;
+    Ok(json!({
+        "prefilled": count,
+        "revoked": revoked.min(count),
+        "active_registrations": counts.active_registrations,
+        "audit_records": counts.audit_records,
+        "seconds": started.elapsed().as_secs_f64(),
+    }))
+}

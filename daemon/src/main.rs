@@ -87,6 +87,13 @@ enum Command {
         pid: Option<u32>,
         #[arg(long, default_value = "text")]
         format: Format,
+        /// Instead of driving a running ECS: store this many registrations directly in the
+        /// configuration's store (the daemon stopped), for the scale scenarios.
+        #[arg(long)]
+        prefill: Option<usize>,
+        /// With --prefill: how many of them are de-registered, their certificates revoked.
+        #[arg(long, default_value_t = 0)]
+        prefill_revoked: usize,
     },
     /// A PKCS#11 key ceremony: one reviewed file in, verified artefacts and a transcript out.
     Ceremony {
@@ -422,9 +429,16 @@ async fn run(cmd: Command) -> Result<(), Fail> {
             duration,
             pid,
             format,
+            prefill,
+            prefill_revoked,
         } => {
             use ecs_daemon::bench;
             let cfg = load(&config)?;
+            if let Some(n) = prefill {
+                let report = bench::prefill(&cfg, n, prefill_revoked).map_err(other)?;
+                println!("{report}");
+                return Ok(());
+            }
             let prefix = format!(
                 "bench-{}",
                 token::random_b64(6).to_lowercase().replace(['-', '_'], "x")
