@@ -8,7 +8,7 @@
 use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH, chain_hash};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 
 /// The lifecycle of a registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,21 +170,19 @@ pub struct StoreCounts {
 pub struct SledStore {
     db: sled::Db,
     tree: sled::Tree,
-    flusher: Arc<GroupFlush>,
-    /// The flush thread, joined on drop so that the database is closed when the store is.
-    flush_thread: Option<std::thread::JoinHandle<()>>,
+    flusher: GroupFlush,
     /// Every commit appends to the audit chain (one head key), so concurrent sled
     /// transactions would conflict and retry; taking turns is cheaper. The wait for
     /// durability happens outside it.
     apply_lock: Mutex<()>,
 }
 
-/// Group commit: every commit waits for a flush that started after it was applied, and one
-/// flush serves every commit that arrived while the previous one ran. Under load many
-/// registrations share one `fsync`; alone, a commit costs one flush, as before.
+/// Group commit without a flush thread: a commit that finds no flush running becomes the
+/// leader and flushes itself; commits that arrive meanwhile wait, and the next of them leads
+/// the following flush, which covers them all. Under load many registrations share one
+/// flush; alone, a commit flushes on its own thread with no hand-off to another.
 struct GroupFlush {
     state: Mutex<FlushState>,
-    wake_flusher: Condvar,
     flushed: Condvar,
 }
 
@@ -194,76 +192,45 @@ struct FlushState {
     requested: u64,
     /// All commits up to this number are durable.
     done: u64,
-    /// The error of the last flush, handed to the commits it covered.
+    /// A leader is flushing now.
+    flushing: bool,
+    /// The error of the last failed flush and the commit number it was to cover.
     failed: Option<(u64, String)>,
-    stop: bool,
 }
 
 impl GroupFlush {
-    fn start(db: sled::Db) -> (Arc<Self>, std::thread::JoinHandle<()>) {
-        let g = Arc::new(GroupFlush {
+    fn new() -> Self {
+        GroupFlush {
             state: Mutex::new(FlushState::default()),
-            wake_flusher: Condvar::new(),
             flushed: Condvar::new(),
-        });
-        let worker = g.clone();
-        let handle = std::thread::Builder::new()
-            .name("sled-flush".into())
-            .spawn(move || worker.run(db))
-            .expect("spawn the flush thread");
-        (g, handle)
+        }
     }
 
-    fn run(&self, db: sled::Db) {
-        loop {
-            let target = {
-                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                while st.requested == st.done && !st.stop {
-                    st = self
-                        .wake_flusher
-                        .wait(st)
-                        .unwrap_or_else(|e| e.into_inner());
-                }
-                if st.stop && st.requested == st.done {
-                    return;
-                }
-                st.requested
-            };
+    /// Waits until everything applied before this call is on disk.
+    fn wait_durable(&self, db: &sled::Db) -> Result<(), StoreError> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.requested += 1;
+        let mine = st.requested;
+        while st.done < mine {
+            if st.flushing {
+                st = self.flushed.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            st.flushing = true;
+            let target = st.requested;
+            drop(st);
             let result = db.flush();
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.flushing = false;
             if let Err(e) = result {
                 st.failed = Some((target, e.to_string()));
             }
             st.done = target;
             self.flushed.notify_all();
         }
-    }
-
-    /// Waits until everything applied before this call is on disk.
-    fn wait_durable(&self) -> Result<(), StoreError> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.requested += 1;
-        let mine = st.requested;
-        self.wake_flusher.notify_one();
-        while st.done < mine {
-            st = self.flushed.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
         match &st.failed {
             Some((upto, e)) if *upto >= mine => Err(StoreError::Io(format!("flush: {e}"))),
             _ => Ok(()),
-        }
-    }
-}
-
-impl Drop for SledStore {
-    fn drop(&mut self) {
-        {
-            let mut st = self.flusher.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.stop = true;
-            self.flusher.wake_flusher.notify_one();
-        }
-        if let Some(t) = self.flush_thread.take() {
-            let _ = t.join();
         }
     }
 }
@@ -324,12 +291,10 @@ impl SledStore {
             let n = tree.scan_prefix(b"ees/").count() as u64;
             tree.insert(ACTIVE_COUNT, encode(&n)).map_err(io)?;
         }
-        let (flusher, flush_thread) = GroupFlush::start(db.clone());
         Ok(SledStore {
             db,
             tree,
-            flusher,
-            flush_thread: Some(flush_thread),
+            flusher: GroupFlush::new(),
             apply_lock: Mutex::new(()),
         })
     }
@@ -453,7 +418,7 @@ impl Store for SledStore {
     fn commit(&self, c: Commit) -> Result<Option<AuditRecord>, StoreError> {
         let written = self.apply(&c)?;
         // Durable before the caller answers, in a flush shared with concurrent commits.
-        self.flusher.wait_durable()?;
+        self.flusher.wait_durable(&self.db)?;
         Ok(written)
     }
 
@@ -461,7 +426,7 @@ impl Store for SledStore {
         for c in &cs {
             self.apply(c)?;
         }
-        self.flusher.wait_durable()
+        self.flusher.wait_durable(&self.db)
     }
 
     fn record(&self, event: AuditEvent) -> Result<Option<AuditRecord>, StoreError> {
