@@ -20,7 +20,7 @@ pub fn now() -> i64 {
         .as_secs() as i64
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
