@@ -608,22 +608,35 @@ async fn ecsd_needs_no_root() {
         .status()
         .unwrap();
     assert!(ok.success(), "ecsd init as nobody");
-    let mut child = as_nobody()
-        .args(["serve", "--config"])
-        .arg(data.join("ecs.toml"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    /// Stops the daemon however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(
+        as_nobody()
+            .args(["serve", "--config"])
+            .arg(data.join("ecs.toml"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while admin_get(admin, "/readyz").is_none_or(|(s, _)| s != 200) {
         assert!(
             Instant::now() < deadline,
             "ecsd as nobody never became ready"
         );
-        assert!(child.try_wait().unwrap().is_none(), "ecsd as nobody exited");
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "ecsd as nobody exited"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.0.id())).unwrap();
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     assert!(
         uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
@@ -662,6 +675,4 @@ async fn ecsd_needs_no_root() {
         .await
         .unwrap();
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let _ = child.kill();
-    let _ = child.wait();
 }
