@@ -338,7 +338,18 @@ pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Res
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default();
     let backend = cfg.default_backend().to_string();
-    let issuer = crate::app::load_backend(&backend, &cfg.backends[&backend], &base)?;
+    let backend_cfg = cfg
+        .backends
+        .get(&backend)
+        .ok_or_else(|| format!("--prefill: no backend {backend:?} in the configuration"))?;
+    let issuer = crate::app::load_backend(&backend, backend_cfg, &base)?;
+    // Recorded as governed by the first domain whose certificates this backend issues.
+    let domain = cfg
+        .domains
+        .iter()
+        .find(|(_, d)| cfg.domain_backend(d) == backend)
+        .map(|(n, _)| n.clone())
+        .unwrap_or_else(|| "default".into());
     let store = SledStore::open_with_cache(&cfg.storage.path, cfg.storage.cache_mib)
         .map_err(|e| e.to_string())?;
     // One EES key for all: the key does not change what is stored.
@@ -390,7 +401,7 @@ pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Res
             },
             ees_id: ees_id.clone(),
             prov_id: None,
-            domain: "default".into(),
+            domain: domain.clone(),
             backend: backend.clone(),
             profile: json!({ "eesId": ees_id, "endPt": { "fqdn": ees_id }, "eecRegConf": false }),
             exp_time: now + 30 * 86_400,

@@ -676,3 +676,42 @@ async fn ecsd_needs_no_root() {
         .unwrap();
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
 }
+
+#[tokio::test]
+async fn a_prefilled_store_serves_its_registrations_and_crl() {
+    // `ecsd bench --prefill` writes what the API would have: the daemon, started on it,
+    // counts the active registrations, lists the revoked ones on its CRL, verifies its chain.
+    let mut ecs = Ecs::start();
+    assert!(ecs.terminate().success());
+    let out = ecsd()
+        .args(["bench", "--config"])
+        .arg(ecs.config_path())
+        .args(["--prefill", "50", "--prefill-revoked", "5"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["active_registrations"], json!(45));
+    ecs.restart();
+    let (_, metrics) = admin_get(ecs.admin_port, "/metrics").unwrap();
+    assert!(metrics.contains("ecs_active_registrations 45"), "{metrics}");
+    let r = ecs
+        .client()
+        .request("GET", &ecs.url("/pki/v1/crl"), &[], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    use x509_parser::prelude::FromDer;
+    let (_, crl) =
+        x509_parser::revocation_list::CertificateRevocationList::from_der(&r.body).unwrap();
+    assert_eq!(crl.iter_revoked_certificates().count(), 5);
+    let (ok, records) = ecs.audit();
+    assert!(ok, "the prefilled audit records chain");
+    assert_eq!(records.len(), 50);
+    // And it goes on registering.
+    ecs.register("ees-after-prefill.ecsp.example").await;
+}
