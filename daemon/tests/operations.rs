@@ -584,97 +584,14 @@ async fn ecsd_needs_no_root() {
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let ok = std::process::Command::new("chown")
-        .args(["65534:65534"])
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let as_nobody = || {
-        let mut c = std::process::Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(env!("CARGO_BIN_EXE_ecsd"));
-        c
-    };
-    let (port, admin) = (free_port(), free_port());
-    let data = dir.path().join("ecs");
-    let ok = as_nobody()
-        .args(["init", "--dir"])
-        .arg(&data)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success(), "ecsd init as nobody");
-    /// Stops the daemon however the test ends.
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Killed(
-        as_nobody()
-            .args(["serve", "--config"])
-            .arg(data.join("ecs.toml"))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while admin_get(admin, "/readyz").is_none_or(|(s, _)| s != 200) {
-        assert!(
-            Instant::now() < deadline,
-            "ecsd as nobody never became ready"
-        );
-        assert!(
-            child.0.try_wait().unwrap().is_none(),
-            "ecsd as nobody exited"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.0.id())).unwrap();
+    let ecs = Ecs::start_as(65534);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", ecs.pid())).unwrap();
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     assert!(
         uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
         "{uid_line}"
     );
-    let root_pem = std::fs::read(data.join("root.pem")).unwrap();
-    let client = HttpsClient::new(&root_pem, None, HttpVersion::Http1).unwrap();
-    let token = ecs_daemon::token::mint(
-        &ecs_daemon::config::Config::load_with_env(&data.join("ecs.toml"), Default::default())
-            .unwrap()
-            .0,
-        "dev",
-        &ecs_daemon::token::MintRequest {
-            ees_id: "ees-nobody.ecsp.example",
-            prov_id: None,
-            ttl_secs: 600,
-            now: now(),
-        },
-    )
-    .unwrap();
-    let body = registration_body(
-        "ees-nobody.ecsp.example",
-        &Key::new().csr("ees-nobody.ecsp.example"),
-    );
-    let auth = format!("Bearer {token}");
-    let r = client
-        .request(
-            "POST",
-            &format!("https://127.0.0.1:{port}{API}"),
-            &[
-                ("content-type", "application/json"),
-                ("authorization", &auth),
-            ],
-            Some(body.to_string().into_bytes()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    ecs.register("ees-nobody.ecsp.example").await;
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ pub fn now() -> i64 {
         .as_secs() as i64
 }
 
-pub fn free_port() -> u16 {
+fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -33,6 +33,21 @@ pub fn ecsd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ecsd"))
 }
 
+/// `ecsd`, run as user and group `uid` when given.
+fn ecsd_as(uid: Option<u32>) -> Command {
+    match uid {
+        None => ecsd(),
+        Some(uid) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={uid}"))
+                .arg("--clear-groups")
+                .arg(env!("CARGO_BIN_EXE_ecsd"));
+            c
+        }
+    }
+}
+
 /// A running ECS.
 pub struct Ecs {
     pub dir: tempfile::TempDir,
@@ -40,6 +55,8 @@ pub struct Ecs {
     pub admin_port: u16,
     child: Option<Child>,
     pub root_pem: Vec<u8>,
+    /// The user `ecsd init` and `ecsd serve` run as (through `setpriv`), when not ours.
+    run_as: Option<u32>,
 }
 
 impl Ecs {
@@ -50,10 +67,25 @@ impl Ecs {
 
     /// Like [`Ecs::start`], after `edit` changed the configuration text.
     pub fn start_with(edit: impl Fn(&mut String)) -> Ecs {
+        Self::start_inner(edit, None)
+    }
+
+    /// Like [`Ecs::start`], with `ecsd init` and `ecsd serve` run as user and group `uid`
+    /// (the tests must run as root to use it).
+    pub fn start_as(uid: u32) -> Ecs {
+        Self::start_inner(|_| {}, Some(uid))
+    }
+
+    fn start_inner(edit: impl Fn(&mut String), run_as: Option<u32>) -> Ecs {
         for _attempt in 0..5 {
             let dir = tempfile::tempdir().unwrap();
+            if let Some(uid) = run_as {
+                let owner = format!("{uid}:{uid}");
+                let chown = Command::new("chown").arg(&owner).arg(dir.path()).status();
+                assert!(chown.unwrap().success(), "chown {owner}");
+            }
             let (port, admin_port) = (free_port(), free_port());
-            let status = ecsd()
+            let status = ecsd_as(run_as)
                 .args(["init", "--dir"])
                 .arg(dir.path())
                 .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -72,6 +104,7 @@ impl Ecs {
                 admin_port,
                 child: None,
                 root_pem,
+                run_as,
             };
             if ecs.spawn() {
                 return ecs;
@@ -93,7 +126,7 @@ impl Ecs {
     /// Starts the process and waits until `/readyz` answers; false if it exited.
     fn spawn(&mut self) -> bool {
         let log = std::fs::File::create(self.dir.path().join("ecsd.log")).unwrap();
-        let child = ecsd()
+        let child = ecsd_as(self.run_as)
             .args(["serve", "--config"])
             .arg(self.config_path())
             .env("RUST_LOG", "info")
