@@ -402,8 +402,13 @@ async fn idle_and_slowloris_connections_do_not_starve_a_registration() {
         .await
         .unwrap();
     assert_eq!(r.status, 200);
-    // The slow senders are cut off by header_read_timeout (3 s here), not left hanging.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The slow senders are cut off by header_read_timeout (3 s here), not left hanging: each
+    // would take 55 s to send its line, so one still sending after 20 s was not cut off. (A
+    // deadline rather than a fixed wait: on a loaded machine the handshakes start late.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while slow.iter().any(|s| !s.is_finished()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut cut = 0;
     for s in slow {
