@@ -50,6 +50,10 @@ pub fn parse_csr(pem: &str) -> Result<CsrInfo, Error> {
         Error::UnsupportedKey(m) => Error::InvalidCsr(m),
         _ => Error::InvalidCsr("signature does not verify: no proof of possession".into()),
     })?;
+    let spki_der = crate::key::canonical_spki(&spki_der).map_err(|e| match e {
+        Error::Encoding(m) => Error::InvalidCsr(m),
+        other => other,
+    })?;
     Ok(CsrInfo { spki_der, key })
 }
 
@@ -109,5 +113,143 @@ mod tests {
         let tampered = crate::der_to_pem(&der, "CERTIFICATE REQUEST");
         assert!(matches!(parse_csr(&tampered), Err(Error::InvalidCsr(_))));
         assert!(matches!(parse_csr("garbage"), Err(Error::InvalidCsr(_))));
+    }
+
+    /// A CSR with any SubjectPublicKeyInfo, "signed" with the given bytes.
+    fn forged_csr(
+        spki: spki::SubjectPublicKeyInfoOwned,
+        alg: spki::AlgorithmIdentifierOwned,
+        sign: impl Fn(&[u8]) -> Vec<u8>,
+    ) -> String {
+        use std::str::FromStr;
+        use x509_cert::request::{CertReqInfo, Version};
+        let info = CertReqInfo {
+            version: Version::V1,
+            subject: x509_cert::name::Name::from_str("CN=ees1.example").unwrap(),
+            public_key: spki,
+            attributes: Default::default(),
+        };
+        let info_der = info.to_der().unwrap();
+        let req = CertReq {
+            info,
+            algorithm: alg,
+            signature: der::asn1::BitString::from_bytes(&sign(&info_der)).unwrap(),
+        };
+        crate::der_to_pem(&req.to_der().unwrap(), "CERTIFICATE REQUEST")
+    }
+
+    /// Attack review, item 5: CSRs whose Ed25519 key is of small order, "signed" with
+    /// R = identity and S = 0 (which verifies for any message), were certified.
+    #[test]
+    fn small_order_and_non_canonical_ed25519_keys_are_refused() {
+        let ed25519 = spki::AlgorithmIdentifierOwned {
+            oid: const_oid::db::rfc8410::ID_ED_25519,
+            parameters: None,
+        };
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let mut order_2 = [0xffu8; 32];
+        order_2[0] = 0xec;
+        order_2[31] = 0x7f;
+        let mut non_canonical = [0xffu8; 32];
+        non_canonical[0] = 0xf0;
+        non_canonical[31] = 0x7f;
+        let mut identity_signed_bit = identity;
+        identity_signed_bit[31] |= 0x80;
+        for key in [
+            identity,
+            order_2,
+            identity_signed_bit,
+            [0u8; 32],
+            non_canonical,
+        ] {
+            let spki = spki::SubjectPublicKeyInfoOwned {
+                algorithm: ed25519.clone(),
+                subject_public_key: der::asn1::BitString::from_bytes(&key).unwrap(),
+            };
+            // R = the identity point, S = 0.
+            let pem = forged_csr(spki, ed25519.clone(), |_| {
+                let mut sig = vec![0u8; 64];
+                sig[0] = 1;
+                sig
+            });
+            match parse_csr(&pem) {
+                Err(Error::InvalidCsr(why)) => {
+                    assert!(why.contains("Ed25519"), "{why}")
+                }
+                other => panic!("{key:02x?}: {other:?}"),
+            }
+        }
+    }
+
+    /// Attack review, item 18: a P-256 key sent compressed is certified uncompressed.
+    #[test]
+    fn a_compressed_p256_key_is_certified_uncompressed() {
+        use crate::KeySigner;
+        let key = SoftwareKey::from_pkcs8_pem(&generate_p256_pkcs8_pem().unwrap()).unwrap();
+        let uncompressed = spki::SubjectPublicKeyInfoOwned::from_der(key.public_key_der()).unwrap();
+        let point =
+            p256::PublicKey::from_sec1_bytes(uncompressed.subject_public_key.raw_bytes()).unwrap();
+        let compressed = p256::elliptic_curve::sec1::ToSec1Point::to_sec1_point(&point, true);
+        let spki = spki::SubjectPublicKeyInfoOwned {
+            algorithm: uncompressed.algorithm.clone(),
+            subject_public_key: der::asn1::BitString::from_bytes(compressed.as_bytes()).unwrap(),
+        };
+        let pem = forged_csr(spki, key.algorithm().algorithm_identifier(), |m| {
+            key.sign(m).unwrap()
+        });
+        let info = parse_csr(&pem).unwrap();
+        assert_eq!(info.spki_der, key.public_key_der());
+    }
+
+    #[test]
+    fn rsa_keys_with_an_insane_exponent_or_modulus_are_refused() {
+        let rsa = spki::AlgorithmIdentifierOwned {
+            oid: const_oid::db::rfc5912::RSA_ENCRYPTION,
+            parameters: Some(der::asn1::Null.into()),
+        };
+        let mut odd_modulus = vec![0xc5u8; 256];
+        odd_modulus[255] = 0x01;
+        let mut even_modulus = odd_modulus.clone();
+        even_modulus[255] = 0x02;
+        for (n, e) in [
+            (&odd_modulus, vec![1u8]),
+            (&odd_modulus, vec![0x01, 0x00, 0x00]),
+            (&even_modulus, vec![0x01, 0x00, 0x01]),
+        ] {
+            let key = der::Encode::to_der(&RsaKey {
+                n: der::asn1::UintRef::new(n).unwrap(),
+                e: der::asn1::UintRef::new(&e).unwrap(),
+            })
+            .unwrap();
+            let spki = spki::SubjectPublicKeyInfoOwned {
+                algorithm: rsa.clone(),
+                subject_public_key: der::asn1::BitString::from_bytes(&key).unwrap(),
+            };
+            let der = spki.to_der().unwrap();
+            assert!(
+                matches!(crate::classify_spki(&der), Err(Error::Encoding(_))),
+                "e = {e:02x?}"
+            );
+        }
+        let good = der::Encode::to_der(&RsaKey {
+            n: der::asn1::UintRef::new(&odd_modulus).unwrap(),
+            e: der::asn1::UintRef::new(&[1, 0, 1]).unwrap(),
+        })
+        .unwrap();
+        let spki = spki::SubjectPublicKeyInfoOwned {
+            algorithm: rsa,
+            subject_public_key: der::asn1::BitString::from_bytes(&good).unwrap(),
+        };
+        assert_eq!(
+            crate::classify_spki(&spki.to_der().unwrap()).unwrap().kind,
+            KeyKind::Rsa(2048)
+        );
+    }
+
+    #[derive(der::Sequence)]
+    struct RsaKey<'a> {
+        n: der::asn1::UintRef<'a>,
+        e: der::asn1::UintRef<'a>,
     }
 }

@@ -130,9 +130,10 @@ pub fn classify_spki(spki_der: &[u8]) -> Result<PublicKeyInfo, Error> {
             )));
         }
     } else if oid == rfc8410::ID_ED_25519 {
-        if key.len() != 32 {
-            return Err(Error::Encoding("Ed25519 key is not 32 bytes".into()));
-        }
+        let key: &[u8; 32] = key
+            .try_into()
+            .map_err(|_| Error::Encoding("Ed25519 key is not 32 bytes".into()))?;
+        check_ed25519_point(key)?;
         KeyKind::Ed25519
     } else if oid == rfc5912::RSA_ENCRYPTION {
         KeyKind::Rsa(rsa_modulus_bits(key)?)
@@ -144,18 +145,112 @@ pub fn classify_spki(spki_der: &[u8]) -> Result<PublicKeyInfo, Error> {
     Ok(PublicKeyInfo { kind })
 }
 
+/// The encodings of the Ed25519 points of small order (1, 2, 4 and 8), and the
+/// non-canonical encodings of two of them (y = p, p + 1), with the sign bit cleared. A
+/// signature by such a "key" (R = identity, S = 0) verifies for every message, so it proves
+/// possession of nothing (the list libsodium checks in `ge25519_has_small_order`).
+const ED25519_SMALL_ORDER: [[u8; 32]; 7] = {
+    let mut y_p_minus_1 = [0xff; 32];
+    y_p_minus_1[0] = 0xec;
+    y_p_minus_1[31] = 0x7f;
+    let mut y_p = y_p_minus_1;
+    y_p[0] = 0xed;
+    let mut y_p_plus_1 = y_p_minus_1;
+    y_p_plus_1[0] = 0xee;
+    let mut one = [0; 32];
+    one[0] = 1;
+    [
+        [0; 32],
+        one,
+        [
+            0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef,
+            0x98, 0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88,
+            0x6d, 0x53, 0xfc, 0x05,
+        ],
+        [
+            0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10,
+            0x67, 0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77,
+            0x92, 0xac, 0x03, 0x7a,
+        ],
+        y_p_minus_1,
+        y_p,
+        y_p_plus_1,
+    ]
+};
+
+/// Refuses Ed25519 keys of small order and keys whose y coordinate is not canonical (y ≥ p).
+fn check_ed25519_point(key: &[u8; 32]) -> Result<(), Error> {
+    let mut y = *key;
+    y[31] &= 0x7f;
+    if ED25519_SMALL_ORDER.contains(&y) {
+        return Err(Error::Encoding(
+            "Ed25519 key is a point of small order: it can prove possession of nothing".into(),
+        ));
+    }
+    // p = 2^255 - 19: y is non-canonical when its top 250 bits are all ones and the lowest
+    // byte is at least 0xed.
+    if y[31] == 0x7f && y[1..31].iter().all(|b| *b == 0xff) && y[0] >= 0xed {
+        return Err(Error::Encoding(
+            "Ed25519 key is not canonically encoded (y >= p)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The modulus size of an RSA public key, after the checks any sane key passes: an odd
+/// modulus, and an odd public exponent from 3 to 2^256 (RFC 8017, NIST SP 800-89 §5.3.3).
 fn rsa_modulus_bits(key: &[u8]) -> Result<usize, Error> {
     let bad = |e: der::Error| Error::Encoding(format!("RSA key does not parse: {e}"));
     let mut reader = SliceReader::new(key).map_err(bad)?;
-    let n = reader
+    let (n, e) = reader
         .sequence(|r| {
             let n = UintRef::decode(r)?;
-            let _e = UintRef::decode(r)?;
-            Ok(n.as_bytes().to_vec())
+            let e = UintRef::decode(r)?;
+            Ok((n.as_bytes().to_vec(), e.as_bytes().to_vec()))
         })
         .map_err(bad)?;
+    if n.last().is_none_or(|b| b % 2 == 0) {
+        return Err(Error::Encoding("RSA modulus is even".into()));
+    }
+    let e_small = e.len() == 1 && e[0] < 3;
+    if e_small || e.len() > 32 || e.last().is_none_or(|b| b % 2 == 0) {
+        return Err(Error::Encoding(
+            "RSA public exponent is not an odd number from 3 to 2^256".into(),
+        ));
+    }
     let first = *n.first().unwrap_or(&0);
     Ok(n.len() * 8 - first.leading_zeros() as usize)
+}
+
+/// The SubjectPublicKeyInfo in the form the ECS certifies: a P-256 point given compressed is
+/// written uncompressed (RFC 5480 §2.2: uncompressed is the form every implementation
+/// supports); every other key is returned as given.
+pub fn canonical_spki(spki_der: &[u8]) -> Result<Vec<u8>, Error> {
+    use der::Encode;
+    let spki = SubjectPublicKeyInfoRef::from_der(spki_der)
+        .map_err(|e| Error::Encoding(format!("public key does not parse: {e}")))?;
+    let key = spki
+        .subject_public_key
+        .as_bytes()
+        .ok_or_else(|| Error::Encoding("public key bit string is not whole bytes".into()))?;
+    let is_p256 = spki.algorithm.oid == rfc5912::ID_EC_PUBLIC_KEY
+        && spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.decode_as::<ObjectIdentifier>().ok())
+            == Some(rfc5912::SECP_256_R_1);
+    if !is_p256 || key.first() == Some(&4) {
+        return Ok(spki_der.to_vec());
+    }
+    let point = p256::PublicKey::from_sec1_bytes(key)
+        .map_err(|_| Error::Encoding("P-256 point is not on the curve".into()))?;
+    let uncompressed = p256::elliptic_curve::sec1::ToSec1Point::to_sec1_point(&point, false);
+    let out = spki::SubjectPublicKeyInfoOwned {
+        algorithm: der::referenced::RefToOwned::ref_to_owned(&spki.algorithm),
+        subject_public_key: der::asn1::BitString::from_bytes(uncompressed.as_bytes())?,
+    };
+    Ok(out.to_der()?)
 }
 
 /// Verifies `signature` over `message` with the key in `spki_der`, for the X.509 signature
