@@ -3,6 +3,7 @@
 
 use crate::config::{BackendConfig, Config};
 use crate::metrics::Metrics;
+use crate::problem::ApiError;
 use crate::store::{SledStore, Store};
 use crate::token::TokenVerifier;
 use ecs_ca_backends::{
@@ -141,9 +142,21 @@ pub struct ThirdPartyTrust {
     /// (configured file, DER) of each trust anchor.
     pub anchors: Vec<(String, Vec<u8>)>,
     pub crls: Vec<CrlSource>,
+    /// Counts the changes of fetched CRLs, so that verdicts taken before one are not reused.
+    crl_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl ThirdPartyTrust {
+    /// Fetches the CRLs that are due and returns the epoch of the CRLs now in force (a CRL
+    /// that cannot be fetched leaves the epoch: the next check fails closed on it anyway).
+    pub async fn refresh_crls(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        if self.crls.iter().any(|c| matches!(c, CrlSource::Url { .. })) {
+            let _ = self.crls().await;
+        }
+        self.crl_epoch.load(Ordering::SeqCst)
+    }
+
     /// The CRLs, fetching what is due; any that cannot be had makes the check fail closed.
     pub async fn crls(&self) -> Result<Vec<Vec<u8>>, String> {
         let mut out = Vec::new();
@@ -164,6 +177,10 @@ impl ThirdPartyTrust {
                         .map_err(|e| format!("CRL {url} could not be fetched: {e}"))?;
                     if r.status != 200 {
                         return Err(format!("CRL {url} could not be fetched: HTTP {}", r.status));
+                    }
+                    if cache.as_ref().is_none_or(|(old, _)| *old != r.body) {
+                        self.crl_epoch
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
                     *cache = Some((r.body.clone(), std::time::Instant::now()));
                     out.push(r.body);
@@ -235,7 +252,11 @@ fn load_third_party(
             });
         }
     }
-    Ok(ThirdPartyTrust { anchors, crls })
+    Ok(ThirdPartyTrust {
+        anchors,
+        crls,
+        crl_epoch: std::sync::atomic::AtomicU64::new(0),
+    })
 }
 
 /// Back-pressure on signing and storing: a bounded number at work, a bounded number waiting,
@@ -304,6 +325,66 @@ pub struct Policy {
     pub third_party: BTreeMap<String, ThirdPartyTrust>,
     /// Content hash of the policy, written into every audit record.
     pub hash: String,
+    /// Distinct for every policy loaded by this process: verdicts are cached per generation.
+    pub generation: u64,
+}
+
+static POLICY_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Verdicts on third-party certificates at authentication, per certificate fingerprint,
+/// valid for one (policy generation, CRL epoch) and at most a minute (certificates and CRLs
+/// expire with time).
+#[derive(Default)]
+pub struct VerdictCache {
+    entries: Mutex<std::collections::HashMap<String, Verdict>>,
+}
+
+/// A verdict, the (policy generation, CRL epoch) it was taken under, and when.
+struct Verdict {
+    generation: (u64, u64),
+    at: i64,
+    outcome: Result<(), ApiError>,
+}
+
+impl VerdictCache {
+    const TTL_SECS: i64 = 60;
+    const MAX_ENTRIES: usize = 10_000;
+
+    pub fn get(
+        &self,
+        fingerprint: &str,
+        generation: (u64, u64),
+        now: i64,
+    ) -> Option<Result<(), ApiError>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        match entries.get(fingerprint) {
+            Some(v) if v.generation == generation && v.at <= now && now - v.at < Self::TTL_SECS => {
+                Some(v.outcome.clone())
+            }
+            _ => None,
+        }
+    }
+
+    pub fn put(
+        &self,
+        fingerprint: &str,
+        generation: (u64, u64),
+        now: i64,
+        v: Result<(), ApiError>,
+    ) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= Self::MAX_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(
+            fingerprint.to_string(),
+            Verdict {
+                generation,
+                at: now,
+                outcome: v,
+            },
+        );
+    }
 }
 
 impl Policy {
@@ -324,8 +405,46 @@ impl Policy {
             domains: cfg.domains.clone(),
             third_party,
             hash: cfg.policy_hash(),
+            generation: POLICY_GENERATION.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
         })
     }
+}
+
+/// The ECS's own names and addresses: its identifier, the host of its public URL, the
+/// addresses it listens on, loopback (which its generated server certificate names), and
+/// every name of a configured `server.tls_cert`.
+pub fn own_names(cfg: &Config) -> Result<ecs_policy::OwnNames, String> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let mut dns = vec![cfg.ecs_id.clone()];
+    let mut ips: Vec<IpAddr> = vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()];
+    let mut add = |host: &str, dns: &mut Vec<String>| match host.parse::<IpAddr>() {
+        Ok(ip) => ips.push(ip),
+        Err(_) => dns.push(host.to_string()),
+    };
+    if let Some(h) = crate::config::url_host(&cfg.server.public_url) {
+        add(&h, &mut dns);
+    }
+    for listen in std::iter::once(&cfg.server.listen).chain(cfg.server.admin_listen.iter()) {
+        if let Ok(a) = listen.parse::<SocketAddr>()
+            && !a.ip().is_unspecified()
+        {
+            add(&a.ip().to_string(), &mut dns);
+        }
+    }
+    if let Some(path) = &cfg.server.tls_cert {
+        let pem = crate::files::read_to_string(path)
+            .map_err(|e| format!("server.tls_cert: {}: {e}", path.display()))?;
+        let chain = pem_chain_to_der(&pem)
+            .map_err(|e| format!("server.tls_cert: {}: {e}", path.display()))?;
+        if let Some(leaf) = chain.first() {
+            let facts = ecs_ca_backends::chain::leaf_facts(leaf)
+                .map_err(|e| format!("server.tls_cert: {}: {e}", path.display()))?;
+            for name in facts.names() {
+                add(&name, &mut dns);
+            }
+        }
+    }
+    Ok(ecs_policy::OwnNames::new(dns, ips))
 }
 
 /// Everything a request needs.
@@ -341,6 +460,10 @@ pub struct App {
     roots: Vec<u8>,
     pub limiters: Limiters,
     pub signing: SigningQueue,
+    /// The ECS's own names and addresses, which no EES certificate may carry.
+    pub own_names: ecs_policy::OwnNames,
+    /// Third-party certificates re-checked at authentication.
+    pub third_party_verdicts: VerdictCache,
     /// Token IDs and EES IDs of registrations being created right now, so that two
     /// concurrent requests never both sign a certificate for one token or one EES.
     inflight: Mutex<HashSet<String>>,
@@ -423,7 +546,10 @@ impl App {
         let policy = Policy::load(&cfg, &roots)?;
         let limiters = Limiters::new(&cfg.limits);
         let signing = SigningQueue::new(&cfg.limits);
+        let own_names = own_names(&cfg)?;
         Ok(Arc::new(App {
+            own_names,
+            third_party_verdicts: VerdictCache::default(),
             cfg,
             store: Arc::new(store),
             tokens,

@@ -61,6 +61,7 @@ pub fn diff(
     now: i64,
 ) -> Diff {
     let rules = ecs_policy::diff_domains(&current.domains, &proposed.domains);
+    let own = crate::app::own_names(proposed).unwrap_or_default();
     let mut no_longer_admitted = Vec::new();
     for (reg, cert) in registrations {
         let refuse = |rule: String, reason: String| NoLongerAdmitted {
@@ -82,6 +83,21 @@ pub fn diff(
             continue;
         };
         let description = leaf.key.describe();
+        let (requested, ees_id_is_fqdn) = match crate::model::parse_profile(&reg.profile) {
+            Ok(p) => (p.requested_names(), p.ees_id_is_fqdn()),
+            Err(e) => {
+                no_longer_admitted.push(refuse(
+                    format!("domains.{}.endpoint_names", reg.domain),
+                    format!("the stored profile no longer parses: {}", e.detail),
+                ));
+                continue;
+            }
+        };
+        let endpoint = ecs_policy::EndpointFacts {
+            requested: &requested,
+            ees_id_is_fqdn,
+            own: &own,
+        };
         let decision = if reg.cert_source == "THIRD_PARTY" {
             let mut chain = vec![cert.der()];
             chain.extend(cert.chain_hex.iter().filter_map(|h| hex::decode(h).ok()));
@@ -104,7 +120,7 @@ pub fn diff(
                 &ThirdPartyFacts {
                     token_issuer: &reg.token_issuer,
                     ees_id: &reg.ees_id,
-                    endpoint_names: &names,
+                    endpoint,
                     path: ecs_ca_backends::chain::validate_path(&chain, &ders, now)
                         .map(|i| anchors[i].0.clone()),
                     leaf_ekus: &leaf.ekus,
@@ -125,6 +141,7 @@ pub fn diff(
                 &OnboardingFacts {
                     token_issuer: &reg.token_issuer,
                     ees_id: &reg.ees_id,
+                    endpoint,
                     key_type: crate::registrations::key_type(leaf.key.kind),
                     key_description: &description,
                     requested_expiry: Some(reg.exp_time),
@@ -171,6 +188,11 @@ pub fn diff(
             &OnboardingFacts {
                 token_issuer: &issuer,
                 ees_id,
+                endpoint: ecs_policy::EndpointFacts {
+                    requested: &[],
+                    ees_id_is_fqdn: crate::model::is_fqdn(ees_id),
+                    own: &own,
+                },
                 key_type: key_type_of(&description),
                 key_description: &description,
                 requested_expiry: None,

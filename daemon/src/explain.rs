@@ -17,6 +17,9 @@ pub struct Case {
     pub chain_pem: Option<String>,
     /// The key type of the CSR, for the ECS-issued path.
     pub key_type: KeyType,
+    /// The endpoint the EES declares (`endPt`): an FQDN, IP addresses, or a URI; empty: none
+    /// but the eesId.
+    pub endpoint: Vec<String>,
     pub at: i64,
 }
 
@@ -46,12 +49,20 @@ pub fn explain(cfg: &Config, case: &Case) -> Result<(Decision, Value), String> {
         .clone()
         .or_else(|| claims["sub"].as_str().map(String::from))
         .ok_or("give --ees-id or a --token with sub")?;
+    let own = crate::app::own_names(cfg)?;
+    let requested = endpoint_names(&case.endpoint)?;
+    let endpoint = ecs_policy::EndpointFacts {
+        requested: &requested,
+        ees_id_is_fqdn: crate::model::is_fqdn(&ees_id),
+        own: &own,
+    };
     let decision = match &case.chain_pem {
         None => domain.decide_onboarding(
             &case.domain,
             &OnboardingFacts {
                 token_issuer: &issuer_name,
                 ees_id: &ees_id,
+                endpoint,
                 key_type: Some(case.key_type),
                 key_description: case.key_type.name(),
                 requested_expiry: None,
@@ -90,7 +101,7 @@ pub fn explain(cfg: &Config, case: &Case) -> Result<(Decision, Value), String> {
                 &ThirdPartyFacts {
                     token_issuer: &issuer_name,
                     ees_id: &ees_id,
-                    endpoint_names: std::slice::from_ref(&ees_id),
+                    endpoint,
                     path: path.map(|i| anchors[i].0.clone()),
                     leaf_ekus: &leaf.ekus,
                     leaf_names: &names,
@@ -141,6 +152,24 @@ pub fn explain(cfg: &Config, case: &Case) -> Result<(Decision, Value), String> {
         }
     }
     Ok((decision, v))
+}
+
+/// `--endpoint` values read as an `endPt` would be: an IP address, a URI, or an FQDN.
+fn endpoint_names(given: &[String]) -> Result<Vec<ecs_policy::RequestedName>, String> {
+    let mut out = Vec::new();
+    for e in given {
+        let form = match e.parse::<std::net::IpAddr>() {
+            Ok(ip) if ip.is_ipv4() => json!({ "ipv4Addrs": [e] }),
+            Ok(_) => json!({ "ipv6Addrs": [e] }),
+            Err(_) if e.contains(':') => json!({ "uri": e }),
+            Err(_) => json!({ "fqdn": e }),
+        };
+        let profile = json!({ "eesId": "x", "endPt": form, "eecRegConf": false });
+        let p = crate::model::parse_profile(&profile)
+            .map_err(|err| format!("--endpoint {e:?}: {}", err.detail))?;
+        out.extend(p.requested_names());
+    }
+    Ok(out)
 }
 
 fn crl_files(crls: &[String]) -> Result<Vec<Vec<u8>>, String> {

@@ -249,6 +249,10 @@ enum PolicyCmd {
         /// The CSR key type for the ECS-issued path.
         #[arg(long, default_value = "p256")]
         key_type: String,
+        /// The endpoint the EES declares (an FQDN, an IP address or a URI); repeat for
+        /// several addresses. Absent: the eesId alone.
+        #[arg(long)]
+        endpoint: Vec<String>,
         /// The decision time (RFC 3339); default now.
         #[arg(long)]
         at: Option<String>,
@@ -536,6 +540,7 @@ async fn run(cmd: Command) -> Result<(), Fail> {
             token_issuer,
             cert,
             key_type,
+            endpoint,
             at,
             format,
         }) => {
@@ -568,6 +573,7 @@ async fn run(cmd: Command) -> Result<(), Fail> {
                     token_issuer,
                     chain_pem,
                     key_type,
+                    endpoint,
                     at,
                 },
             )

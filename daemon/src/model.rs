@@ -5,9 +5,9 @@
 //! only what the ECS acts on is read out and validated.
 
 use crate::problem::{ApiError, Cause};
-use ecs_ca_backends::SanEntry;
+use ecs_policy::{RequestedName, UriHost};
 use serde_json::{Map, Value};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -33,22 +33,44 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// The subjectAltName entries of the EES certificate (`contract/api.md` §6).
-    pub fn sans(&self) -> Vec<SanEntry> {
-        let mut out = match &self.endpoint {
-            Endpoint::Fqdn(f) => vec![SanEntry::Dns(f.trim_end_matches('.').to_ascii_lowercase())],
-            Endpoint::Ipv4(a) => a.iter().map(|ip| SanEntry::Ip((*ip).into())).collect(),
-            Endpoint::Ipv6(a) => a.iter().map(|ip| SanEntry::Ip((*ip).into())).collect(),
-            Endpoint::Uri(u) => vec![SanEntry::Uri(u.clone())],
-        };
-        if is_fqdn(&self.ees_id) {
-            let d = SanEntry::Dns(self.ees_id.trim_end_matches('.').to_ascii_lowercase());
-            if !out.contains(&d) {
-                out.push(d);
-            }
+    /// The names the EES asks its certificate to carry (`contract/api.md` §6). They are a
+    /// request only: the domain's policy approves each, and the certificate carries what it
+    /// approved (`ecs_policy::Approval::names`).
+    pub fn requested_names(&self) -> Vec<RequestedName> {
+        match &self.endpoint {
+            Endpoint::Fqdn(f) => vec![RequestedName::Dns(f.clone())],
+            Endpoint::Ipv4(a) => a.iter().map(|ip| RequestedName::Ip((*ip).into())).collect(),
+            Endpoint::Ipv6(a) => a.iter().map(|ip| RequestedName::Ip((*ip).into())).collect(),
+            Endpoint::Uri(u) => vec![RequestedName::Uri {
+                uri: u.clone(),
+                host: uri_host(u),
+            }],
         }
-        out
     }
+
+    /// Whether the eesId goes into the certificate as a dNSName as well.
+    pub fn ees_id_is_fqdn(&self) -> bool {
+        is_fqdn(&self.ees_id)
+    }
+}
+
+/// The host of a URI's authority (`scheme://[userinfo@]host[:port]/...`), if it has one.
+fn uri_host(uri: &str) -> Option<UriHost> {
+    let (_, rest) = uri.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit('@').next()?;
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next()?
+    } else {
+        host_port.split(':').next()?
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some(match host.parse::<IpAddr>() {
+        Ok(ip) => UriHost::Ip(ip),
+        Err(_) => UriHost::Dns(host.to_string()),
+    })
 }
 
 /// The `onboarding` object of a request.
@@ -191,6 +213,14 @@ pub fn parse_profile(prof: &Value) -> Result<Profile, ApiError> {
     }
     if ees_id.chars().any(|c| c.is_control()) {
         return Err(incorrect("/eesProf/eesId", "contains control characters"));
+    }
+    // `c.example.` and `c.example` are one name in a certificate: one spelling only, so that
+    // two registrations can never carry the same name.
+    if ees_id.ends_with('.') {
+        return Err(incorrect(
+            "/eesProf/eesId",
+            "ends with a dot: write the name without the trailing dot",
+        ));
     }
     let endpoint = match p.get("endPt") {
         None | Some(Value::Null) => return Err(missing("/eesProf/endPt")),
@@ -400,9 +430,10 @@ mod tests {
         assert_eq!(b.exp_time, Some(1_798_761_600));
         assert!(b.onboarding.unwrap().secret_token);
         assert_eq!(
-            b.profile.sans(),
-            vec![SanEntry::Dns("ees1.edn1.ecsp-a.example".into())]
+            b.profile.requested_names(),
+            vec![RequestedName::Dns("ees1.edn1.ecsp-a.example".into())]
         );
+        assert!(b.profile.ees_id_is_fqdn());
     }
 
     #[test]
@@ -498,15 +529,37 @@ mod tests {
     }
 
     #[test]
-    fn addresses_and_uris_become_sans() {
+    fn addresses_and_uris_are_requested_names() {
         let mut v = example();
         v["eesProf"]["endPt"] = json!({"ipv6Addrs": ["2001:db8::1"]});
         v["eesProf"]["eesId"] = json!("ees-7");
         let b = body(v).unwrap();
         assert_eq!(
-            b.profile.sans(),
-            vec![SanEntry::Ip("2001:db8::1".parse().unwrap())]
+            b.profile.requested_names(),
+            vec![RequestedName::Ip("2001:db8::1".parse().unwrap())]
         );
+        assert!(!b.profile.ees_id_is_fqdn());
+        for (uri, host) in [
+            (
+                "https://u:p@Ees1.example:8443/x",
+                Some(UriHost::Dns("Ees1.example".into())),
+            ),
+            (
+                "https://[2001:db8::2]/api",
+                Some(UriHost::Ip("2001:db8::2".parse().unwrap())),
+            ),
+            ("urn:ees:1", None),
+        ] {
+            assert_eq!(uri_host(uri), host, "{uri}");
+        }
+    }
+
+    #[test]
+    fn an_ees_id_has_one_spelling() {
+        let mut v = example();
+        v["eesProf"]["eesId"] = json!("c.example.");
+        let e = body(v).unwrap_err();
+        assert_eq!(e.cause.code(), "MANDATORY_IE_INCORRECT");
     }
 
     #[test]

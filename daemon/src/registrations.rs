@@ -12,8 +12,8 @@ use crate::model::{self, RegistrationBody, format_time, parse_object, parse_regi
 use crate::problem::{ApiError, Cause};
 use crate::store::{CertRecord, Commit, RegState, RegistrationRecord, Revocation, SpentToken};
 use crate::token::{TokenError, random_b64};
-use ecs_ca_backends::{CertTemplate, KeyKind, RevocationReason, parse_csr, sha256_hex};
-use ecs_policy::{DomainPolicy, KeyType, OnboardingFacts};
+use ecs_ca_backends::{CertTemplate, KeyKind, RevocationReason, SanEntry, parse_csr, sha256_hex};
+use ecs_policy::{DomainPolicy, KeyType, OnboardingFacts, SanName};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Instant;
@@ -226,13 +226,27 @@ fn third_party_refused(domain: &str) -> ApiError {
     }
 }
 
-/// Issues a certificate for `profile` with the key of `spki_der`, off the reactor.
+/// The name facts of a profile: what it asks for, and what this ECS never grants.
+fn endpoint_facts<'a>(
+    app: &'a App,
+    profile: &model::Profile,
+    requested: &'a [ecs_policy::RequestedName],
+) -> ecs_policy::EndpointFacts<'a> {
+    ecs_policy::EndpointFacts {
+        requested,
+        ees_id_is_fqdn: profile.ees_id_is_fqdn(),
+        own: &app.own_names,
+    }
+}
+
+/// Issues a certificate for `profile` with the key of `spki_der`, off the reactor. The
+/// certificate carries exactly the names the policy approved.
 async fn issue(
     app: &App,
     backend_name: &str,
     profile: &model::Profile,
+    approval: &ecs_policy::Approval,
     csr: (&str, Vec<u8>),
-    validity_secs: u64,
 ) -> Result<CertRecord, ApiError> {
     let (csr_pem, spki_der) = csr;
     let backend = app
@@ -242,10 +256,18 @@ async fn issue(
     let template = CertTemplate {
         common_name: profile.ees_id.clone(),
         organization: profile.prov_id.clone(),
-        sans: profile.sans(),
+        sans: approval
+            .names
+            .iter()
+            .map(|n| match n {
+                SanName::Dns(d) => SanEntry::Dns(d.clone()),
+                SanName::Ip(ip) => SanEntry::Ip(*ip),
+                SanName::Uri(u) => SanEntry::Uri(u.clone()),
+            })
+            .collect(),
         spki_der,
         now: now(),
-        validity_secs,
+        validity_secs: approval.cert_validity_secs,
         client_auth: true,
         server_auth: true,
         crl_url: backend.crl_url.clone(),
@@ -286,6 +308,82 @@ async fn issue(
 /// The backend name under which accepted third-party certificates are recorded.
 pub const THIRD_PARTY: &str = "third-party";
 
+/// What the domain's current third-party policy says of a chain (leaf first).
+struct ThirdPartyJudgement {
+    leaf: ecs_ca_backends::chain::LeafFacts,
+    decision: ecs_policy::Decision,
+    /// The trust anchor the chain validated to, as DER.
+    anchor: Option<Vec<u8>>,
+}
+
+/// The one place a third-party chain is judged: path validation to the domain's anchors in
+/// force now, the CRLs of every certificate of the chain, then every third-party rule. Used
+/// at onboarding and again at every authentication with the certificate.
+#[allow(clippy::too_many_arguments)]
+async fn judge_third_party(
+    app: &App,
+    chain: &[Vec<u8>],
+    domain_name: &str,
+    domain: &DomainPolicy,
+    token_issuer: &str,
+    profile: &model::Profile,
+    requested_expiry: Option<i64>,
+    secret_token_requested: bool,
+    now: i64,
+) -> Result<ThirdPartyJudgement, ApiError> {
+    let leaf = ecs_ca_backends::chain::leaf_facts(&chain[0]).map_err(|e| {
+        let rule = format!("domains.{domain_name}.third_party.trust_anchors");
+        ApiError {
+            rule: Some(rule.clone()),
+            ..ApiError::new(
+                Cause::UntrustedClientCert,
+                format!("the certificate does not parse: {e} (rule {rule})"),
+            )
+        }
+    })?;
+    let policy = app.policy();
+    let trust = policy.third_party.get(domain_name);
+    let anchors: Vec<Vec<u8>> = trust
+        .map(|t| t.anchors.iter().map(|(_, d)| d.clone()).collect())
+        .unwrap_or_default();
+    let path = ecs_ca_backends::chain::validate_path(chain, &anchors, now);
+    let anchor = path.as_ref().ok().map(|i| anchors[*i].clone());
+    let revocation = match (trust, &path) {
+        (Some(t), Ok(i)) if !t.crls.is_empty() => Some(match t.crls().await {
+            Ok(crls) => ecs_ca_backends::chain::check_revocation(chain, &anchors[*i], &crls, now),
+            Err(why) => Err(why),
+        }),
+        _ => None,
+    };
+    let requested = profile.requested_names();
+    let leaf_names = leaf.names();
+    let description = leaf.key.describe();
+    let decision = domain.decide_third_party(
+        domain_name,
+        &ecs_policy::ThirdPartyFacts {
+            token_issuer,
+            ees_id: &profile.ees_id,
+            endpoint: endpoint_facts(app, profile, &requested),
+            path: path.map(|i| trust.map(|t| t.anchors[i].0.clone()).unwrap_or_default()),
+            leaf_ekus: &leaf.ekus,
+            leaf_names: &leaf_names,
+            leaf_not_before: leaf.not_before,
+            leaf_not_after: leaf.not_after,
+            key_type: key_type(leaf.key.kind),
+            key_description: &description,
+            revocation,
+            requested_expiry,
+            secret_token_requested,
+            now,
+        },
+    );
+    Ok(ThirdPartyJudgement {
+        leaf,
+        decision,
+        anchor,
+    })
+}
+
 /// Solution #12 step 4: the chain presented in this handshake, judged by the domain's
 /// third-party policy. Returns the approval and the certificate record to store.
 #[allow(clippy::too_many_arguments)]
@@ -306,72 +404,27 @@ async fn third_party_decision(
             "thirdPartyCert: true needs the third-party certificate chain in the TLS handshake",
         ));
     }
-    let untrusted = |rule: &str, why: String| ApiError {
-        rule: Some(format!("domains.{domain_name}.{rule}")),
-        ..ApiError::new(
-            Cause::UntrustedClientCert,
-            format!("{why} (rule domains.{domain_name}.{rule})"),
-        )
-    };
-    let leaf = ecs_ca_backends::chain::leaf_facts(&chain[0]).map_err(|e| {
-        untrusted(
-            "third_party.trust_anchors",
-            format!("the certificate does not parse: {e}"),
-        )
-    })?;
+    let judged = judge_third_party(
+        app,
+        &chain,
+        domain_name,
+        domain,
+        &token.issuer_name,
+        &req.profile,
+        req.exp_time,
+        req.onboarding.as_ref().is_some_and(|o| o.secret_token),
+        now,
+    )
+    .await?;
+    let leaf = &judged.leaf;
     f.cert_serial = Some(leaf.serial_hex.clone());
     f.cert_fingerprint = Some(leaf.fingerprint.clone());
-    let policy = app.policy();
-    let trust = policy.third_party.get(domain_name);
-    let anchors: Vec<Vec<u8>> = trust
-        .map(|t| t.anchors.iter().map(|(_, d)| d.clone()).collect())
-        .unwrap_or_default();
-    let path = ecs_ca_backends::chain::validate_path(&chain, &anchors, now);
-    let anchor_reached = path.as_ref().ok().copied();
-    let revocation = match (trust, &path) {
-        (Some(t), Ok(i)) if !t.crls.is_empty() => Some(match t.crls().await {
-            Ok(crls) => ecs_ca_backends::chain::check_revocation(&chain, &anchors[*i], &crls, now),
-            Err(why) => Err(why),
-        }),
-        _ => None,
-    };
-    let profile = &req.profile;
-    let endpoint_names: Vec<String> = profile
-        .sans()
-        .iter()
-        .map(|s| match s {
-            ecs_ca_backends::SanEntry::Dns(d) => d.clone(),
-            ecs_ca_backends::SanEntry::Ip(ip) => ip.to_string(),
-            ecs_ca_backends::SanEntry::Uri(u) => u.clone(),
-        })
-        .collect();
-    let leaf_names = leaf.names();
-    let description = leaf.key.describe();
-    f.key = Some(description.clone());
-    let decision = domain.decide_third_party(
-        domain_name,
-        &ecs_policy::ThirdPartyFacts {
-            token_issuer: &token.issuer_name,
-            ees_id: &profile.ees_id,
-            endpoint_names: &endpoint_names,
-            path: path.map(|i| trust.map(|t| t.anchors[i].0.clone()).unwrap_or_default()),
-            leaf_ekus: &leaf.ekus,
-            leaf_names: &leaf_names,
-            leaf_not_before: leaf.not_before,
-            leaf_not_after: leaf.not_after,
-            key_type: key_type(leaf.key.kind),
-            key_description: &description,
-            revocation,
-            requested_expiry: req.exp_time,
-            secret_token_requested: req.onboarding.as_ref().is_some_and(|o| o.secret_token),
-            now,
-        },
-    );
-    let approval = decision.outcome?;
+    f.key = Some(leaf.key.describe());
+    let approval = judged.decision.outcome?;
     // The chain as accepted: what the client sent after the leaf, then the anchor reached.
     let mut accepted: Vec<String> = chain[1..].iter().map(hex::encode).collect();
-    if let Some(i) = anchor_reached {
-        let anchor = hex::encode(&anchors[i]);
+    if let Some(anchor) = &judged.anchor {
+        let anchor = hex::encode(anchor);
         if !accepted.contains(&anchor) {
             accepted.push(anchor);
         }
@@ -389,6 +442,58 @@ async fn third_party_decision(
         chain_hex: accepted,
     };
     Ok((approval, record))
+}
+
+/// A third-party certificate authenticates only while the domain's policy in force still
+/// accepts it: anchors, CRLs, `accept` and every other rule, checked again at each use. The
+/// verdict is cached per certificate until the policy is reloaded or a CRL changes, so the
+/// check costs a map lookup on the common path.
+async fn third_party_still_trusted(
+    app: &App,
+    reg: &RegistrationRecord,
+    cert: &CertRecord,
+    now: i64,
+) -> Result<(), ApiError> {
+    let policy = app.policy();
+    let trust = policy.third_party.get(&reg.domain);
+    let crl_epoch = match trust {
+        Some(t) => t.refresh_crls().await,
+        None => 0,
+    };
+    let generation = (policy.generation, crl_epoch);
+    if let Some(v) = app
+        .third_party_verdicts
+        .get(&cert.fingerprint, generation, now)
+    {
+        return v;
+    }
+    let verdict = async {
+        let (domain_name, domain) = domain_of(app, reg.prov_id.as_deref())?;
+        let profile = model::parse_profile(&reg.profile)?;
+        let mut chain = vec![cert.der()];
+        for h in &cert.chain_hex {
+            chain.push(hex::decode(h).map_err(|e| {
+                ApiError::internal(format!("stored chain of {}: {e}", cert.serial))
+            })?);
+        }
+        let judged = judge_third_party(
+            app,
+            &chain,
+            &domain_name,
+            &domain,
+            &reg.token_issuer,
+            &profile,
+            Some(reg.exp_time),
+            false,
+            now,
+        )
+        .await?;
+        judged.decision.outcome.map(|_| ()).map_err(ApiError::from)
+    }
+    .await;
+    app.third_party_verdicts
+        .put(&cert.fingerprint, generation, now, verdict.clone());
+    verdict
 }
 
 async fn commit(app: &App, c: Commit) -> Result<(), ApiError> {
@@ -559,11 +664,13 @@ async fn create_inner(
         let csr = parse_csr(csr_pem)?;
         let description = csr.key.describe();
         f.key = Some(description.clone());
+        let requested = profile.requested_names();
         let decision = domain.decide_onboarding(
             &domain_name,
             &OnboardingFacts {
                 token_issuer: &token.issuer_name,
                 ees_id: &profile.ees_id,
+                endpoint: endpoint_facts(app, profile, &requested),
                 key_type: key_type(csr.key.kind),
                 key_description: &description,
                 requested_expiry: req.exp_time,
@@ -601,16 +708,7 @@ async fn create_inner(
     let backend = app.cfg.domain_backend(&domain).to_string();
     let _slot = app.signing.enter().await.ok_or_else(busy)?;
     let mut cert = match material {
-        Material::Csr(pem, spki) => {
-            issue(
-                app,
-                &backend,
-                profile,
-                (pem, spki),
-                approval.cert_validity_secs,
-            )
-            .await?
-        }
+        Material::Csr(pem, spki) => issue(app, &backend, profile, &approval, (pem, spki)).await?,
         Material::ThirdParty(cert) => cert,
     };
     let cert_source = if cert.chain_hex.is_empty() {
@@ -746,6 +844,9 @@ async fn authorize(
             }
             if now > cert.not_after || now < cert.not_before {
                 return Err(owner("the client certificate is outside its validity"));
+            }
+            if cert.backend == THIRD_PARTY {
+                third_party_still_trusted(app, &reg, &cert, now).await?;
             }
         }
         AuthBy::SecretToken => {
@@ -886,10 +987,26 @@ async fn update(
     if third_party {
         return Err(third_party_refused(&domain_name));
     }
+    // Every change applies the policy in force now, as an onboarding would: the token issuer
+    // and EES ID still admitted, every endpoint name approved, expTime capped.
+    let requested = profile.requested_names();
+    let endpoint = endpoint_facts(app, profile, &requested);
+    let kept = domain
+        .decide_update(
+            &domain_name,
+            &ecs_policy::UpdateFacts {
+                token_issuer: &reg.token_issuer,
+                ees_id: &reg.ees_id,
+                endpoint,
+                requested_expiry: req.exp_time,
+                now,
+            },
+        )
+        .outcome?;
     // Said of the certificate a re-key supersedes, so taken before the re-key changes it.
     let superseded_unpublished = unpublished_revocation(app, &reg);
     reg.profile = profile.json.clone();
-    reg.exp_time = domain.registration_expiry(req.exp_time, now);
+    reg.exp_time = kept.registration_expiry;
     reg.supp_feat = req.supp_feat.clone();
     reg.updated_at = now;
     let mut commit_c = Commit::default();
@@ -906,6 +1023,7 @@ async fn update(
                 &OnboardingFacts {
                     token_issuer: &reg.token_issuer,
                     ees_id: &reg.ees_id,
+                    endpoint,
                     key_type: key_type(csr.key.kind),
                     key_description: &description,
                     requested_expiry: req.exp_time,
@@ -919,8 +1037,8 @@ async fn update(
             app,
             &reg.backend,
             profile,
+            &approval,
             (&csr_pem, csr.spki_der),
-            approval.cert_validity_secs,
         )
         .await?;
         new_cert.registration_id = reg.id.clone();

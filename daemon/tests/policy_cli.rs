@@ -54,13 +54,60 @@ fn the_example_configuration_lints_clean_and_explains_its_decisions() {
         .map(|r| r["rule"].as_str().unwrap())
         .collect();
     assert_eq!(
-        rules[..3],
+        rules[..4],
         [
             "domains.ecsp-a.token_issuers",
             "domains.ecsp-a.ees_ids",
+            "domains.ecsp-a.endpoint_names",
             "domains.ecsp-a.key_types"
         ]
     );
+
+    // Endpoint names and addresses: inside the domain's rules, allowed; outside, or the ECS's
+    // own name, refused by the rule that decided.
+    let explain_endpoint = |endpoint: &str| {
+        let (code, out, err) = run(&[
+            "policy",
+            "explain",
+            "--config",
+            &example(),
+            "--domain",
+            "ecsp-a",
+            "--ees-id",
+            "ees1.edn1.ecsp-a.example",
+            "--token-issuer",
+            "ecsp-a-as",
+            "--endpoint",
+            endpoint,
+            "--format",
+            "json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    for (endpoint, refused_by) in [
+        ("ees1.edn2.ecsp-a.example", None),
+        ("10.20.3.4", None),
+        ("https://ees1.edn1.ecsp-a.example/api", None),
+        ("ees1.ecsp-b.example", Some("domains.ecsp-a.endpoint_names")),
+        ("ecs.mno.example", Some("domains.ecsp-a.endpoint_names")),
+        (
+            "https://ecs.mno.example/",
+            Some("domains.ecsp-a.endpoint_names"),
+        ),
+        ("127.0.0.1", Some("domains.ecsp-a.endpoint_addresses")),
+        ("10.30.0.1", Some("domains.ecsp-a.endpoint_addresses")),
+    ] {
+        let v = explain_endpoint(endpoint);
+        match refused_by {
+            None => assert_eq!(v["allowed"], json!(true), "{endpoint}: {v}"),
+            Some(rule) => {
+                assert_eq!(v["allowed"], json!(false), "{endpoint}: {v}");
+                assert_eq!(v["refusal"]["rule"], json!(rule), "{endpoint}: {v}");
+                assert_eq!(v["refusal"]["cause"], json!("POLICY_REJECTED"));
+            }
+        }
+    }
 
     // Domain A's token issuer does not onboard into domain B.
     let (_, out, _) = run(&[
@@ -332,23 +379,4 @@ fn hup(ecs: &Ecs) {
         .status()
         .unwrap();
     assert!(status.success());
-}
-
-fn admin_post(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
-    (
-        status,
-        out.split_once("\r\n\r\n")
-            .map(|x| x.1.to_string())
-            .unwrap_or_default(),
-    )
 }

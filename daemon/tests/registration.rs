@@ -985,3 +985,90 @@ async fn concurrent_rekeys_are_serialised_and_every_certificate_is_revoked_at_th
     }
     assert_eq!(revoked.len(), issued.len());
 }
+
+/// Attack review, item 1: an EES with a valid token for its own name asked for a certificate
+/// naming the ECS itself, loopback, or another domain's EES. Every endpoint name and address
+/// is now authorised by its domain's policy; the certificate carries only approved names.
+#[tokio::test]
+async fn an_ees_gets_a_certificate_only_for_names_its_domain_approves() {
+    let ecs = Ecs::start_with(|c| {
+        *c = c.replace(
+            "ees_ids = [\"*\"]",
+            "ees_ids = [\"*.ecsp-a.example\"]\nendpoint_names = [\"*.edn1.ecsp-a.example\"]\nendpoint_addresses = [\"10.20.0.0/16\"]",
+        );
+    });
+    let id = "evil.edn1.ecsp-a.example";
+    let cases = [
+        (json!({ "ipv4Addrs": ["127.0.0.1"] }), "endpoint_addresses"),
+        (json!({ "ipv4Addrs": ["10.30.0.1"] }), "endpoint_addresses"),
+        (json!({ "ipv6Addrs": ["::1"] }), "endpoint_addresses"),
+        (json!({ "fqdn": "ecs.mno.example" }), "endpoint_names"),
+        (json!({ "fqdn": "ees1.ecsp-b.example" }), "endpoint_names"),
+        (
+            json!({ "uri": "https://ecs.mno.example/api" }),
+            "endpoint_names",
+        ),
+        (
+            json!({ "uri": "https://127.0.0.1:8443/" }),
+            "endpoint_addresses",
+        ),
+        (json!({ "uri": "urn:ees:evil" }), "endpoint_names"),
+    ];
+    for (endpoint, rule) in &cases {
+        let key = Key::new();
+        let mut body = registration_body(id, &key.csr(id));
+        body["eesProf"]["endPt"] = endpoint.clone();
+        let r = ecs.post(Some(&ecs.token(id)), &body).await;
+        assert_problem(&r, 403, "POLICY_REJECTED");
+        let detail = r.json()["detail"].as_str().unwrap().to_string();
+        assert!(
+            detail.contains(&format!("domains.default.{rule}")),
+            "{endpoint}: {detail}"
+        );
+    }
+    // The ECS's own identifier is never an EES's name, even as an eesId its patterns admit.
+    let own = "ecs.mno.example";
+    let e = ecs
+        .post(
+            Some(&ecs.token(own)),
+            &registration_body(own, &Key::new().csr(own)),
+        )
+        .await;
+    assert_problem(&e, 403, "POLICY_REJECTED");
+
+    // Inside the rules: the certificate names exactly the approved endpoint and the eesId.
+    let ok = ecs
+        .register_body(id, |b| {
+            b["eesProf"]["endPt"] = json!({ "ipv4Addrs": ["10.20.1.2"] });
+        })
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cert.pem"), &ok.cert_pem).unwrap();
+    let (done, text) = openssl(
+        &[
+            "x509",
+            "-in",
+            "cert.pem",
+            "-noout",
+            "-ext",
+            "subjectAltName",
+        ],
+        dir.path(),
+    );
+    assert!(done, "{text}");
+    assert!(text.contains("IP Address:10.20.1.2"), "{text}");
+    assert!(text.contains(&format!("DNS:{id}")), "{text}");
+    assert!(
+        !text.contains("127.0.0.1") && !text.contains("ecs.mno.example"),
+        "{text}"
+    );
+
+    // Every refusal is in the audit log with its rule.
+    let (intact, records) = ecs.audit();
+    assert!(intact);
+    let refused = records
+        .iter()
+        .filter(|r| r["cause"] == json!("POLICY_REJECTED"))
+        .count();
+    assert_eq!(refused, cases.len() + 1);
+}

@@ -232,3 +232,149 @@ async fn a_trusted_partner_certificate_is_accepted_and_every_rule_refuses_with_i
             .any(|r| r["rule"] == json!("domains.default.third_party.crls"))
     );
 }
+
+/// Attack review, item 2: after the partner revoked the leaf (or the domain withdrew its
+/// trust) and the policy was reloaded, the registration still answered GET and PATCH with the
+/// certificate, and a PUT with a CSR turned it into an ECS-issued one. The third-party
+/// certificate is now judged by the policy in force at every authentication.
+#[tokio::test]
+async fn a_revoked_or_withdrawn_third_party_certificate_stops_authenticating() {
+    let partner = ca("Partner Root");
+    let files = tempfile::tempdir().unwrap();
+    let f = |n: &str| files.path().join(n).display().to_string();
+    std::fs::write(f("partner-root.pem"), root_pem(&partner)).unwrap();
+    let now = now();
+    let write_crl = |revoked: &[&str]| {
+        let entries: Vec<RevokedEntry> = revoked
+            .iter()
+            .map(|s| RevokedEntry {
+                serial_hex: s.to_string(),
+                revoked_at: now - 60,
+                reason: RevocationReason::KeyCompromise,
+            })
+            .collect();
+        let crl = partner
+            .sign_crl(revoked.len() as u64 + 1, now - 60, now + 86_400, &entries)
+            .unwrap();
+        std::fs::write(f("partner.crl"), &crl).unwrap();
+    };
+    write_crl(&[]);
+    let (p, c) = (f("partner-root.pem"), f("partner.crl"));
+    let ecs = Ecs::start_with(move |cfg| {
+        cfg.push_str(&format!(
+            "\n[domains.default.third_party]\naccept = true\ntrust_anchors = [\"{p}\"]\ncrls = [\"{c}\"]\n"
+        ))
+    });
+
+    let register = async |id: &str| {
+        let cert = leaf(&partner, |t| {
+            t.common_name = id.into();
+            t.sans = vec![SanEntry::Dns(id.into())];
+        });
+        let client = HttpsClient::new(
+            &ecs.root_pem,
+            Some((cert.0.as_bytes(), cert.1.as_bytes())),
+            HttpVersion::Http1,
+        )
+        .unwrap();
+        let body = json!({
+            "eesProf": { "eesId": id, "endPt": { "fqdn": id }, "eecRegConf": false },
+            "onboarding": { "thirdPartyCert": true }
+        });
+        let r = ecs
+            .post_as(
+                &client,
+                Some(&ecs.token(id)),
+                "application/json",
+                body.to_string().into_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        (
+            Ees {
+                id: r.json()["onboarding"]["registrationId"]
+                    .as_str()
+                    .unwrap()
+                    .into(),
+                location: r.header("location").unwrap().into(),
+                cert_pem: cert.0.clone(),
+                key_pem: cert.1.clone(),
+                body: r.json(),
+            },
+            cert.2,
+        )
+    };
+    let (revoked, revoked_serial) = register("ees-revoked.ecsp.example").await;
+    let (withdrawn, _) = register("ees-withdrawn.ecsp.example").await;
+    for e in [&revoked, &withdrawn] {
+        let r = ecs
+            .client_as(e)
+            .request("GET", &e.location, &[], None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let reload = || {
+        let (status, body) = admin_post(ecs.admin_port, "/admin/v1/policy/reload");
+        assert_eq!(status, 200, "{body}");
+    };
+
+    // The partner revokes one leaf; the policy is reloaded.
+    write_crl(&[&revoked_serial]);
+    reload();
+    let rekey = |e: &Ees| {
+        let key = Key::new();
+        let mut body = e.body.clone();
+        body["onboarding"] = json!({ "csr": key.csr("ees-revoked.ecsp.example") });
+        body
+    };
+    let client = ecs.client_as(&revoked);
+    for (method, body) in [
+        ("GET", None),
+        ("PATCH", Some(json!({ "expTime": "2099-01-01T00:00:00Z" }))),
+        ("PUT", Some(rekey(&revoked))),
+    ] {
+        let (ct, bytes) = match (&body, method) {
+            (Some(b), "PATCH") => (
+                "application/merge-patch+json",
+                Some(b.to_string().into_bytes()),
+            ),
+            (Some(b), _) => ("application/json", Some(b.to_string().into_bytes())),
+            (None, _) => ("application/json", None),
+        };
+        let r = client
+            .request(method, &revoked.location, &[("content-type", ct)], bytes)
+            .await
+            .unwrap();
+        assert_problem(&r, 403, "UNTRUSTED_CLIENT_CERT");
+        let detail = r.json()["detail"].as_str().unwrap().to_string();
+        assert!(detail.contains("third_party.crls"), "{method}: {detail}");
+    }
+    // The other certificate is not revoked: it still works.
+    let r = ecs
+        .client_as(&withdrawn)
+        .request("GET", &withdrawn.location, &[], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    // The domain withdraws its acceptance of third-party certificates.
+    let cfg_path = ecs.config_path();
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(&cfg_path, text.replace("accept = true", "accept = false")).unwrap();
+    reload();
+    let r = ecs
+        .client_as(&withdrawn)
+        .request("GET", &withdrawn.location, &[], None)
+        .await
+        .unwrap();
+    assert_problem(&r, 403, "UNTRUSTED_CLIENT_CERT");
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("third_party.accept")
+    );
+    let (intact, _) = ecs.audit();
+    assert!(intact);
+}

@@ -14,12 +14,16 @@
 
 mod duration;
 mod glob;
+mod names;
 
 pub use duration::PolicyDuration;
 pub use glob::{glob_match, glob_overlap};
+pub use ipnet::IpNet;
+pub use names::{EndpointFacts, OwnNames, RequestedName, SanName, UriHost, normalize_dns};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::net::IpAddr;
 
 /// The longest certificate validity the EES certificate profile allows (TS 33.310: 3 years).
 pub const MAX_CERT_VALIDITY_SECS: u64 = 3 * 365 * 86_400;
@@ -127,6 +131,14 @@ pub struct DomainPolicy {
     pub secret_token: SecretTokenMode,
     #[serde(default)]
     pub third_party: Option<ThirdPartyPolicy>,
+    /// Glob patterns that every endpoint name (`endPt.fqdn`, the host of `endPt.uri`) must
+    /// match; absent: the domain's `ees_ids`. The ECS's own names never match.
+    #[serde(default)]
+    pub endpoint_names: Option<Vec<String>>,
+    /// CIDR ranges that every endpoint address (`endPt.ipv4Addrs`, `ipv6Addrs`, an address
+    /// as URI host) must lie in; empty: addresses are refused.
+    #[serde(default)]
+    pub endpoint_addresses: Vec<IpNet>,
 }
 
 fn default_cert_validity() -> PolicyDuration {
@@ -255,6 +267,41 @@ impl DomainPolicy {
                 "must be longer than zero".into(),
             );
         }
+        for pattern in self.endpoint_names.iter().flatten() {
+            if pattern.trim().is_empty() {
+                push(
+                    Severity::Error,
+                    "endpoint_names",
+                    "an empty pattern matches nothing".into(),
+                );
+            } else if pattern.trim() == "*" {
+                push(
+                    Severity::Warning,
+                    "endpoint_names",
+                    "\"*\" lets an EES name any host (but this ECS's own) in its certificate"
+                        .into(),
+                );
+            }
+        }
+        for range in &self.endpoint_addresses {
+            let loopback: IpAddr = match range {
+                IpNet::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                IpNet::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            };
+            if range.prefix_len() == 0 {
+                push(
+                    Severity::Warning,
+                    "endpoint_addresses",
+                    format!("{range} lets an EES name any address in its certificate"),
+                );
+            } else if range.contains(&loopback) {
+                push(
+                    Severity::Warning,
+                    "endpoint_addresses",
+                    format!("{range} holds the loopback address {loopback}"),
+                );
+            }
+        }
         if self.key_types.is_empty() {
             push(
                 Severity::Error,
@@ -371,6 +418,8 @@ pub struct OnboardingFacts<'a> {
     /// The configuration name of the token issuer whose signature was verified.
     pub token_issuer: &'a str,
     pub ees_id: &'a str,
+    /// The names the EES asks its certificate to carry.
+    pub endpoint: EndpointFacts<'a>,
     /// The type of the key in the CSR.
     pub key_type: Option<KeyType>,
     /// A human description of the key when `key_type` is `None` (e.g. "RSA 1024").
@@ -379,6 +428,17 @@ pub struct OnboardingFacts<'a> {
     pub requested_expiry: Option<i64>,
     pub secret_token_requested: bool,
     /// The decision time, seconds since the Unix epoch.
+    pub now: i64,
+}
+
+/// The facts of a change to an existing registration that keeps its certificate.
+#[derive(Debug, Clone)]
+pub struct UpdateFacts<'a> {
+    /// The configuration name of the token issuer that onboarded the registration.
+    pub token_issuer: &'a str,
+    pub ees_id: &'a str,
+    pub endpoint: EndpointFacts<'a>,
+    pub requested_expiry: Option<i64>,
     pub now: i64,
 }
 
@@ -406,6 +466,8 @@ pub struct Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Approval {
     pub backend: Option<String>,
+    /// The subjectAltNames the certificate carries: the only names an issuer is given.
+    pub names: Vec<SanName>,
     /// Requested certificate lifetime in seconds, before the issuer caps it at its own
     /// `notAfter`.
     pub cert_validity_secs: u64,
@@ -468,8 +530,8 @@ impl Rules<'_> {
 pub struct ThirdPartyFacts<'a> {
     pub token_issuer: &'a str,
     pub ees_id: &'a str,
-    /// The names of the EES endpoint (FQDN, IP addresses as text, URI).
-    pub endpoint_names: &'a [String],
+    /// The names the EES asks for (its endpoint).
+    pub endpoint: EndpointFacts<'a>,
     /// Path validation to this domain's trust anchors: the anchor reached, or why none was.
     pub path: Result<String, String>,
     /// `clientAuth`, `serverAuth` or dotted OIDs.
@@ -549,6 +611,39 @@ impl DomainPolicy {
         )
     }
 
+    /// The endpoint rules: every name the EES asks for is approved, or the first that is not
+    /// refuses the request (`POLICY_REJECTED`, whatever path asked).
+    fn names(
+        &self,
+        r: &mut Rules<'_>,
+        ees_id: &str,
+        endpoint: &EndpointFacts<'_>,
+    ) -> Result<Vec<SanName>, Refusal> {
+        let (patterns, key) = match &self.endpoint_names {
+            Some(p) => (p.as_slice(), "endpoint_names"),
+            None => (
+                self.ees_ids.as_slice(),
+                "ees_ids, as endpoint_names is absent",
+            ),
+        };
+        match names::approve(patterns, key, &self.endpoint_addresses, ees_id, endpoint) {
+            Ok(approved) => {
+                let list: Vec<String> = approved.iter().map(|n| n.to_string()).collect();
+                r.check(
+                    "endpoint_names",
+                    true,
+                    format!("certificate names approved: {}", list.join(", ")),
+                    RefusalKind::Rejected,
+                )?;
+                Ok(approved)
+            }
+            Err(refused) => {
+                r.check(refused.rule, false, refused.reason, RefusalKind::Rejected)?;
+                unreachable!("a failed check returns Err")
+            }
+        }
+    }
+
     fn key_rule(
         &self,
         r: &mut Rules<'_>,
@@ -576,6 +671,7 @@ impl DomainPolicy {
     fn grant(
         &self,
         r: &mut Rules<'_>,
+        names: Vec<SanName>,
         requested_expiry: Option<i64>,
         secret_requested: bool,
         now: i64,
@@ -608,6 +704,7 @@ impl DomainPolicy {
         )?;
         Ok(Approval {
             backend: self.backend.clone(),
+            names,
             cert_validity_secs: self.cert_validity.as_secs().min(MAX_CERT_VALIDITY_SECS),
             registration_expiry,
             issue_secret_token,
@@ -620,6 +717,7 @@ impl DomainPolicy {
         facts: &OnboardingFacts<'_>,
     ) -> Result<Approval, Refusal> {
         self.admission(r, facts.token_issuer, facts.ees_id)?;
+        let names = self.names(r, facts.ees_id, &facts.endpoint)?;
         self.key_rule(
             r,
             facts.key_type,
@@ -628,6 +726,7 @@ impl DomainPolicy {
         )?;
         self.grant(
             r,
+            names,
             facts.requested_expiry,
             facts.secret_token_requested,
             facts.now,
@@ -641,6 +740,7 @@ impl DomainPolicy {
     ) -> Result<Approval, Refusal> {
         use RefusalKind::UntrustedCertificate as U;
         self.admission(r, f.token_issuer, f.ees_id)?;
+        let names = self.names(r, f.ees_id, &f.endpoint)?;
         let tp = self.third_party.clone().unwrap_or_default();
         r.check(
             "third_party.accept",
@@ -678,9 +778,10 @@ impl DomainPolicy {
             },
             U,
         )?;
+        let endpoint_names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let matching = f.leaf_names.iter().find(|n| {
             n.eq_ignore_ascii_case(f.ees_id)
-                || f.endpoint_names.iter().any(|e| e.eq_ignore_ascii_case(n))
+                || endpoint_names.iter().any(|e| e.eq_ignore_ascii_case(n))
         });
         let names_ok = !tp.names_must_match || matching.is_some();
         r.check(
@@ -691,7 +792,7 @@ impl DomainPolicy {
                 (true, Some(n)) => format!("the certificate names {n:?}"),
                 (true, None) => format!(
                     "the certificate names {:?}, none of which is the eesId {:?} or the endpoint {:?}",
-                    f.leaf_names, f.ees_id, f.endpoint_names
+                    f.leaf_names, f.ees_id, endpoint_names
                 ),
             },
             U,
@@ -720,7 +821,13 @@ impl DomainPolicy {
             )?,
             Some(Err(why)) => r.check("third_party.crls", false, why.clone(), U)?,
         }
-        let mut approval = self.grant(r, f.requested_expiry, f.secret_token_requested, f.now)?;
+        let mut approval = self.grant(
+            r,
+            names,
+            f.requested_expiry,
+            f.secret_token_requested,
+            f.now,
+        )?;
         approval.cert_validity_secs = lifetime.max(0) as u64;
         Ok(approval)
     }
@@ -732,6 +839,25 @@ impl DomainPolicy {
         match requested {
             Some(t) => t.min(cap),
             None => cap,
+        }
+    }
+
+    /// Decides a change to a registration that keeps its certificate (PUT or PATCH without
+    /// a new key): the registration's token issuer and EES ID must still be admitted, every
+    /// endpoint name approved, and the new `expTime` is capped as at onboarding.
+    pub fn decide_update(&self, domain: &str, facts: &UpdateFacts<'_>) -> Decision {
+        let mut r = Rules {
+            domain,
+            log: Vec::new(),
+        };
+        let outcome = (|| {
+            self.admission(&mut r, facts.token_issuer, facts.ees_id)?;
+            let names = self.names(&mut r, facts.ees_id, &facts.endpoint)?;
+            self.grant(&mut r, names, facts.requested_expiry, false, facts.now)
+        })();
+        Decision {
+            evaluated: r.log,
+            outcome,
         }
     }
 
@@ -768,10 +894,25 @@ mod tests {
         .unwrap()
     }
 
+    static OWN: OwnNames = OwnNames {
+        dns: Vec::new(),
+        ips: Vec::new(),
+    };
+
+    /// The contract example's endpoint: its FQDN is the eesId.
+    fn endpoint() -> EndpointFacts<'static> {
+        EndpointFacts {
+            requested: &[],
+            ees_id_is_fqdn: true,
+            own: &OWN,
+        }
+    }
+
     fn facts<'a>() -> OnboardingFacts<'a> {
         OnboardingFacts {
             token_issuer: "ecsp-a-as",
             ees_id: "ees1.edn1.ecsp-a.example",
+            endpoint: endpoint(),
             key_type: Some(KeyType::P256),
             key_description: "ECDSA P-256",
             requested_expiry: None,
@@ -902,7 +1043,6 @@ mod tests {
 
     #[test]
     fn third_party_rules_each_refuse_with_their_name() {
-        let endpoint = vec!["ees1.edn1.ecsp-a.example".to_string()];
         let ekus = vec!["clientAuth".to_string(), "serverAuth".to_string()];
         let names = vec!["ees1.edn1.ecsp-a.example".to_string()];
         let other_names = vec!["bank.example".to_string()];
@@ -910,7 +1050,7 @@ mod tests {
         let base = ThirdPartyFacts {
             token_issuer: "ecsp-a-as",
             ees_id: "ees1.edn1.ecsp-a.example",
-            endpoint_names: &endpoint,
+            endpoint: endpoint(),
             path: Ok("partner-root.pem".into()),
             leaf_ekus: &ekus,
             leaf_names: &names,
@@ -1098,6 +1238,20 @@ pub fn diff_domains(
         ));
         out.extend(set_change(k("ees_ids"), &o.ees_ids, &n.ees_ids, true));
         out.extend(set_change(k("key_types"), &o.key_types, &n.key_types, true));
+        let endpoint_names =
+            |d: &DomainPolicy| d.endpoint_names.clone().unwrap_or(d.ees_ids.clone());
+        out.extend(set_change(
+            k("endpoint_names"),
+            &endpoint_names(o),
+            &endpoint_names(n),
+            true,
+        ));
+        out.extend(set_change(
+            k("endpoint_addresses"),
+            &o.endpoint_addresses,
+            &n.endpoint_addresses,
+            true,
+        ));
         out.extend(order_change(
             k("cert_validity"),
             o.cert_validity,

@@ -434,3 +434,23 @@ pub fn assert_problem(r: &Response, status: u16, cause: &str) {
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
     assert_eq!(body["status"], json!(status));
 }
+
+/// A POST without a body to the admin listener (e.g. `/admin/v1/policy/reload`).
+pub fn admin_post(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default(),
+    )
+}
