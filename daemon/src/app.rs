@@ -542,7 +542,7 @@ impl App {
                 }),
             );
         }
-        let tokens = TokenVerifier::from_config(&cfg, &roots).await?;
+        let tokens = TokenVerifier::from_config(&cfg).await?;
         let policy = Policy::load(&cfg, &roots)?;
         let limiters = Limiters::new(&cfg.limits);
         let signing = SigningQueue::new(&cfg.limits);

@@ -74,6 +74,28 @@ pub fn root_store(roots_pem: &[u8]) -> Result<rustls::RootCertStore, ClientError
     Ok(roots)
 }
 
+/// The system's web trust roots (the operating system's CA bundle), as PEM: what an HTTPS
+/// fetch trusts when the configuration names no CA of its own. Never the ECS's own CA, whose
+/// EES certificates carry serverAuth.
+pub fn system_roots_pem() -> Result<Vec<u8>, String> {
+    let found = rustls_native_certs::load_native_certs();
+    if found.certs.is_empty() {
+        return Err(format!(
+            "no system trust roots could be read ({}); name a CA file instead",
+            found
+                .errors
+                .first()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "the system bundle is empty".into())
+        ));
+    }
+    let mut pem = Vec::new();
+    for c in &found.certs {
+        pem.extend_from_slice(ecs_ca_backends::der_to_pem(c, "CERTIFICATE").as_bytes());
+    }
+    Ok(pem)
+}
+
 impl HttpsClient {
     /// A client trusting the PEM roots, presenting `identity` (certificate chain PEM, key PEM)
     /// when given.

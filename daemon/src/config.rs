@@ -298,6 +298,14 @@ pub struct TokenIssuerConfig {
     /// Shortest time between two fetches of `jwks_url` prompted by an unknown `kid`.
     #[serde(default = "default_jwks_refresh")]
     pub jwks_min_refresh: PolicyDuration,
+    /// The longest lifetime (`exp - iat`) of a token from this issuer; a token's ID is kept
+    /// until it expires, so a long-lived token would be remembered for as long.
+    #[serde(default = "default_max_token_lifetime")]
+    pub max_token_lifetime: PolicyDuration,
+}
+
+fn default_max_token_lifetime() -> PolicyDuration {
+    PolicyDuration::from_secs(crate::token::DEFAULT_MAX_LIFETIME_SECS as u64)
 }
 
 fn default_jwks_refresh() -> PolicyDuration {
@@ -449,7 +457,9 @@ impl Config {
         }
         for d in self.domains.values_mut() {
             if let Some(tp) = d.third_party.as_mut() {
-                for a in &mut tp.trust_anchors {
+                // CRLs are files or https URLs; a URL is left as written.
+                let files = tp.crls.iter_mut().filter(|c| !c.contains("://"));
+                for a in tp.trust_anchors.iter_mut().chain(files) {
                     let mut p = PathBuf::from(&*a);
                     fix(&mut p);
                     *a = p.display().to_string();
@@ -734,16 +744,65 @@ impl Config {
         self.server.public_url.trim_end_matches('/')
     }
 
-    /// A content hash of the policy part of the configuration (domains, issuers, backends),
-    /// recorded in every audit record so each decision ties to the exact policy that made it.
+    /// A content hash of the policy part of the configuration (domains, issuers, backends)
+    /// and of every file it reads (trust anchors, CRL files, token issuers' keys, backend
+    /// certificates), recorded in every audit record so each decision ties to the exact
+    /// policy that made it: swapping a file's content changes the hash as an edit would.
     pub fn policy_hash(&self) -> String {
         let v = serde_json::json!({
             "ecs_id": self.ecs_id,
             "domains": self.domains,
             "token_issuers": self.token_issuers,
             "backends": self.backends,
+            "files": self.policy_file_digests(),
         });
         ecs_ca_backends::sha256_hex(v.to_string().as_bytes())
+    }
+
+    /// Every file the policy reads, with the SHA-256 of its content (or why it could not be
+    /// read, which is then part of the hash too).
+    fn policy_file_digests(&self) -> BTreeMap<String, String> {
+        let mut paths: Vec<PathBuf> = Vec::new();
+        for d in self.domains.values() {
+            if let Some(tp) = &d.third_party {
+                paths.extend(tp.trust_anchors.iter().map(PathBuf::from));
+                paths.extend(
+                    tp.crls
+                        .iter()
+                        .filter(|c| !c.contains("://"))
+                        .map(PathBuf::from),
+                );
+            }
+        }
+        for i in self.token_issuers.values() {
+            paths.extend(
+                i.jwks
+                    .iter()
+                    .chain(i.jwks_ca.iter())
+                    .chain(&i.keys)
+                    .cloned(),
+            );
+        }
+        for b in self.backends.values() {
+            match b {
+                BackendConfig::Software { cert, .. } | BackendConfig::Pkcs11 { cert, .. } => {
+                    paths.push(cert.clone())
+                }
+                BackendConfig::Cfssl { cert, tls_ca, .. } => {
+                    paths.extend(std::iter::once(cert).chain(tls_ca.iter()).cloned())
+                }
+            }
+        }
+        paths
+            .into_iter()
+            .map(|p| {
+                let digest = match crate::files::read(&p) {
+                    Ok(bytes) => ecs_ca_backends::sha256_hex(&bytes),
+                    Err(e) => format!("unreadable: {e}"),
+                };
+                (p.display().to_string(), digest)
+            })
+            .collect()
     }
 }
 

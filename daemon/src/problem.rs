@@ -175,7 +175,16 @@ impl ApiError {
                 "www-authenticate",
                 format!(
                     "Bearer error=\"invalid_token\", error_description=\"{}\"",
-                    self.detail.replace(['"', '\\'], "'")
+                    // A header value is visible ASCII: anything else (a quote, a
+                    // non-ASCII letter of a name) would drop the whole header.
+                    self.detail
+                        .chars()
+                        .map(|c| match c {
+                            '"' | '\\' => '\'',
+                            c if c == ' ' || c.is_ascii_graphic() => c,
+                            _ => '?',
+                        })
+                        .collect::<String>()
                 ),
             )),
             Cause::ClientCertRequired => h.push(("www-authenticate", "Bearer".to_string())),

@@ -52,6 +52,12 @@ pub enum TokenError {
     WrongScope,
     #[error("claim {0} is missing or malformed")]
     BadClaim(&'static str),
+    #[error("critical header parameters {0:?} are not understood (RFC 7515, section 4.1.11)")]
+    CriticalHeader(Vec<String>),
+    #[error(
+        "lifetime of {0} s (exp - iat) is longer than this issuer's max_token_lifetime of {1} s"
+    )]
+    LifetimeTooLong(i64, i64),
 }
 
 /// The facts of a verified token.
@@ -80,7 +86,12 @@ struct Issuer {
     last_fetch: Mutex<Option<Instant>>,
     /// At most one JWKS fetch in this interval when an unknown `kid` arrives.
     min_refresh: Duration,
+    /// The longest `exp - iat` accepted: a token's ID is kept until it expires.
+    max_lifetime: i64,
 }
+
+/// `max_token_lifetime` when the configuration does not say.
+pub const DEFAULT_MAX_LIFETIME_SECS: i64 = 3600;
 
 /// Verifies onboarding tokens against the configured issuers.
 pub struct TokenVerifier {
@@ -91,7 +102,7 @@ pub struct TokenVerifier {
 impl TokenVerifier {
     /// Loads every issuer's keys. JWKS URLs are fetched here once; a failure is an error, so
     /// a misconfigured URL is found at start rather than at the first EES.
-    pub async fn from_config(cfg: &Config, default_roots_pem: &[u8]) -> Result<Self, String> {
+    pub async fn from_config(cfg: &Config) -> Result<Self, String> {
         let mut issuers = Vec::new();
         for (name, ic) in &cfg.token_issuers {
             let keys = load_static_keys(name, ic)?;
@@ -101,7 +112,11 @@ impl TokenVerifier {
                         Some(p) => crate::files::read(p).map_err(|e| {
                             format!("token_issuers.{name}.jwks_ca: {}: {e}", p.display())
                         })?,
-                        None => default_roots_pem.to_vec(),
+                        // A JWKS decides who may onboard: its server is trusted through the
+                        // CA named for it, else the system's web roots, never the ECS's own
+                        // CA (an EES certificate is a server certificate under it).
+                        None => crate::client::system_roots_pem()
+                            .map_err(|e| format!("token_issuers.{name}.jwks_url: {e}"))?,
                     };
                     let client = HttpsClient::new(&roots, None, HttpVersion::Http1)
                         .map_err(|e| format!("token_issuers.{name}.jwks_ca: {e}"))?;
@@ -116,6 +131,7 @@ impl TokenVerifier {
                 url,
                 last_fetch: Mutex::new(None),
                 min_refresh: Duration::from_secs(ic.jwks_min_refresh.as_secs()),
+                max_lifetime: ic.max_token_lifetime.as_secs() as i64,
             };
             if issuer.url.is_some() {
                 issuer
@@ -143,6 +159,7 @@ impl TokenVerifier {
                 url: None,
                 last_fetch: Mutex::new(None),
                 min_refresh: Duration::from_secs(60),
+                max_lifetime: DEFAULT_MAX_LIFETIME_SECS,
             }],
         })
     }
@@ -160,6 +177,10 @@ impl TokenVerifier {
             jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
         if !ACCEPTED.contains(&header.alg) {
             return Err(TokenError::AlgorithmRefused(format!("{:?}", header.alg)));
+        }
+        // This ECS understands no JWS extension: any `crit` means a rule it cannot apply.
+        if let Some(crit) = &header.crit {
+            return Err(TokenError::CriticalHeader(crit.clone()));
         }
         // The issuer decides which keys may verify; read it before the signature, then
         // verify that the signed claims say the same.
@@ -191,8 +212,9 @@ impl TokenVerifier {
             )));
         }
         let mut v = Validation::new(header.alg);
-        v.leeway = LEEWAY_SECS;
-        v.validate_nbf = true;
+        // Time claims are checked below against `now`, the one clock of the request.
+        v.validate_exp = false;
+        v.validate_nbf = false;
         v.set_audience(&[&self.audience]);
         v.set_issuer(&[&issuer.issuer]);
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
@@ -212,11 +234,25 @@ impl TokenVerifier {
             }
         })?;
         let c = data.claims;
-        if let Some(iat) = c.get("iat") {
-            let iat = iat.as_i64().ok_or(TokenError::BadClaim("iat"))?;
-            if iat > now + LEEWAY_SECS as i64 {
-                return Err(TokenError::NotYetValid);
-            }
+        let leeway = LEEWAY_SECS as i64;
+        let time_claim = |name: &'static str| match c.get(name) {
+            None => Ok(None),
+            Some(v) => v.as_i64().map(Some).ok_or(TokenError::BadClaim(name)),
+        };
+        let exp = time_claim("exp")?.ok_or(TokenError::BadClaim("exp"))?;
+        if exp + leeway <= now {
+            return Err(TokenError::Expired);
+        }
+        if time_claim("nbf")?.is_some_and(|nbf| nbf > now + leeway) {
+            return Err(TokenError::NotYetValid);
+        }
+        let iat = time_claim("iat")?;
+        if iat.is_some_and(|iat| iat > now + leeway) {
+            return Err(TokenError::NotYetValid);
+        }
+        let lifetime = exp - iat.unwrap_or(now);
+        if lifetime > issuer.max_lifetime {
+            return Err(TokenError::LifetimeTooLong(lifetime, issuer.max_lifetime));
         }
         let scope = c.get("scope").and_then(Value::as_str).unwrap_or("");
         if !scope.split(' ').any(|s| s == SCOPE) {
@@ -232,10 +268,6 @@ impl TokenVerifier {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty() && s.len() <= 256)
             .ok_or(TokenError::BadClaim("jti"))?;
-        let exp = c
-            .get("exp")
-            .and_then(Value::as_i64)
-            .ok_or(TokenError::BadClaim("exp"))?;
         let prov_id = match c.get("provId") {
             None | Some(Value::Null) => None,
             Some(Value::String(p)) => Some(p.clone()),
@@ -372,6 +404,12 @@ pub fn mint(cfg: &Config, name: &str, req: &MintRequest<'_>) -> Result<String, S
     let path = ic.private_key.as_ref().ok_or_else(|| {
         format!("token_issuers.{name}: no private_key: this ECS cannot mint for that issuer")
     })?;
+    if req.ttl_secs > ic.max_token_lifetime.as_secs() {
+        return Err(format!(
+            "--ttl: {} s is longer than token_issuers.{name}.max_token_lifetime ({}): the ECS would refuse the token",
+            req.ttl_secs, ic.max_token_lifetime
+        ));
+    }
     crate::secrets::check_private(path, &format!("token_issuers.{name}.private_key"))?;
     let pem = zeroize::Zeroizing::new(
         crate::files::read(path)

@@ -43,6 +43,12 @@ impl AuthServer {
         )
         .unwrap();
         let issuer = LocalIssuer::new(ca_key, vec![ca.der.clone()]).unwrap();
+        Self::serve(jwks, &issuer).await
+    }
+
+    /// The server with a TLS certificate for 127.0.0.1 issued by `issuer`.
+    async fn serve(jwks: String, issuer: &LocalIssuer) -> AuthServer {
+        let now = now();
         let tls_key_pem = generate_p256_pkcs8_pem().unwrap();
         let tls_key = SoftwareKey::from_pkcs8_pem(&tls_key_pem).unwrap();
         let cert = issuer
@@ -99,7 +105,7 @@ impl AuthServer {
         });
         AuthServer {
             port,
-            ca_pem: der_to_pem(&ca.der, "CERTIFICATE"),
+            ca_pem: der_to_pem(issuer.chain_der().last().unwrap(), "CERTIFICATE"),
             jwks,
             fetches,
         }
@@ -184,4 +190,60 @@ async fn keys_come_from_the_jwks_url_and_rotate_without_restart() {
         assert_problem(&r, 401, "INVALID_TOKEN");
     }
     assert!(auth.fetches.load(Ordering::SeqCst) <= after_rotation + 1);
+}
+
+/// Attack review, item 1: with `jwks_url` and no `jwks_ca`, the JWKS server was trusted
+/// through the ECS's own CA, so a JWKS served with an EES certificate (serverAuth, issued by
+/// this ECS) was loaded and its key then onboarded anyone. Now such a server is trusted
+/// through the system's web roots only: the ECS refuses to start on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_server_is_never_trusted_through_the_ecss_own_ca() {
+    let mut ecs = Ecs::start();
+    let dir = ecs.dir.path().to_path_buf();
+    let key = std::fs::read_to_string(dir.join("keys/issuing-ca.key")).unwrap();
+    let chain = std::fs::read_to_string(dir.join("keys/issuing-ca.pem")).unwrap();
+    let own_ca = LocalIssuer::new(
+        Arc::new(SoftwareKey::from_pkcs8_pem(&key).unwrap()),
+        ecs_ca_backends::pem_chain_to_der(&chain).unwrap(),
+    )
+    .unwrap();
+    let attacker = generate_p256_pkcs8_pem().unwrap();
+    let jwks = ecs_daemon::token::jwks_for_private_key(attacker.as_bytes(), "a").unwrap();
+    let auth = AuthServer::serve(jwks, &own_ca).await;
+    assert!(ecs.terminate().success());
+    let text = std::fs::read_to_string(ecs.config_path()).unwrap();
+    std::fs::write(
+        ecs.config_path(),
+        format!(
+            "{}\n[token_issuers.as]\nissuer = \"https://as.test\"\njwks_url = \"https://127.0.0.1:{}/jwks\"\n",
+            text.replace("token_issuers = [\"dev\"]", "token_issuers = [\"dev\", \"as\"]"),
+            auth.port
+        ),
+    )
+    .unwrap();
+    let mut serve = ecsd()
+        .args(["serve", "--config"])
+        .arg(ecs.config_path())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = serve.try_wait().unwrap() {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = serve.kill();
+            let _ = serve.wait();
+            break None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(serve.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let status = status.expect("ecsd started on a JWKS served under its own CA");
+    assert!(!status.success());
+    assert!(err.contains("token_issuers.as.jwks_url"), "{err}");
+    assert_eq!(auth.fetches.load(Ordering::SeqCst), 0, "no JWKS was loaded");
 }

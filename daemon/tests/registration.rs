@@ -453,6 +453,26 @@ async fn forged_and_misdirected_tokens_are_refused() {
             "not yet valid",
             ecs.token_claims(es256(), &with(&|c| c["nbf"] = json!(now() + 300))),
         ),
+        // Attack review, item 15: an unknown critical header parameter, and a token valid for
+        // 100 years (whose ID would be kept as long), were accepted.
+        (
+            "unknown critical header",
+            ecs.token_claims(
+                {
+                    let mut h = es256();
+                    h.crit = Some(vec!["urn:example:must-understand".into()]);
+                    h
+                },
+                &ecs.claims(id),
+            ),
+        ),
+        (
+            "a hundred years",
+            ecs.token_claims(
+                es256(),
+                &with(&|c| c["exp"] = json!(now() + 100 * 365 * 86_400)),
+            ),
+        ),
         (
             "issued in the future",
             ecs.token_claims(es256(), &with(&|c| c["iat"] = json!(now() + 300))),

@@ -378,3 +378,49 @@ async fn a_revoked_or_withdrawn_third_party_certificate_stops_authenticating() {
     let (intact, _) = ecs.audit();
     assert!(intact);
 }
+
+/// Attack review, items 6 and 16: a relative `crls` path resolved against the working
+/// directory, not the configuration's folder; and swapping the content of a CRL or trust
+/// anchor file then reloading left the policy hash unchanged, so audit records could not tie
+/// a decision to the policy that made it.
+#[tokio::test]
+async fn the_policy_hash_covers_the_files_it_reads_and_crl_paths_are_relative_to_the_config() {
+    let partner = ca("Partner Root");
+    let crl = |n: u64| {
+        partner
+            .sign_crl(n, now() - 60, now() + 86_400, &[])
+            .unwrap()
+    };
+    let root = root_pem(&partner);
+    let ecs = Ecs::start_with_files(
+        &[
+            ("partner-root.pem", root.as_bytes()),
+            ("partner.crl", &crl(1)),
+        ],
+        |cfg| {
+            cfg.push_str(
+                "\n[domains.default.third_party]\naccept = true\ntrust_anchors = [\"partner-root.pem\"]\ncrls = [\"partner.crl\"]\n",
+            )
+        },
+    );
+    let dir = ecs.config_path().parent().unwrap().to_path_buf();
+    let reload = || {
+        let (status, body) = admin_post(ecs.admin_port, "/admin/v1/policy/reload");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["policyHash"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let first = reload();
+    assert_eq!(reload(), first, "nothing changed: the same hash");
+    std::fs::write(dir.join("partner.crl"), crl(2)).unwrap();
+    let second = reload();
+    assert_ne!(second, first, "a new CRL file content is a new policy");
+    std::fs::write(dir.join("partner-root.pem"), root_pem(&ca("Other Root"))).unwrap();
+    assert_ne!(
+        reload(),
+        second,
+        "a new trust anchor file content is a new policy"
+    );
+}

@@ -67,16 +67,26 @@ impl Ecs {
 
     /// Like [`Ecs::start`], after `edit` changed the configuration text.
     pub fn start_with(edit: impl Fn(&mut String)) -> Ecs {
-        Self::start_inner(edit, None)
+        Self::start_inner(edit, &[], None)
+    }
+
+    /// Like [`Ecs::start_with`], with `files` (name, content) written into the ECS's folder
+    /// (beside `ecs.toml`) first.
+    pub fn start_with_files(files: &[(&str, &[u8])], edit: impl Fn(&mut String)) -> Ecs {
+        Self::start_inner(edit, files, None)
     }
 
     /// Like [`Ecs::start`], with `ecsd init` and `ecsd serve` run as user and group `uid`
     /// (the tests must run as root to use it).
     pub fn start_as(uid: u32) -> Ecs {
-        Self::start_inner(|_| {}, Some(uid))
+        Self::start_inner(|_| {}, &[], Some(uid))
     }
 
-    fn start_inner(edit: impl Fn(&mut String), run_as: Option<u32>) -> Ecs {
+    fn start_inner(
+        edit: impl Fn(&mut String),
+        files: &[(&str, &[u8])],
+        run_as: Option<u32>,
+    ) -> Ecs {
         for _attempt in 0..5 {
             let dir = tempfile::tempdir().unwrap();
             if let Some(uid) = run_as {
@@ -97,6 +107,9 @@ impl Ecs {
             let mut text = std::fs::read_to_string(&cfg_path).unwrap();
             edit(&mut text);
             std::fs::write(&cfg_path, text).unwrap();
+            for (name, content) in files {
+                std::fs::write(dir.path().join(name), content).unwrap();
+            }
             let root_pem = std::fs::read(dir.path().join("root.pem")).unwrap();
             let mut ecs = Ecs {
                 dir,
