@@ -29,6 +29,8 @@ pub struct LeafFacts {
     pub ekus: Vec<String>,
     /// basicConstraints cA.
     pub is_ca: bool,
+    /// Whether the certificate has a keyUsage extension at all (absent: every use allowed).
+    pub has_key_usage: bool,
     /// keyUsage bits that matter for an end entity.
     pub digital_signature: bool,
     pub key_cert_sign: bool,
@@ -42,11 +44,12 @@ pub struct LeafFacts {
 }
 
 impl LeafFacts {
-    /// Every name the certificate carries: CNs, dNSNames, URIs, IP addresses (as text).
+    /// Every name the certificate carries: its subjectAltName dNSNames, URIs and IP addresses
+    /// (as text). The subject CN is never a name (RFC 9525 §6.4.4): a leaf without a
+    /// subjectAltName names nothing.
     pub fn names(&self) -> Vec<String> {
-        self.common_names
+        self.dns_names
             .iter()
-            .chain(&self.dns_names)
             .chain(&self.uris)
             .chain(&self.ips)
             .cloned()
@@ -141,6 +144,7 @@ pub fn leaf_facts(der: &[u8]) -> Result<LeafFacts, Error> {
         organizations,
         other_subject_attributes,
         is_ca,
+        has_key_usage: ku.is_some(),
         digital_signature: ku.is_some_and(|k| k.digital_signature()),
         key_cert_sign: ku.is_some_and(|k| k.key_cert_sign()),
         dns_names,
@@ -236,8 +240,9 @@ fn describe(e: &webpki::Error) -> String {
     }
 }
 
-/// Checks the leaf against `crls` (DER) at `now`. A leaf listed is refused, and so is one
-/// whose issuer no given CRL covers, or whose CRL has expired: revocation fails closed.
+/// Checks every certificate of the chain below the anchor against `crls` (DER) at `now`. A
+/// certificate listed is refused, and so is one whose issuer no given CRL covers, or whose
+/// CRL has expired: revocation fails closed.
 pub fn check_revocation(
     chain: &[Vec<u8>],
     anchor: &[u8],
@@ -256,7 +261,9 @@ pub fn check_revocation(
     let refs: Vec<&webpki::CertRevocationList<'_>> = parsed.iter().collect();
     let options = RevocationOptionsBuilder::new(&refs)
         .map_err(|_| "no CRL is available".to_string())?
-        .with_depth(RevocationCheckDepth::EndEntity)
+        // Every certificate of the path, not only the leaf: a revoked intermediate revokes
+        // everything under it.
+        .with_depth(RevocationCheckDepth::Chain)
         .with_status_policy(UnknownStatusPolicy::Deny)
         .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
         .build();
@@ -283,4 +290,90 @@ pub fn check_revocation(
         webpki::Error::CrlExpired { .. } => "a configured CRL has expired (fail closed)".into(),
         other => format!("revocation check failed: {other:?}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        CaParams, CertTemplate, KeySigner, LocalIssuer, RevocationReason, RevokedEntry, SanEntry,
+        SoftwareKey, generate_p256_pkcs8_pem, make_ca_certificate,
+    };
+    use std::sync::Arc;
+
+    fn key() -> Arc<SoftwareKey> {
+        Arc::new(SoftwareKey::from_pkcs8_pem(&generate_p256_pkcs8_pem().unwrap()).unwrap())
+    }
+
+    fn ca_params(subject: &str, key: &SoftwareKey, now: i64, path_len: u8) -> CaParams {
+        CaParams {
+            subject: subject.into(),
+            spki_der: key.public_key_der().to_vec(),
+            not_before: now - 3600,
+            not_after: now + 365 * 86_400,
+            path_len: Some(path_len),
+            crl_url: None,
+            serial: None,
+        }
+    }
+
+    /// Attack review, item 4: a leaf under an intermediate that the root's CRL revokes was
+    /// accepted, because only the end entity was checked.
+    #[test]
+    fn a_revoked_intermediate_revokes_the_leaves_under_it() {
+        let now = crate::now_unix();
+        let root_key = key();
+        let root_cert = make_ca_certificate(
+            root_key.as_ref(),
+            &ca_params("CN=Partner Root", &root_key, now, 1),
+        )
+        .unwrap();
+        let root = LocalIssuer::new(root_key, vec![root_cert.der.clone()]).unwrap();
+        let int_key = key();
+        let int_cert = root
+            .issue_ca(&ca_params("CN=Partner Issuing", &int_key, now, 0))
+            .unwrap();
+        let intermediate =
+            LocalIssuer::new(int_key, vec![int_cert.der.clone(), root_cert.der.clone()]).unwrap();
+        let leaf_key = key();
+        let leaf = intermediate
+            .issue(&CertTemplate {
+                common_name: "ees1.example".into(),
+                organization: None,
+                sans: vec![SanEntry::Dns("ees1.example".into())],
+                spki_der: leaf_key.public_key_der().to_vec(),
+                now,
+                validity_secs: 86_400,
+                client_auth: true,
+                server_auth: true,
+                crl_url: None,
+                csr_pem: None,
+            })
+            .unwrap();
+        let chain = vec![leaf.der.clone(), int_cert.der.clone()];
+        let int_crl = intermediate
+            .sign_crl(1, now - 60, now + 86_400, &[])
+            .unwrap();
+        let root_crl =
+            |revoked: &[RevokedEntry]| root.sign_crl(1, now - 60, now + 86_400, revoked).unwrap();
+        assert_eq!(
+            check_revocation(
+                &chain,
+                &root_cert.der,
+                &[root_crl(&[]), int_crl.clone()],
+                now
+            ),
+            Ok(())
+        );
+        let revoked = root_crl(&[RevokedEntry {
+            serial_hex: int_cert.serial_hex.clone(),
+            revoked_at: now - 60,
+            reason: RevocationReason::KeyCompromise,
+        }]);
+        let why =
+            check_revocation(&chain, &root_cert.der, &[revoked, int_crl.clone()], now).unwrap_err();
+        assert!(why.contains("revoked"), "{why}");
+        // Without the root's CRL, the intermediate's status is unknown: refused (fail closed).
+        assert!(check_revocation(&chain, &root_cert.der, &[int_crl], now).is_err());
+    }
 }

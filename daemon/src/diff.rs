@@ -124,6 +124,7 @@ pub fn diff(
                     path: ecs_ca_backends::chain::validate_path(&chain, &ders, now)
                         .map(|i| anchors[i].0.clone()),
                     leaf_ekus: &leaf.ekus,
+                    leaf_allows_signing: !leaf.has_key_usage || leaf.digital_signature,
                     leaf_names: &names,
                     leaf_not_before: leaf.not_before,
                     leaf_not_after: leaf.not_after,

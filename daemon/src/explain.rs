@@ -104,6 +104,7 @@ pub fn explain(cfg: &Config, case: &Case) -> Result<(Decision, Value), String> {
                     endpoint,
                     path: path.map(|i| anchors[i].0.clone()),
                     leaf_ekus: &leaf.ekus,
+                    leaf_allows_signing: !leaf.has_key_usage || leaf.digital_signature,
                     leaf_names: &names,
                     leaf_not_before: leaf.not_before,
                     leaf_not_after: leaf.not_after,

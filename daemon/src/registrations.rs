@@ -366,6 +366,7 @@ async fn judge_third_party(
             endpoint: endpoint_facts(app, profile, &requested),
             path: path.map(|i| trust.map(|t| t.anchors[i].0.clone()).unwrap_or_default()),
             leaf_ekus: &leaf.ekus,
+            leaf_allows_signing: !leaf.has_key_usage || leaf.digital_signature,
             leaf_names: &leaf_names,
             leaf_not_before: leaf.not_before,
             leaf_not_after: leaf.not_after,
@@ -421,6 +422,7 @@ async fn third_party_decision(
     f.cert_fingerprint = Some(leaf.fingerprint.clone());
     f.key = Some(leaf.key.describe());
     let approval = judged.decision.outcome?;
+    third_party_cert_free(app, &leaf.fingerprint)?;
     // The chain as accepted: what the client sent after the leaf, then the anchor reached.
     let mut accepted: Vec<String> = chain[1..].iter().map(hex::encode).collect();
     if let Some(anchor) = &judged.anchor {
@@ -442,6 +444,19 @@ async fn third_party_decision(
         chain_hex: accepted,
     };
     Ok((approval, record))
+}
+
+/// One certificate authenticates one registration: a third-party certificate that is the
+/// current certificate of an active registration cannot onboard another. (Ending a
+/// registration revokes its certificates here, which frees the certificate again.)
+fn third_party_cert_free(app: &App, fingerprint: &str) -> Result<(), ApiError> {
+    match app.store.cert_by_fingerprint(fingerprint)? {
+        Some(existing) if existing.revoked.is_none() => Err(ApiError::new(
+            Cause::UntrustedClientCert,
+            "this certificate is already the EES certificate of another active registration",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A third-party certificate authenticates only while the domain's policy in force still
@@ -682,14 +697,24 @@ async fn create_inner(
         (decision.outcome?, Material::Csr(csr_pem, csr.spki_der))
     };
 
-    // Two requests with one token, or for one EES, never both reach the signer.
+    // Two requests with one token, for one EES, or with one third-party certificate never
+    // both reach the signer or the store.
     let jti_key = format!("jti:{}\0{}", token.iss, token.jti);
     let ees_key = format!("ees:{}", profile.ees_id.to_ascii_lowercase());
-    let _reservation = app.reserve(vec![jti_key.clone(), ees_key]).map_err(|k| {
+    let mut keys = vec![jti_key.clone(), ees_key.clone()];
+    if let Material::ThirdParty(c) = &material {
+        keys.push(format!("tp:{}", c.fingerprint));
+    }
+    let _reservation = app.reserve(keys).map_err(|k| {
         if k == jti_key {
             ApiError::from(crate::store::StoreError::TokenReplayed)
-        } else {
+        } else if k == ees_key {
             ApiError::from(crate::store::StoreError::EesAlreadyRegistered)
+        } else {
+            ApiError::new(
+                Cause::UntrustedClientCert,
+                "this certificate is being registered by another request",
+            )
         }
     })?;
 
@@ -703,6 +728,9 @@ async fn create_inner(
         .is_some()
     {
         return Err(crate::store::StoreError::EesAlreadyRegistered.into());
+    }
+    if let Material::ThirdParty(c) = &material {
+        third_party_cert_free(app, &c.fingerprint)?;
     }
 
     let backend = app.cfg.domain_backend(&domain).to_string();
@@ -718,6 +746,11 @@ async fn create_inner(
     };
     let id = random_b64(18);
     cert.registration_id = id.clone();
+    if cert_source == "THIRD_PARTY" {
+        // Third-party serials are unique only per issuer, and one certificate may serve
+        // again after its registration ended: the record is keyed per registration.
+        cert.serial = format!("{}-{id}", cert.serial);
+    }
     f.registration_id = Some(id.clone());
     f.cert_serial = Some(cert.serial.clone());
     f.cert_fingerprint = Some(cert.fingerprint.clone());

@@ -150,6 +150,15 @@ async fn a_trusted_partner_certificate_is_accepted_and_every_rule_refuses_with_i
             }),
             "third_party.names_must_match",
         ),
+        // Attack review, item 8: the CN is never a name (RFC 9525); it named the EES here.
+        (
+            "the eesId in the CN only",
+            leaf(&partner, |t| {
+                t.common_name = ID.into();
+                t.sans = vec![SanEntry::Dns("bank.example".into())]
+            }),
+            "third_party.names_must_match",
+        ),
         (
             "too long",
             leaf(&partner, |t| t.validity_secs = 500 * 86_400),
@@ -423,4 +432,74 @@ async fn the_policy_hash_covers_the_files_it_reads_and_crl_paths_are_relative_to
         second,
         "a new trust anchor file content is a new policy"
     );
+}
+
+/// Attack review, item 13: a third-party certificate already registered for one eesId,
+/// presented for a second, answered 500 (a serial collision); and once its registration had
+/// ended, the certificate could never register again.
+#[tokio::test]
+async fn one_third_party_certificate_serves_one_active_registration_at_a_time() {
+    let partner = ca("Partner Root");
+    let root = root_pem(&partner);
+    let ecs = Ecs::start_with_files(&[("partner-root.pem", root.as_bytes())], |cfg| {
+        cfg.push_str(
+            "\n[domains.default.third_party]\naccept = true\ntrust_anchors = [\"partner-root.pem\"]\n",
+        )
+    });
+    let (a, b) = ("ees-a.ecsp.example", "ees-b.ecsp.example");
+    let cert = leaf(&partner, |t| {
+        t.common_name = a.into();
+        t.sans = vec![SanEntry::Dns(a.into()), SanEntry::Dns(b.into())];
+    });
+    let client = HttpsClient::new(
+        &ecs.root_pem,
+        Some((cert.0.as_bytes(), cert.1.as_bytes())),
+        HttpVersion::Http1,
+    )
+    .unwrap();
+    let register = async |id: &str| {
+        let body = json!({
+            "eesProf": { "eesId": id, "endPt": { "fqdn": id }, "eecRegConf": false },
+            "onboarding": { "thirdPartyCert": true }
+        });
+        ecs.post_as(
+            &client,
+            Some(&ecs.token(id)),
+            "application/json",
+            body.to_string().into_bytes(),
+        )
+        .await
+    };
+    let first = register(a).await;
+    assert_eq!(
+        first.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    let r = register(b).await;
+    assert_problem(&r, 403, "UNTRUSTED_CLIENT_CERT");
+
+    // Once the first registration has ended, the certificate may onboard again.
+    let location = first.header("location").unwrap().to_string();
+    let r = client
+        .request("DELETE", &location, &[], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204);
+    let second = register(b).await;
+    assert_eq!(
+        second.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&second.body)
+    );
+    let r = client
+        .request("GET", second.header("location").unwrap(), &[], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["eesProf"]["eesId"], json!(b));
+    let r = client.request("GET", &location, &[], None).await.unwrap();
+    assert_eq!(r.status, 404);
 }

@@ -536,7 +536,10 @@ pub struct ThirdPartyFacts<'a> {
     pub path: Result<String, String>,
     /// `clientAuth`, `serverAuth` or dotted OIDs.
     pub leaf_ekus: &'a [String],
-    /// Every name of the leaf: CN, dNSName, URI, iPAddress.
+    /// The leaf's keyUsage allows digitalSignature (or it has no keyUsage): it can sign the
+    /// TLS handshake it authenticates.
+    pub leaf_allows_signing: bool,
+    /// The subjectAltName entries of the leaf (dNSName, URI, iPAddress); never the CN.
     pub leaf_names: &'a [String],
     pub leaf_not_before: i64,
     pub leaf_not_after: i64,
@@ -775,6 +778,17 @@ impl DomainPolicy {
                 format!("extendedKeyUsage has {:?}", tp.require_eku)
             } else {
                 format!("extendedKeyUsage lacks {missing:?} (has {:?})", f.leaf_ekus)
+            },
+            U,
+        )?;
+        r.check(
+            "third_party.key_usage",
+            f.leaf_allows_signing,
+            if f.leaf_allows_signing {
+                "keyUsage allows digitalSignature".into()
+            } else {
+                "keyUsage lacks digitalSignature: the certificate cannot authenticate a TLS client"
+                    .into()
             },
             U,
         )?;
@@ -1053,6 +1067,7 @@ mod tests {
             endpoint: endpoint(),
             path: Ok("partner-root.pem".into()),
             leaf_ekus: &ekus,
+            leaf_allows_signing: true,
             leaf_names: &names,
             leaf_not_before: 0,
             leaf_not_after: 90 * 86_400,
@@ -1088,9 +1103,23 @@ mod tests {
                 },
             ),
             (
+                "third_party.key_usage",
+                ThirdPartyFacts {
+                    leaf_allows_signing: false,
+                    ..base.clone()
+                },
+            ),
+            (
                 "third_party.names_must_match",
                 ThirdPartyFacts {
                     leaf_names: &other_names,
+                    ..base.clone()
+                },
+            ),
+            (
+                "third_party.names_must_match",
+                ThirdPartyFacts {
+                    leaf_names: &[],
                     ..base.clone()
                 },
             ),
