@@ -464,6 +464,8 @@ pub struct App {
     pub own_names: ecs_policy::OwnNames,
     /// Third-party certificates re-checked at authentication.
     pub third_party_verdicts: VerdictCache,
+    /// Bounds the audit records of identical refusals.
+    pub refusals: crate::refusals::RefusalThrottle,
     /// Token IDs and EES IDs of registrations being created right now, so that two
     /// concurrent requests never both sign a certificate for one token or one EES.
     inflight: Mutex<HashSet<String>>,
@@ -550,6 +552,7 @@ impl App {
         Ok(Arc::new(App {
             own_names,
             third_party_verdicts: VerdictCache::default(),
+            refusals: crate::refusals::RefusalThrottle::new(),
             cfg,
             store: Arc::new(store),
             tokens,
@@ -596,6 +599,8 @@ impl App {
                 "token_issuers",
                 j(&self.cfg.token_issuers) != j(&new.token_issuers),
             ),
+            // Listeners, rate limits and signing slots are built at start.
+            ("limits", j(&self.cfg.limits) != j(&new.limits)),
         ] {
             if changed {
                 return Err(format!(

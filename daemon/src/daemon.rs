@@ -50,6 +50,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     let _ = stop_tx.send(true);
     let _ = api.await;
     let _ = sweeper.await;
+    registrations::record_aggregated_refusals(&app, true).await;
     // Every acknowledged change was flushed when it was made; this flush catches the
     // records of refusals written since the last background flush.
     let store = app.store.clone();

@@ -116,8 +116,8 @@ pub fn token_seeds() -> Vec<Vec<u8>> {
     let header = json!({ "alg": "ES256", "typ": "JWT", "kid": "fuzz" }).to_string();
     let claims = json!({
         "iss": ISSUER, "sub": "ees-1.ecsp.example", "aud": AUDIENCE,
-        // jsonwebtoken checks `exp` against the clock, not NOW: far enough to stay valid.
-        "scope": "eecs-eesregistration", "iat": NOW, "nbf": NOW, "exp": 4_102_444_800i64,
+        // Every time claim is checked against NOW, the one clock passed in.
+        "scope": "eecs-eesregistration", "iat": NOW, "nbf": NOW, "exp": NOW + 600,
         "jti": "fuzz-1", "provId": "prov-1",
     })
     .to_string();

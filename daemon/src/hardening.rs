@@ -2,6 +2,13 @@
 
 use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
 
+/// Makes every file and folder this process creates private to its user (umask 077): the
+/// store, its backups, and everything `ecsd init` writes (keys, configuration, certificates)
+/// are never readable by group or others, whatever umask the process was started with.
+pub fn private_files() {
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
+}
+
 /// Keeps secrets out of core dumps and away from same-user debuggers: the core-file limit
 /// is set to zero, so that even with `fs.suid_dumpable = 2` the kernel writes no core, and
 /// the process is made non-dumpable (`PR_SET_DUMPABLE` 0), which also makes

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod model;
 pub mod problem;
 pub mod ratelimit;
+pub mod refusals;
 pub mod registrations;
 pub mod secrets;
 pub mod server;

@@ -305,6 +305,7 @@ fn main() -> ExitCode {
         eprintln!("ecsd: {e}");
         return ExitCode::from(1);
     }
+    ecs_daemon::hardening::private_files();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

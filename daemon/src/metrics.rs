@@ -15,6 +15,8 @@ pub struct Metrics {
     /// Signing failures, by backend.
     pub backend_errors: IntCounterVec,
     pub active_registrations: IntGauge,
+    /// Refusals counted into an aggregate audit record instead of one record each.
+    pub audit_refusals_aggregated: prometheus::IntCounter,
     /// 1 when a backend can sign, 0 while it is probing or failed.
     pub backend_ready: IntGaugeVec,
 }
@@ -47,6 +49,11 @@ impl Metrics {
         let active_registrations =
             IntGauge::new("ecs_active_registrations", "Active EES registrations")
                 .expect("valid metric");
+        let audit_refusals_aggregated = prometheus::IntCounter::new(
+            "ecs_audit_refusals_aggregated_total",
+            "Refusals counted into an aggregate audit record (a flood of identical refusals)",
+        )
+        .expect("valid metric");
         let backend_ready = IntGaugeVec::new(
             Opts::new("ecs_backend_ready", "1 when the signing backend can sign"),
             &["backend"],
@@ -58,6 +65,7 @@ impl Metrics {
             Box::new(issuance_seconds.clone()),
             Box::new(backend_errors.clone()),
             Box::new(active_registrations.clone()),
+            Box::new(audit_refusals_aggregated.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -67,6 +75,7 @@ impl Metrics {
             issuance_seconds,
             backend_errors,
             active_registrations,
+            audit_refusals_aggregated,
             backend_ready,
         }
     }

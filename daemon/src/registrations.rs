@@ -134,15 +134,52 @@ where
                 .requests
                 .with_label_values(&[action, "refused", e.cause.code()])
                 .inc();
-            let event = facts.event(app, ctx, e.status(), Some(e));
-            let store = app.store.clone();
-            let written = tokio::task::spawn_blocking(move || store.record(event)).await;
-            if !matches!(written, Ok(Ok(_))) {
-                tracing::error!(?written, "could not write the audit record of a refusal");
+            if app
+                .refusals
+                .admit(&ip, e.cause.code(), Instant::now(), now())
+            {
+                let event = facts.event(app, ctx, e.status(), Some(e));
+                record(app, event).await;
+            } else {
+                app.metrics.audit_refusals_aggregated.inc();
             }
         }
     }
     result
+}
+
+async fn record(app: &App, event: AuditEvent) {
+    let store = app.store.clone();
+    let written = tokio::task::spawn_blocking(move || store.record(event)).await;
+    if !matches!(written, Ok(Ok(_))) {
+        tracing::error!(?written, "could not write the audit record of a refusal");
+    }
+}
+
+/// Writes one aggregate audit record for each flood of identical refusals whose window is
+/// over (every one when `all`, at shutdown).
+pub async fn record_aggregated_refusals(app: &App, all: bool) {
+    for s in app.refusals.drain(Instant::now(), now(), all) {
+        let event = AuditEvent {
+            time: format_time(now()),
+            client: s.client.clone(),
+            action: "refusals_aggregated".into(),
+            outcome: "refused".into(),
+            status: 0,
+            cause: Some(s.cause.clone()),
+            detail: Some(format!(
+                "{} more refusals with cause {} from {} between {} and {}, counted here instead of one record each",
+                s.count,
+                s.cause,
+                s.client,
+                format_time(s.from),
+                format_time(s.to)
+            )),
+            policy_hash: app.policy().hash.clone(),
+            ..Default::default()
+        };
+        record(app, event).await;
+    }
 }
 
 /// 503 when more requests wait to be signed than `limits.signing_queue` allows.
@@ -1225,5 +1262,6 @@ pub async fn sweep(app: &App) -> Result<usize, ApiError> {
     }
     app.store
         .purge_spent_tokens(now - crate::token::LEEWAY_SECS as i64)?;
+    record_aggregated_refusals(app, false).await;
     Ok(n)
 }

@@ -13,14 +13,7 @@ pub fn resolve(spec: &str, key: &str, base: &Path) -> Result<Zeroizing<String>, 
     }
     if let Some(path) = spec.strip_prefix("file:") {
         let p = base.join(path);
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(&p).map_err(|e| format!("{key}: {}: {e}", p.display()))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(format!(
-                "{key}: {} is readable by group or others; chmod 600 it",
-                p.display()
-            ));
-        }
+        check_private(&p, key)?;
         let text = Zeroizing::new(
             crate::files::read_to_string(&p).map_err(|e| format!("{key}: {}: {e}", p.display()))?,
         );

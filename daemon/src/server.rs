@@ -145,11 +145,12 @@ fn bearer(req: &Request<Incoming>) -> Option<String> {
         .then(|| token.trim().to_string())
 }
 
+fn not_allowed(allow: &str) -> ApiError {
+    ApiError::new(Cause::MethodNotAllowed, format!("allowed methods: {allow}"))
+}
+
 fn method_not_allowed(allow: &str) -> Response<Body> {
-    let mut r = problem(&ApiError::new(
-        Cause::MethodNotAllowed,
-        format!("allowed methods: {allow}"),
-    ));
+    let mut r = problem(&not_allowed(allow));
     r.headers_mut()
         .insert(hyper::header::ALLOW, allow.parse().expect("static"));
     r
@@ -182,6 +183,7 @@ async fn route(
 ) -> Result<Response<Body>, ApiError> {
     if path == API_PREFIX {
         if method != Method::POST {
+            registrations::refuse(app, ctx, "register", not_allowed("POST")).await;
             return Ok(method_not_allowed("POST"));
         }
         let body = match checked_body(app, req, "application/json").await {
@@ -194,11 +196,16 @@ async fn route(
         .strip_prefix(API_PREFIX)
         .and_then(|r| r.strip_prefix('/'))
     {
+        let action = match *method {
+            Method::GET => "get",
+            Method::PUT => "update",
+            Method::PATCH => "patch",
+            Method::DELETE => "deregister",
+            _ => "request",
+        };
         if id.is_empty() || id.contains('/') || id.len() > 128 {
-            return Err(ApiError::new(
-                Cause::RegistrationNotFound,
-                "no registration with this ID",
-            ));
+            let e = ApiError::new(Cause::RegistrationNotFound, "no registration with this ID");
+            return Err(registrations::refuse(app, ctx, action, e).await);
         }
         return match *method {
             Method::GET => registrations::get(app, ctx, id).await.map(reply),
@@ -211,7 +218,11 @@ async fn route(
                 Err(e) => Err(registrations::refuse(app, ctx, "patch", e).await),
             },
             Method::DELETE => registrations::delete(app, ctx, id).await.map(reply),
-            _ => Ok(method_not_allowed("GET, PUT, PATCH, DELETE")),
+            _ => {
+                let allow = "GET, PUT, PATCH, DELETE";
+                registrations::refuse(app, ctx, action, not_allowed(allow)).await;
+                Ok(method_not_allowed(allow))
+            }
         };
     }
     let backend = match path {

@@ -123,6 +123,7 @@ pub async fn server_identity(app: &App) -> Result<ServerIdentity, String> {
                 cert.display()
             ));
         }
+        crate::secrets::check_private(key, "server.tls_key")?;
         let key = PrivateKeyDer::from_pem_file(key)
             .map_err(|e| format!("server.tls_key: {}: {e}", key.display()))?;
         return Ok(ServerIdentity { chain, key });

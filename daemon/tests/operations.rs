@@ -228,6 +228,37 @@ async fn sigkill_during_registrations_loses_nothing_acknowledged_and_half_writes
     assert!(intact, "audit chain broken after SIGKILL");
 }
 
+/// Attack review, item 9: the store was written 0644/0755. Everything `ecsd init` writes and
+/// everything the daemon stores is private to its user, whatever umask it started under.
+#[tokio::test]
+async fn the_store_and_everything_init_writes_are_private() {
+    let ecs = Ecs::start();
+    ecs.register("ees-private.ecsp.example").await;
+    let mut seen = 0;
+    let mut stack = vec![ecs.dir.path().to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            // Written by the test harness, not by ecsd.
+            if path
+                .file_name()
+                .is_some_and(|n| n == "ecsd.log" || n == "ecs.toml")
+            {
+                continue;
+            }
+            use std::os::unix::fs::PermissionsExt;
+            let mode = entry.metadata().unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{} is {:o}", path.display(), mode & 0o777);
+            seen += 1;
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    assert!(seen > 5, "only {seen} files looked at");
+}
+
 #[tokio::test]
 async fn sigterm_stops_cleanly_and_state_survives() {
     let mut ecs = Ecs::start();
@@ -309,6 +340,34 @@ fn configuration_faults_stop_the_start_with_one_line_naming_the_key() {
         "{stderr}"
     );
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Attack review, item 9: a world-readable server.tls_key started fine.
+    let tls_key = dir.path().join("tls.key");
+    std::fs::write(
+        &tls_key,
+        ecs_ca_backends::generate_p256_pkcs8_pem()
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    std::fs::set_permissions(&tls_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let with_tls = good.replacen(
+        "[server]\n",
+        "[server]\ntls_cert = \"root.pem\"\ntls_key = \"tls.key\"\n",
+        1,
+    );
+    assert_ne!(with_tls, good);
+    std::fs::write(&cfg, &with_tls).unwrap();
+    let out = ecsd()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("server.tls_key") && stderr.contains("readable by group or others"),
+        "{stderr}"
+    );
     // The environment overrides the file.
     std::fs::write(&cfg, &good).unwrap();
     let out = ecsd()

@@ -380,3 +380,49 @@ fn hup(ecs: &Ecs) {
         .unwrap();
     assert!(status.success());
 }
+
+/// Attack review, items 10 and 11: a reload that changed `[limits]` answered
+/// `reloaded: true` but applied nothing; and after a reload under which `ees_ids` no longer
+/// admitted an EES, PATCH still extended its `expTime`.
+#[tokio::test]
+async fn a_reload_is_applied_whole_or_refused_and_changes_apply_the_new_policy() {
+    let ecs = Ecs::start_with(|c| {
+        *c = c.replace(
+            "ees_ids = [\"*\"]",
+            "ees_ids = [\"*.a.example\", \"*.b.example\"]",
+        );
+    });
+    let e = ecs.register("ees1.a.example").await;
+    let current = std::fs::read_to_string(ecs.config_path()).unwrap();
+
+    std::fs::write(
+        ecs.config_path(),
+        format!("{current}\n[limits]\nmax_connections = 7\n"),
+    )
+    .unwrap();
+    let (status, body) = admin_post(ecs.admin_port, "/admin/v1/policy/reload");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("[limits]"), "{body}");
+
+    std::fs::write(ecs.config_path(), current.replace("\"*.a.example\", ", "")).unwrap();
+    let (status, body) = admin_post(ecs.admin_port, "/admin/v1/policy/reload");
+    assert_eq!(status, 200, "{body}");
+    let patch = json!({ "expTime": "2099-01-01T00:00:00Z" });
+    let r = ecs
+        .client_as(&e)
+        .request(
+            "PATCH",
+            &e.location,
+            &[("content-type", "application/merge-patch+json")],
+            Some(patch.to_string().into_bytes()),
+        )
+        .await
+        .unwrap();
+    assert_problem(&r, 403, "POLICY_REJECTED");
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("domains.default.ees_ids")
+    );
+}

@@ -1092,3 +1092,53 @@ async fn an_ees_gets_a_certificate_only_for_names_its_domain_approves() {
         .count();
     assert_eq!(refused, cases.len() + 1);
 }
+
+/// Attack review, item 12: malformed registration IDs (404) and wrong methods (405) left no
+/// audit record. Every refusal is audited now, and a flood of identical ones is bounded: the
+/// first of each minute one by one, the rest as one counted record.
+#[tokio::test]
+async fn every_refusal_is_audited_and_a_flood_is_counted_not_written_one_by_one() {
+    let mut ecs = Ecs::start();
+    let client = ecs.client();
+    let r = client
+        .request("GET", &ecs.url(&format!("{API}/a/b")), &[], None)
+        .await
+        .unwrap();
+    assert_problem(&r, 404, "REGISTRATION_NOT_FOUND");
+    let flood = 100;
+    for _ in 0..flood {
+        let r = client
+            .request("POST", &ecs.url(&format!("{API}/some-id")), &[], None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 405);
+    }
+    assert!(ecs.terminate().success());
+    let (intact, records) = ecs.audit();
+    assert!(intact);
+    let by_cause = |cause: &str, action: Option<&str>| {
+        records
+            .iter()
+            .filter(|r| r["cause"] == json!(cause))
+            .filter(|r| action.is_none_or(|a| r["action"] == json!(a)))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(by_cause("REGISTRATION_NOT_FOUND", Some("get")).len(), 1);
+    let one_by_one = by_cause("METHOD_NOT_ALLOWED", Some("request"));
+    assert_eq!(
+        one_by_one.len(),
+        20,
+        "the bound per address and cause per minute"
+    );
+    let counted = by_cause("METHOD_NOT_ALLOWED", Some("refusals_aggregated"));
+    assert_eq!(counted.len(), 1, "{counted:?}");
+    assert!(
+        counted[0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{} more refusals", flood - 20)),
+        "{}",
+        counted[0]
+    );
+}
