@@ -67,6 +67,17 @@ pub struct LimitsConfig {
     /// Open connections at most; more are closed at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Open connections from one client address at most; more are closed at once. 0: no
+    /// limit but `max_connections`.
+    #[serde(default = "default_max_connections_per_address")]
+    pub max_connections_per_address: usize,
+    /// A kept-alive connection (HTTP/1.1 or HTTP/2) with no request for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: PolicyDuration,
+    /// How often an HTTP/2 connection is pinged; one whose peer does not answer within the
+    /// same time is closed.
+    #[serde(default = "default_h2_keepalive")]
+    pub h2_keepalive_interval: PolicyDuration,
     /// Time to complete the TLS handshake.
     #[serde(default = "default_handshake_timeout")]
     pub tls_handshake_timeout: PolicyDuration,
@@ -115,6 +126,15 @@ fn default_burst() -> u32 {
 fn default_max_connections() -> usize {
     4096
 }
+fn default_max_connections_per_address() -> usize {
+    64
+}
+fn default_idle_timeout() -> PolicyDuration {
+    PolicyDuration::from_secs(60)
+}
+fn default_h2_keepalive() -> PolicyDuration {
+    PolicyDuration::from_secs(20)
+}
 fn default_handshake_timeout() -> PolicyDuration {
     PolicyDuration::from_secs(10)
 }
@@ -132,6 +152,9 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: default_max_connections(),
+            max_connections_per_address: default_max_connections_per_address(),
+            idle_timeout: default_idle_timeout(),
+            h2_keepalive_interval: default_h2_keepalive(),
             tls_handshake_timeout: default_handshake_timeout(),
             header_read_timeout: default_header_timeout(),
             request_body_timeout: default_body_timeout(),

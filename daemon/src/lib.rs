@@ -20,6 +20,7 @@ pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hardening;
+pub mod idle;
 pub mod init;
 pub mod metrics;
 pub mod model;

@@ -279,12 +279,18 @@ pub async fn serve_api(
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(limits.header_read_timeout.as_secs()));
+    let keepalive = Duration::from_secs(limits.h2_keepalive_interval.as_secs().max(1));
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(limits.h2_max_concurrent_streams);
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .keep_alive_interval(Some(keepalive))
+        .keep_alive_timeout(keepalive);
     let handshake_timeout = Duration::from_secs(limits.tls_handshake_timeout.as_secs());
+    let first_request = Duration::from_secs(limits.header_read_timeout.as_secs());
+    let idle = Duration::from_secs(limits.idle_timeout.as_secs());
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let per_address = crate::idle::AddressSlots::new(limits.max_connections_per_address);
     loop {
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -303,6 +309,11 @@ pub async fn serve_api(
             drop(tcp);
             continue;
         };
+        let Some(address_slot) = per_address.take(addr.ip()) else {
+            tracing::warn!(client = %addr, "connection limit per address reached; closing");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
@@ -310,6 +321,7 @@ pub async fn serve_api(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
+            let _address_slot = address_slot;
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
@@ -329,12 +341,20 @@ pub async fn serve_api(
                     .unwrap_or_default(),
             );
             let conn = Conn { addr, client_chain };
+            // From here the connection must keep asking: see `idle`.
+            let activity = crate::idle::Activity::new(first_request, idle);
+            let io = crate::idle::Guarded::new(tls, activity.clone());
             let svc = hyper::service::service_fn(move |req| {
                 let app = app.clone();
                 let conn = conn.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(app, conn, req).await) }
+                let in_hand = activity.request();
+                async move {
+                    let resp = handle(app, conn, req).await;
+                    drop(in_hand);
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
-            let fut = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+            let fut = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
             if let Err(e) = watcher.watch(fut.into_owned()).await {
                 tracing::debug!(client = %addr, error = %e, "connection ended with an error");
             }

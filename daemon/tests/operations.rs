@@ -404,7 +404,10 @@ fn configuration_faults_stop_the_start_with_one_line_naming_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slowloris_connections_do_not_starve_a_registration() {
     use tokio::io::AsyncWriteExt;
-    let ecs = Ecs::start_with(|c| c.push_str("\n[limits]\nheader_read_timeout = \"3s\"\n"));
+    // Every client here is 127.0.0.1: the per-address cap is off to let them all in.
+    let ecs = Ecs::start_with(|c| {
+        c.push_str("\n[limits]\nheader_read_timeout = \"3s\"\nmax_connections_per_address = 0\n")
+    });
     let mut idle = Vec::new();
     for _ in 0..500 {
         idle.push(
@@ -695,4 +698,107 @@ async fn a_prefilled_store_serves_its_registrations_and_crl() {
     assert_eq!(records.len(), 50);
     // And it goes on registering.
     ecs.register("ees-after-prefill.ecsp.example").await;
+}
+
+/// Attack review, item 3: connections that finished TLS and then stayed silent (HTTP/1.1
+/// sending nothing, HTTP/2 sending only its preface) held a daemon with `max_connections`
+/// slots for as long as they liked, and every legitimate client failed meanwhile. Now the
+/// first request must start within `header_read_timeout` of the handshake, an idle
+/// connection is closed after `idle_timeout`, and one address holds at most
+/// `max_connections_per_address`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_and_one_address_cannot_hold_them_all() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ecs = Ecs::start_with(|c| {
+        c.push_str(
+            "\n[limits]\nmax_connections = 16\nmax_connections_per_address = 0\nheader_read_timeout = \"2s\"\nidle_timeout = \"3s\"\n",
+        )
+    });
+    let roots = ecs_daemon::client::root_store(&ecs.root_pem).unwrap();
+    let tls_config = |alpn: &[u8]| {
+        let mut c = rustls::ClientConfig::builder_with_provider(ecs_daemon::client::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        c.alpn_protocols = vec![alpn.to_vec()];
+        Arc::new(c)
+    };
+    let mut silent = Vec::new();
+    for i in 0..16 {
+        let alpn: &[u8] = if i % 2 == 0 { b"http/1.1" } else { b"h2" };
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", ecs.port))
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(tls_config(alpn))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        if alpn == b"h2" {
+            // The HTTP/2 preface and an empty SETTINGS frame, then nothing.
+            tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                .await
+                .unwrap();
+            tls.flush().await.unwrap();
+        }
+        silent.push(tls);
+    }
+    // Each is closed by the daemon within its deadline (2 s to a first request; the HTTP/2
+    // ones, whose preface counts as nothing asked, likewise).
+    let started = Instant::now();
+    for (i, tls) in silent.iter_mut().enumerate() {
+        let mut buf = vec![0u8; 4096];
+        let closed = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue, // HTTP/2 SETTINGS, pings, GOAWAY
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "silent connection {i} still open after 15 s"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // The slots are free again: a legitimate EES registers.
+    let e = ecs.register("ees-after-silence.ecsp.example").await;
+    let r = ecs
+        .client_as(&e)
+        .request("GET", &e.location, &[], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    drop(silent);
+
+    // One address holds at most its share: the fifth connection is closed at once.
+    let ecs = Ecs::start_with(|c| c.push_str("\n[limits]\nmax_connections_per_address = 4\n"));
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", ecs.port))
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fifth = tokio::net::TcpStream::connect(("127.0.0.1", ecs.port))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), fifth.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the fifth connection was kept: {read:?}"
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ecs.register("ees-after-cap.ecsp.example").await;
 }
