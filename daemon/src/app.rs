@@ -466,6 +466,8 @@ pub struct App {
     pub third_party_verdicts: VerdictCache,
     /// Bounds the audit records of identical refusals.
     pub refusals: crate::refusals::RefusalThrottle,
+    /// Signs checkpoints of the audit chain (`[audit]`), with the last sequence signed.
+    checkpoints: Option<(crate::checkpoint::CheckpointSigner, Mutex<u64>)>,
     /// Token IDs and EES IDs of registrations being created right now, so that two
     /// concurrent requests never both sign a certificate for one token or one EES.
     inflight: Mutex<HashSet<String>>,
@@ -549,10 +551,18 @@ impl App {
         let limiters = Limiters::new(&cfg.limits);
         let signing = SigningQueue::new(&cfg.limits);
         let own_names = own_names(&cfg)?;
+        let checkpoints = match &cfg.audit.checkpoint_key {
+            Some(key) => Some((
+                crate::checkpoint::CheckpointSigner::load(key, &cfg.audit.checkpoint_log)?,
+                Mutex::new(0),
+            )),
+            None => None,
+        };
         Ok(Arc::new(App {
             own_names,
             third_party_verdicts: VerdictCache::default(),
             refusals: crate::refusals::RefusalThrottle::new(),
+            checkpoints,
             cfg,
             store: Arc::new(store),
             tokens,
@@ -565,6 +575,30 @@ impl App {
             inflight: Mutex::new(HashSet::new()),
             registration_locks: Mutex::new(std::collections::HashMap::new()),
         }))
+    }
+
+    /// Signs a checkpoint of the audit chain when records were added since the last one
+    /// (or `always`, at stop). Blocking: call it off the reactor.
+    pub fn checkpoint(
+        &self,
+        always: bool,
+    ) -> Result<Option<crate::checkpoint::Checkpoint>, String> {
+        let Some((signer, last)) = &self.checkpoints else {
+            return Ok(None);
+        };
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        // A checkpoint vouches only for records on disk (refusals are flushed in the
+        // background): a crash must not leave a checkpoint past the durable log.
+        self.store.flush().map_err(|e| e.to_string())?;
+        let (seq, head) = self.store.audit_head().map_err(|e| e.to_string())?;
+        if seq == *last && !always {
+            return Ok(None);
+        }
+        let time = crate::model::format_time(now());
+        let c = signer.write(seq, &head, &time, &self.policy().hash)?;
+        *last = seq;
+        tracing::info!(seq, head = %head, "audit checkpoint signed");
+        Ok(Some(c))
     }
 
     pub fn backend(&self, name: &str) -> Option<&Arc<Backend>> {
@@ -601,6 +635,7 @@ impl App {
             ),
             // Listeners, rate limits and signing slots are built at start.
             ("limits", j(&self.cfg.limits) != j(&new.limits)),
+            ("audit", j(&self.cfg.audit) != j(&new.audit)),
         ] {
             if changed {
                 return Err(format!(

@@ -71,6 +71,14 @@ pub struct AuditRecord {
     #[serde(flatten)]
     pub event: AuditEvent,
     pub hash: String,
+    /// Fields in the stored record that the hash does not cover: there are none in a record
+    /// this ECS wrote, so any here were injected, and the record fails verification.
+    #[serde(
+        flatten,
+        default,
+        skip_serializing_if = "std::collections::BTreeMap::is_empty"
+    )]
+    pub unchained: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// SHA-256 over the previous hash and the event's canonical JSON.
@@ -107,6 +115,12 @@ pub fn verify_chain(records: &[AuditRecord], head: (u64, &str)) -> Result<u64, B
         if chain_hash(&prev, &r.event) != r.hash {
             return Err(broken("hash does not match the record's content".into()));
         }
+        if !r.unchained.is_empty() {
+            let keys: Vec<&String> = r.unchained.keys().collect();
+            return Err(broken(format!(
+                "fields {keys:?} are not covered by the chain: they were added after the record was written"
+            )));
+        }
         prev = r.hash.clone();
         expected_seq += 1;
     }
@@ -138,6 +152,7 @@ mod tests {
                     prev_hash: prev.clone(),
                     event,
                     hash: hash.clone(),
+                    unchained: Default::default(),
                 };
                 prev = hash;
                 r
@@ -164,5 +179,13 @@ mod tests {
         assert_eq!(verify_chain(&removed, (4, &head)).unwrap_err().seq, 3);
         let truncated = &c[..3];
         assert_eq!(verify_chain(truncated, (4, &head)).unwrap_err().seq, 4);
+        // A field injected into a stored record is not covered by its hash: refused.
+        let mut stored: serde_json::Value = serde_json::to_value(&c[1]).unwrap();
+        stored["granted_by"] = serde_json::json!("nobody");
+        let mut injected = c.clone();
+        injected[1] = serde_json::from_value(stored).unwrap();
+        let e = verify_chain(&injected, (4, &head)).unwrap_err();
+        assert_eq!(e.seq, 2, "{}", e.reason);
+        assert!(e.reason.contains("granted_by"), "{}", e.reason);
     }
 }

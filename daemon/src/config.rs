@@ -28,6 +28,8 @@ pub struct Config {
     pub domains: BTreeMap<String, DomainPolicy>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Where the file was read from; relative paths were resolved against its folder.
     #[serde(skip)]
     pub source: PathBuf,
@@ -58,6 +60,39 @@ pub struct ServerConfig {
     /// Longest time to wait for in-flight requests on SIGTERM.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: PolicyDuration,
+}
+
+/// Signed checkpoints of the audit chain (`crate::checkpoint`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// A checkpoint at most this often (when records were added), and one at stop.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: PolicyDuration,
+    /// The PKCS#8 private key that signs checkpoints, used for nothing else; absent: no
+    /// checkpoints (lint warns).
+    #[serde(default)]
+    pub checkpoint_key: Option<PathBuf>,
+    /// Where checkpoints are appended: outside the store.
+    #[serde(default = "default_checkpoint_log")]
+    pub checkpoint_log: PathBuf,
+}
+
+fn default_checkpoint_interval() -> PolicyDuration {
+    PolicyDuration::from_secs(60)
+}
+fn default_checkpoint_log() -> PathBuf {
+    PathBuf::from("audit-checkpoints.jsonl")
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            checkpoint_interval: default_checkpoint_interval(),
+            checkpoint_key: None,
+            checkpoint_log: default_checkpoint_log(),
+        }
+    }
 }
 
 /// Bounds on what a client may hold of the EES-facing listener.
@@ -445,6 +480,10 @@ impl Config {
             fix(p);
         }
         fix(&mut self.storage.path);
+        fix(&mut self.audit.checkpoint_log);
+        if let Some(p) = self.audit.checkpoint_key.as_mut() {
+            fix(p);
+        }
         for b in self.backends.values_mut() {
             match b {
                 BackendConfig::Software { key, cert, .. } => {
@@ -681,6 +720,42 @@ impl Config {
                 );
             }
         }
+        for (key, secs) in [
+            ("limits.idle_timeout", self.limits.idle_timeout.as_secs()),
+            (
+                "limits.h2_keepalive_interval",
+                self.limits.h2_keepalive_interval.as_secs(),
+            ),
+            (
+                "audit.checkpoint_interval",
+                self.audit.checkpoint_interval.as_secs(),
+            ),
+        ] {
+            if secs == 0 {
+                err(key.into(), "must be longer than zero".into());
+            }
+        }
+        if let Some(k) = &self.audit.checkpoint_key {
+            let shared = self
+                .backends
+                .iter()
+                .filter_map(|(n, b)| match b {
+                    BackendConfig::Software { key, .. } => Some((format!("backends.{n}.key"), key)),
+                    _ => None,
+                })
+                .chain(self.token_issuers.iter().filter_map(|(n, i)| {
+                    i.private_key
+                        .as_ref()
+                        .map(|p| (format!("token_issuers.{n}.private_key"), p))
+                }))
+                .find(|(_, p)| *p == k);
+            if let Some((other, _)) = shared {
+                err(
+                    "audit.checkpoint_key".into(),
+                    format!("is also {other}: the checkpoint key is a key used for nothing else"),
+                );
+            }
+        }
         let backends: Vec<&str> = self.backends.keys().map(String::as_str).collect();
         let issuers: Vec<&str> = self.token_issuers.keys().map(String::as_str).collect();
         let known = Known {
@@ -694,6 +769,23 @@ impl Config {
             &self.anchor_facts(),
             crate::app::now(),
         ));
+        if self.audit.checkpoint_key.is_none() {
+            out.push(Finding {
+                severity: Severity::Warning,
+                key: "audit.checkpoint_key".into(),
+                message: "absent: no signed checkpoints, so records cut from the end of the audit log go unnoticed".into(),
+            });
+        }
+        if let Some(a) = &self.server.admin_listen
+            && a.parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| !a.ip().is_loopback())
+        {
+            out.push(Finding {
+                severity: Severity::Warning,
+                key: "server.admin_listen".into(),
+                message: format!("{a} is not a loopback address: /metrics, /healthz and /readyz are reachable from the network"),
+            });
+        }
         out
     }
 

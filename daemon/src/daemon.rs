@@ -42,6 +42,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         tokio::spawn(server::serve_admin(app.clone(), l, stop_rx.clone()));
     }
     let sweeper = tokio::spawn(sweep_loop(app.clone(), stop_rx.clone()));
+    let checkpointer = tokio::spawn(checkpoint_loop(app.clone(), stop_rx.clone()));
     tokio::spawn(probe_loop(app.clone(), stop_rx.clone()));
     tokio::spawn(reload_on_sighup(app.clone()));
 
@@ -50,6 +51,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     let _ = stop_tx.send(true);
     let _ = api.await;
     let _ = sweeper.await;
+    let _ = checkpointer.await;
     registrations::record_aggregated_refusals(&app, true).await;
     // Every acknowledged change was flushed when it was made; this flush catches the
     // records of refusals written since the last background flush.
@@ -57,9 +59,33 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.flush()).await {
         tracing::error!(error = %e, "final flush failed");
     }
+    // The last checkpoint covers everything this process wrote.
+    signed_checkpoint(&app, true).await;
     drop(app);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Signs a checkpoint of the audit chain every `audit.checkpoint_interval` when it grew,
+/// and one at stop, after the last record.
+async fn checkpoint_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_secs(app.cfg.audit.checkpoint_interval.as_secs().max(1));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        signed_checkpoint(&app, false).await;
+    }
+}
+
+async fn signed_checkpoint(app: &Arc<App>, always: bool) {
+    let a = app.clone();
+    match tokio::task::spawn_blocking(move || a.checkpoint(always)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "audit checkpoint failed"),
+        Err(e) => tracing::error!(error = %e, "audit checkpoint failed"),
+    }
 }
 
 async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {

@@ -112,6 +112,13 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<(), String> {
         false,
     )?;
 
+    let audit_key = generate_p256_pkcs8_pem().map_err(e)?;
+    write_file(
+        &dir.join("keys/audit-checkpoint.key"),
+        audit_key.as_bytes(),
+        true,
+    )?;
+
     let text = format!(
         r#"# ecsd configuration, written by `ecsd init`.
 # Reference: docs/operations.md. Every key can be overridden from the environment as
@@ -150,6 +157,13 @@ issuer = "https://dev-issuer.{ecs_id}"
 jwks = "keys/dev-token-issuer.jwks.json"
 private_key = "keys/dev-token-issuer.key"
 kid = "dev-1"
+
+# Signed checkpoints of the audit log's hash chain, kept outside the store, so that records
+# cut from the end of the log are detected by `ecsd audit verify`. The key signs nothing else.
+[audit]
+checkpoint_interval = "1m"
+checkpoint_key = "keys/audit-checkpoint.key"
+checkpoint_log = "audit-checkpoints.jsonl"
 
 # The policy for EES profiles without provId: any EES ID, onboarded by the dev issuer.
 [domains.default]

@@ -10,6 +10,7 @@
 pub mod app;
 pub mod audit;
 pub mod bench;
+pub mod checkpoint;
 pub mod client;
 pub mod config;
 pub mod daemon;

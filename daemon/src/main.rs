@@ -846,16 +846,29 @@ async fn run_audit(cmd: AuditCmd) -> Result<(), Fail> {
         AuditCmd::Verify { config } => {
             let cfg = load(&config)?;
             let (records, head) = audit_log(&cfg).await?;
-            match verify_chain(&records, (head.0, &head.1)) {
-                Ok(n) => {
-                    println!("audit log intact: {n} records, head {}", head.1);
-                    Ok(())
-                }
-                Err(b) => Err(other(format!(
+            let n = verify_chain(&records, (head.0, &head.1)).map_err(|b| {
+                other(format!(
                     "audit log broken at record {}: {}",
                     b.seq, b.reason
-                ))),
-            }
+                ))
+            })?;
+            // The chain in the store must extend every signed checkpoint kept outside it.
+            let checkpoints = match &cfg.audit.checkpoint_key {
+                Some(key) => {
+                    use ecs_daemon::checkpoint;
+                    let spki = checkpoint::verifying_key(key).map_err(usage)?;
+                    let log = checkpoint::read_log(&cfg.audit.checkpoint_log).map_err(other)?;
+                    let k = checkpoint::verify(&records, &log, &spki)
+                        .map_err(|e| other(format!("audit log broken at {e}")))?;
+                    format!(", extends {k} signed checkpoints")
+                }
+                None => ", no checkpoints configured (audit.checkpoint_key)".into(),
+            };
+            println!(
+                "audit log intact: {n} records, head {}{checkpoints}",
+                head.1
+            );
+            Ok(())
         }
         AuditCmd::Export {
             config,

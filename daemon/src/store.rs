@@ -376,6 +376,7 @@ impl SledStore {
                     prev_hash: prev,
                     event: event.clone(),
                     hash: hash.clone(),
+                    unchained: Default::default(),
                 };
                 tx.insert(format!("audit/{seq:020}").into_bytes(), encode(&rec))?;
                 tx.insert(AUDIT_HEAD, encode(&Head { seq, hash }))?;

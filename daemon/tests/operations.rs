@@ -802,3 +802,90 @@ async fn silent_connections_are_closed_and_one_address_cannot_hold_them_all() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     ecs.register("ees-after-cap.ecsp.example").await;
 }
+
+/// `ecsd audit verify --config` as a process: (success, stdout + stderr).
+fn audit_verify(ecs: &Ecs) -> (bool, String) {
+    let out = ecsd()
+        .args(["audit", "verify", "--config"])
+        .arg(ecs.config_path())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Attack review, item 7: an insider deleted the last audit record and rewrote the head in
+/// the store, and `ecsd audit verify` passed; a field injected into a record passed too. The
+/// chain is now anchored outside the store by signed checkpoints, and every stored field is
+/// covered by the chain.
+#[tokio::test]
+async fn a_cut_or_injected_audit_log_fails_verification() {
+    let mut ecs = Ecs::start_with(|c| {
+        *c = c.replace(
+            "checkpoint_interval = \"1m\"",
+            "checkpoint_interval = \"1s\"",
+        );
+    });
+    for i in 0..3 {
+        ecs.register(&format!("ees-audit-{i}.ecsp.example")).await;
+    }
+    let log = ecs.dir.path().join("audit-checkpoints.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&log).is_ok_and(|t| !t.is_empty()) {
+        assert!(Instant::now() < deadline, "no checkpoint within 15 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ecs.terminate().success());
+    let (ok, out) = audit_verify(&ecs);
+    assert!(ok, "{out}");
+    assert!(out.contains("signed checkpoints"), "{out}");
+
+    // The insider's edit: the last record removed and the head moved back one.
+    let store = ecs.dir.path().join("data/ecs.sled");
+    let original = {
+        let db = sled::open(&store).unwrap().open_tree("ecs").unwrap();
+        let (key, last) = db.scan_prefix("audit/").last().unwrap().unwrap();
+        let last: serde_json::Value = serde_json::from_slice(&last).unwrap();
+        let seq = last["seq"].as_u64().unwrap();
+        let prev = db.get(format!("audit/{:020}", seq - 1)).unwrap().unwrap();
+        let prev: serde_json::Value = serde_json::from_slice(&prev).unwrap();
+        let head = db.get("meta/audit_head").unwrap().unwrap();
+        db.remove(&key).unwrap();
+        db.insert(
+            "meta/audit_head",
+            serde_json::to_vec(&json!({ "seq": seq - 1, "hash": prev["hash"] })).unwrap(),
+        )
+        .unwrap();
+        db.flush().unwrap();
+        (key, last, head)
+    };
+    let (ok, out) = audit_verify(&ecs);
+    assert!(!ok, "a cut log verified: {out}");
+    assert!(out.contains("checkpoint") && out.contains("cut"), "{out}");
+
+    // Put it back, then inject a field into a record in the middle.
+    {
+        let db = sled::open(&store).unwrap().open_tree("ecs").unwrap();
+        db.insert(&original.0, serde_json::to_vec(&original.1).unwrap())
+            .unwrap();
+        db.insert("meta/audit_head", original.2).unwrap();
+        let key = "audit/00000000000000000002";
+        let mut rec: serde_json::Value =
+            serde_json::from_slice(&db.get(key).unwrap().unwrap()).unwrap();
+        rec["approved_by"] = json!("the insider");
+        db.insert(key, serde_json::to_vec(&rec).unwrap()).unwrap();
+        db.flush().unwrap();
+    }
+    let (ok, out) = audit_verify(&ecs);
+    assert!(!ok, "an injected field verified: {out}");
+    assert!(
+        out.contains("record 2") && out.contains("approved_by"),
+        "{out}"
+    );
+}
