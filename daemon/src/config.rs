@@ -49,8 +49,17 @@ pub struct ServerConfig {
     /// CA `/pki/v1/ca` and `/pki/v1/crl` serve.
     #[serde(default)]
     pub tls_backend: Option<String>,
+    /// `/metrics`, `/healthz` and `/readyz` over plain HTTP (they reveal nothing).
     #[serde(default)]
     pub admin_listen: Option<String>,
+    /// The control socket (Unix): policy reload, registrations, audit records, backups.
+    /// Absent: `admin.sock` in the store's folder.
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
+    /// A group whose members may use the control socket (mode 0660); absent: its owner
+    /// only (mode 0600).
+    #[serde(default)]
+    pub admin_group: Option<String>,
     /// How often expired registrations are swept (implicit de-registration).
     #[serde(default = "default_sweep")]
     pub sweep_interval: PolicyDuration,
@@ -479,6 +488,9 @@ impl Config {
         if let Some(p) = self.server.tls_key.as_mut() {
             fix(p);
         }
+        if let Some(p) = self.server.admin_socket.as_mut() {
+            fix(p);
+        }
         fix(&mut self.storage.path);
         fix(&mut self.audit.checkpoint_log);
         if let Some(p) = self.audit.checkpoint_key.as_mut() {
@@ -852,6 +864,19 @@ impl Config {
             .as_deref()
             .or_else(|| self.backends.keys().next().map(String::as_str))
             .unwrap_or("")
+    }
+
+    /// The control socket's path: `server.admin_socket`, else `admin.sock` beside the store.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        match &self.server.admin_socket {
+            Some(p) => p.clone(),
+            None => self
+                .storage
+                .path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("admin.sock"),
+        }
     }
 
     /// The public URL without a trailing slash.

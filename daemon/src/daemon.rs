@@ -25,6 +25,8 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         ),
         None => None,
     };
+    let control_path = app.cfg.admin_socket_path();
+    let control = bind_control_socket(&control_path, app.cfg.server.admin_group.as_deref())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or(listen),
@@ -41,6 +43,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     if let Some(l) = admin {
         tokio::spawn(server::serve_admin(app.clone(), l, stop_rx.clone()));
     }
+    tokio::spawn(server::serve_control(app.clone(), control, stop_rx.clone()));
     let sweeper = tokio::spawn(sweep_loop(app.clone(), stop_rx.clone()));
     let checkpointer = tokio::spawn(checkpoint_loop(app.clone(), stop_rx.clone()));
     tokio::spawn(probe_loop(app.clone(), stop_rx.clone()));
@@ -61,9 +64,66 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     }
     // The last checkpoint covers everything this process wrote.
     signed_checkpoint(&app, true).await;
+    let _ = std::fs::remove_file(&control_path);
     drop(app);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds the control socket, private to this user (0600), or to a group (0660). A socket
+/// left by a daemon that died is replaced; one that answers belongs to a running daemon.
+fn bind_control_socket(
+    path: &std::path::Path,
+    group: Option<&str>,
+) -> Result<tokio::net::UnixListener, String> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let at = |e: std::io::Error| format!("server.admin_socket: {}: {e}", path.display());
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!(
+                "server.admin_socket: {} exists and is not a socket",
+                path.display()
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "server.admin_socket: another ecsd serves {}: stop it first",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path).map_err(at)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(at)?;
+    let mode = match group {
+        Some(g) => {
+            let gid = group_id(g)?;
+            rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
+                .map_err(|e| format!("server.admin_group: {g}: {e}"))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(at)?;
+    Ok(listener)
+}
+
+/// A group's ID, from a number or a name in /etc/group.
+fn group_id(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("server.admin_group: /etc/group: {e}"))?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid = f.nth(1)?.parse().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| format!("server.admin_group: no group {group:?} in /etc/group"))
 }
 
 /// Signs a checkpoint of the audit chain every `audit.checkpoint_interval` when it grew,

@@ -759,19 +759,34 @@ async fn audit_log(cfg: &Config) -> Result<(Vec<AuditRecord>, (u64, String)), Fa
             Ok((records, head))
         }
         Err(open_err) => {
-            let Some(admin) = &cfg.server.admin_listen else {
-                return Err(other(format!("storage.path: {open_err}")));
+            // The daemon holds the store: page through its control socket.
+            let socket = cfg.admin_socket_path();
+            let fail = |e: String| {
+                other(format!(
+                    "storage.path: {open_err}; control socket {}: {e}",
+                    socket.display()
+                ))
             };
-            let v = admin_get(admin, "/admin/v1/audit/records?from=1")
-                .await
-                .map_err(|e| other(format!("storage.path: {open_err}; admin API {admin}: {e}")))?;
-            let records: Vec<AuditRecord> =
-                serde_json::from_value(v["records"].clone()).map_err(|e| other(e.to_string()))?;
-            let head = (
-                v["head"]["seq"].as_u64().unwrap_or(0),
-                v["head"]["hash"].as_str().unwrap_or_default().to_string(),
-            );
-            Ok((records, head))
+            let mut records: Vec<AuditRecord> = Vec::new();
+            let mut from = 1u64;
+            loop {
+                let v = control_get(&socket, &format!("/admin/v1/audit/records?from={from}"))
+                    .await
+                    .map_err(fail)?;
+                let page: Vec<AuditRecord> = serde_json::from_value(v["records"].clone())
+                    .map_err(|e| fail(e.to_string()))?;
+                records.extend(page);
+                match v["next"].as_u64() {
+                    Some(next) => from = next,
+                    None => {
+                        let head = (
+                            v["head"]["seq"].as_u64().unwrap_or(0),
+                            v["head"]["hash"].as_str().unwrap_or_default().to_string(),
+                        );
+                        return Ok((records, head));
+                    }
+                }
+            }
         }
     }
 }
@@ -795,40 +810,51 @@ async fn active_registrations(
             .active_registrations()
             .map_err(|e| other(e.to_string())),
         Err(open_err) => {
-            let Some(admin) = &cfg.server.admin_listen else {
-                return Err(other(format!("storage.path: {open_err}")));
+            let socket = cfg.admin_socket_path();
+            let fail = |e: String| {
+                other(format!(
+                    "storage.path: {open_err}; control socket {}: {e}",
+                    socket.display()
+                ))
             };
-            let v = admin_get(admin, "/admin/v1/registrations")
-                .await
-                .map_err(|e| other(format!("storage.path: {open_err}; admin API {admin}: {e}")))?;
-            v["registrations"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|item| {
-                    Ok((
+            let mut out = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let path = match &after {
+                    Some(a) => format!("/admin/v1/registrations?after={a}"),
+                    None => "/admin/v1/registrations".to_string(),
+                };
+                let v = control_get(&socket, &path).await.map_err(fail)?;
+                for item in v["registrations"].as_array().into_iter().flatten() {
+                    out.push((
                         serde_json::from_value(item["registration"].clone())
-                            .map_err(|e| other(e.to_string()))?,
+                            .map_err(|e| fail(e.to_string()))?,
                         serde_json::from_value(item["cert"].clone())
-                            .map_err(|e| other(e.to_string()))?,
-                    ))
-                })
-                .collect()
+                            .map_err(|e| fail(e.to_string()))?,
+                    ));
+                }
+                match v["next"].as_str() {
+                    Some(next) => after = Some(next.to_string()),
+                    None => return Ok(out),
+                }
+            }
         }
     }
 }
 
-async fn admin_get(addr: &str, path: &str) -> Result<Value, String> {
+/// A GET on the daemon's control socket, answered as JSON.
+async fn control_get(socket: &Path, path: &str) -> Result<Value, String> {
     use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(addr)
+    let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = hyper::Request::get(path)
-        .header("host", addr)
+        .header("host", "ecsd")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| e.to_string())?;
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;

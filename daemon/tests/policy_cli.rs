@@ -302,7 +302,7 @@ async fn diff_shows_what_a_change_would_do_and_reload_applies_it() {
         current.replace("cert_validity = \"30d\"", "cert_validity = \"forever\""),
     )
     .unwrap();
-    let (status, body) = admin_post(ecs.admin_port, "/admin/v1/policy/reload");
+    let (status, body) = ecs.control("POST", "/admin/v1/policy/reload");
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("forever"), "{body}");
     let r = ecs
@@ -320,7 +320,7 @@ async fn diff_shows_what_a_change_would_do_and_reload_applies_it() {
 
     // A valid one is swapped in at once, and recorded with both hashes.
     std::fs::write(ecs.config_path(), &proposed).unwrap();
-    let (status, body) = admin_post(ecs.admin_port, "/admin/v1/policy/reload");
+    let (status, body) = ecs.control("POST", "/admin/v1/policy/reload");
     assert_eq!(status, 200, "{body}");
     let hashes: Value = serde_json::from_str(&body).unwrap();
     let id = "ees-new.b.example";
@@ -400,12 +400,12 @@ async fn a_reload_is_applied_whole_or_refused_and_changes_apply_the_new_policy()
         format!("{current}\n[limits]\nmax_connections = 7\n"),
     )
     .unwrap();
-    let (status, body) = admin_post(ecs.admin_port, "/admin/v1/policy/reload");
+    let (status, body) = ecs.control("POST", "/admin/v1/policy/reload");
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("[limits]"), "{body}");
 
     std::fs::write(ecs.config_path(), current.replace("\"*.a.example\", ", "")).unwrap();
-    let (status, body) = admin_post(ecs.admin_port, "/admin/v1/policy/reload");
+    let (status, body) = ecs.control("POST", "/admin/v1/policy/reload");
     assert_eq!(status, 200, "{body}");
     let patch = json!({ "expTime": "2099-01-01T00:00:00Z" });
     let r = ecs

@@ -324,7 +324,7 @@ async fn a_revoked_or_withdrawn_third_party_certificate_stops_authenticating() {
         assert_eq!(r.status, 200);
     }
     let reload = || {
-        let (status, body) = admin_post(ecs.admin_port, "/admin/v1/policy/reload");
+        let (status, body) = ecs.control("POST", "/admin/v1/policy/reload");
         assert_eq!(status, 200, "{body}");
     };
 
@@ -414,7 +414,7 @@ async fn the_policy_hash_covers_the_files_it_reads_and_crl_paths_are_relative_to
     );
     let dir = ecs.config_path().parent().unwrap().to_path_buf();
     let reload = || {
-        let (status, body) = admin_post(ecs.admin_port, "/admin/v1/policy/reload");
+        let (status, body) = ecs.control("POST", "/admin/v1/policy/reload");
         assert_eq!(status, 200, "{body}");
         serde_json::from_str::<serde_json::Value>(&body).unwrap()["policyHash"]
             .as_str()

@@ -6,6 +6,7 @@ use ecs_ca_backends::{SoftwareKey, build_csr, generate_p256_pkcs8_pem};
 use ecs_daemon::client::{HttpVersion, HttpsClient, Response};
 use ecs_daemon::config::Config;
 use serde_json::{Value, json};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -448,13 +449,11 @@ pub fn assert_problem(r: &Response, status: u16, cause: &str) {
     assert_eq!(body["status"], json!(status));
 }
 
-/// A POST without a body to the admin listener (e.g. `/admin/v1/policy/reload`).
-pub fn admin_post(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+/// An HTTP/1.1 request without a body on a stream: (status, body).
+fn raw_request(mut s: impl Read + Write, method: &str, path: &str) -> (u16, String) {
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();
@@ -466,4 +465,30 @@ pub fn admin_post(port: u16, path: &str) -> (u16, String) {
             .map(|x| x.1.to_string())
             .unwrap_or_default(),
     )
+}
+
+impl Ecs {
+    /// The daemon's control socket.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("data/admin.sock")
+    }
+
+    /// A request without a body on the control socket (e.g. POST `/admin/v1/policy/reload`).
+    pub fn control(&self, method: &str, path: &str) -> (u16, String) {
+        let s = std::os::unix::net::UnixStream::connect(self.control_socket()).unwrap();
+        raw_request(s, method, path)
+    }
+}
+
+/// A request without a body on the TCP admin listener.
+pub fn admin_request(port: u16, method: &str, path: &str) -> (u16, String) {
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    raw_request(s, method, path)
+}
+
+/// Whether the suite runs as root (CI does): tests that act as another user need it, and
+/// say "skipped" when it does not.
+pub fn running_as_root() -> bool {
+    let uid = Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&uid.stdout).trim() == "0"
 }
