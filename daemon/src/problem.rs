@@ -31,6 +31,8 @@ pub enum Cause {
     UnsupportedMediaType,
     TooManyRequests,
     BackendUnavailable,
+    /// The store cannot commit now (disk full, database down); nothing was half-written.
+    StorageUnavailable,
     /// No such resource path (TS 29.500 `RESOURCE_URI_STRUCTURE_NOT_FOUND`).
     ResourceNotFound,
     /// The path exists, the method does not.
@@ -55,7 +57,7 @@ impl Cause {
             UnsupportedMediaType => 415,
             TooManyRequests => 429,
             SystemFailure => 500,
-            BackendUnavailable => 503,
+            BackendUnavailable | StorageUnavailable => 503,
         }
     }
 
@@ -80,6 +82,7 @@ impl Cause {
             UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             TooManyRequests => "TOO_MANY_REQUESTS",
             BackendUnavailable => "BACKEND_UNAVAILABLE",
+            StorageUnavailable => "STORAGE_UNAVAILABLE",
             ResourceNotFound => "RESOURCE_URI_STRUCTURE_NOT_FOUND",
             MethodNotAllowed => "METHOD_NOT_ALLOWED",
             SystemFailure => "SYSTEM_FAILURE",
@@ -239,6 +242,17 @@ impl From<StoreError> for ApiError {
                 Cause::EesAlreadyRegistered,
                 "an active registration exists for this eesId",
             ),
+            // The transaction did not commit: retrying later is safe, and nothing was kept.
+            StoreError::Io(m) => {
+                tracing::error!(error = %m, "the store cannot commit");
+                ApiError {
+                    retry_after: Some(5),
+                    ..ApiError::new(
+                        Cause::StorageUnavailable,
+                        "the store cannot commit now; nothing was stored",
+                    )
+                }
+            }
             other => ApiError::internal(other),
         }
     }
@@ -255,5 +269,22 @@ impl From<Refusal> for ApiError {
             rule: Some(r.rule.clone()),
             ..ApiError::new(cause, format!("{} (rule {})", r.reason, r.rule))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_that_cannot_commit_answers_503_storage_unavailable_with_retry_after() {
+        let e = ApiError::from(StoreError::Io("No space left on device".into()));
+        assert_eq!(e.status(), 503);
+        assert_eq!(e.cause.code(), "STORAGE_UNAVAILABLE");
+        assert!(e.headers().contains(&("retry-after", "5".to_string())));
+        assert!(
+            !e.detail.contains("No space"),
+            "the detail says no more than needed"
+        );
     }
 }
