@@ -4,7 +4,7 @@
 use crate::config::{BackendConfig, Config};
 use crate::metrics::Metrics;
 use crate::problem::ApiError;
-use crate::store::{SledStore, Store};
+use crate::store::Store;
 use crate::token::TokenVerifier;
 use ecs_ca_backends::{
     CertIssuer, LocalIssuer, RevocationReason, RevokedEntry, SoftwareKey, der_to_pem,
@@ -519,7 +519,7 @@ impl App {
     /// Builds the ECS from a loaded configuration: opens the store, loads and checks every
     /// backend's key against its certificate, loads the token issuers' keys.
     pub async fn build(cfg: Config) -> Result<Arc<App>, String> {
-        let store = SledStore::open_with_cache(&cfg.storage.path, cfg.storage.cache_mib)
+        let store = crate::store::open(&cfg.storage)
             .map_err(|e| format!("storage.path: {e}"))?;
         let mut backends = BTreeMap::new();
         let mut roots = Vec::new();
@@ -564,7 +564,7 @@ impl App {
             refusals: crate::refusals::RefusalThrottle::new(),
             checkpoints,
             cfg,
-            store: Arc::new(store),
+            store,
             tokens,
             backends,
             policy: std::sync::RwLock::new(Arc::new(policy)),

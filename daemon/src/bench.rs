@@ -327,7 +327,7 @@ pub fn render_text(v: &Value) -> String {
 pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Result<Value, String> {
     use crate::audit::AuditEvent;
     use crate::store::{
-        CertRecord, Commit, RegState, RegistrationRecord, Revocation, SledStore, SpentToken, Store,
+        CertRecord, Commit, RegState, RegistrationRecord, Revocation, SpentToken,
     };
     use ecs_ca_backends::{CertTemplate, KeySigner, SanEntry};
 
@@ -350,7 +350,7 @@ pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Res
         .find(|(_, d)| cfg.domain_backend(d) == backend)
         .map(|(n, _)| n.clone())
         .unwrap_or_else(|| "default".into());
-    let store = SledStore::open_with_cache(&cfg.storage.path, cfg.storage.cache_mib)
+    let store = crate::store::open(&cfg.storage)
         .map_err(|e| e.to_string())?;
     // One EES key for all: the key does not change what is stored.
     let ees_key =

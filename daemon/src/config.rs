@@ -233,8 +233,8 @@ fn default_shutdown_grace() -> PolicyDuration {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    #[serde(default = "default_storage_kind")]
-    pub kind: String,
+    #[serde(default)]
+    pub kind: StorageKind,
     #[serde(default = "default_storage_path")]
     pub path: PathBuf,
     /// The store's page cache, MiB (sled's default is 1 GiB, which memory would grow to).
@@ -246,8 +246,12 @@ fn default_cache_mib() -> u64 {
     32
 }
 
-fn default_storage_kind() -> String {
-    "sled".into()
+/// The storage engines `[storage] kind` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    #[default]
+    Sled,
 }
 fn default_storage_path() -> PathBuf {
     PathBuf::from("data/ecs.sled")
@@ -256,7 +260,7 @@ fn default_storage_path() -> PathBuf {
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
-            kind: default_storage_kind(),
+            kind: StorageKind::default(),
             path: default_storage_path(),
             cache_mib: default_cache_mib(),
         }
@@ -614,12 +618,6 @@ impl Config {
             err(
                 "limits".into(),
                 "max_connections and h2_max_concurrent_streams must be at least 1".into(),
-            );
-        }
-        if self.storage.kind != "sled" {
-            err(
-                "storage.kind".into(),
-                format!("{:?} is not a storage kind (sled)", self.storage.kind),
             );
         }
         if self.backends.is_empty() {

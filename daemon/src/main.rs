@@ -6,7 +6,7 @@
 use clap::{Args, Parser, Subcommand};
 use ecs_daemon::audit::{AuditRecord, verify_chain};
 use ecs_daemon::config::Config;
-use ecs_daemon::store::{SledStore, Store};
+use ecs_daemon::store;
 use ecs_daemon::{daemon, ees, init, token};
 use ecs_policy::{PolicyDuration, Severity};
 use serde_json::{Value, json};
@@ -752,7 +752,7 @@ async fn audit_log(cfg: &Config) -> Result<(Vec<AuditRecord>, (u64, String)), Fa
         // No store yet (a daemon never ran with this configuration): nothing recorded.
         return Ok((Vec::new(), (0, ecs_daemon::audit::GENESIS_HASH.to_string())));
     }
-    match SledStore::open(&cfg.storage.path) {
+    match store::open(&cfg.storage) {
         Ok(store) => {
             let records = store.audit_records(1).map_err(|e| other(e.to_string()))?;
             let head = store.audit_head().map_err(|e| other(e.to_string()))?;
@@ -805,7 +805,7 @@ async fn active_registrations(
     if !cfg.storage.path.exists() {
         return Ok(Vec::new());
     }
-    match SledStore::open(&cfg.storage.path) {
+    match store::open(&cfg.storage) {
         Ok(store) => store
             .active_registrations()
             .map_err(|e| other(e.to_string())),

@@ -1,175 +1,15 @@
-//! Durable state: registrations, certificates, spent token IDs and the audit log.
-//!
-//! The pipeline describes each state change as one [`Commit`]; a store applies it atomically
-//! (all of it or nothing) and makes it durable before returning, so the HTTP answer is sent
-//! only for what survives a crash. The trait holds no sled types: a PostgreSQL store for
-//! replicated deployments is another implementation.
+//! sled 0.34: one tree with prefixed keys, so that a commit is one single-tree transaction.
 
-use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH, chain_hash};
-use serde::{Deserialize, Serialize};
+use super::*;
+use crate::audit::{GENESIS_HASH, chain_hash};
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
-
-/// The lifecycle of a registration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RegState {
-    Active,
-    Deregistered,
-    Expired,
-}
-
-/// One EES registration as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RegistrationRecord {
-    pub id: String,
-    pub state: RegState,
-    pub ees_id: String,
-    pub prov_id: Option<String>,
-    /// The ECSP domain whose policy governs it.
-    pub domain: String,
-    /// The backend that issues its certificates.
-    pub backend: String,
-    /// `eesProf` as the EES sent it (validated).
-    pub profile: serde_json::Value,
-    /// Expiry, seconds since the epoch.
-    pub exp_time: i64,
-    pub supp_feat: Option<String>,
-    pub created_at: i64,
-    pub updated_at: i64,
-    /// `ECS_ISSUED` or `THIRD_PARTY`.
-    pub cert_source: String,
-    /// Serial (hex) of the certificate that authenticates it now.
-    pub current_cert: String,
-    /// Every certificate serial ever issued for it, oldest first.
-    pub certs: Vec<String>,
-    /// SHA-256 of the Secret_token bound to the EES ID, never the token.
-    pub secret_token_hash: Option<String>,
-    /// Configuration name of the token issuer that onboarded it.
-    pub token_issuer: String,
-}
-
-/// A certificate the ECS issued (or accepted).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CertRecord {
-    pub serial: String,
-    pub registration_id: String,
-    pub backend: String,
-    /// DER, hex-encoded.
-    pub der_hex: String,
-    /// SHA-256 of the DER, hex.
-    pub fingerprint: String,
-    pub not_before: i64,
-    pub not_after: i64,
-    pub revoked: Option<Revocation>,
-    /// For an accepted third-party certificate: the chain it was accepted with (DER, hex),
-    /// intermediates then the trust anchor. Empty for ECS-issued certificates.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub chain_hex: Vec<String>,
-}
-
-impl CertRecord {
-    pub fn der(&self) -> Vec<u8> {
-        hex::decode(&self.der_hex).unwrap_or_default()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Revocation {
-    pub at: i64,
-    /// RFC 5280 reason name: `superseded`, `cessationOfOperation`, ...
-    pub reason: String,
-}
-
-/// A token ID spent by a registration; kept until the token has expired.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SpentToken {
-    pub iss: String,
-    pub jti: String,
-    pub exp: i64,
-}
-
-/// One atomic change. Applied all or nothing, then flushed.
-#[derive(Debug, Default)]
-pub struct Commit {
-    /// The registration after the change.
-    pub registration: Option<RegistrationRecord>,
-    /// Creating: refuse if another active registration holds this EES ID.
-    pub claim_ees_id: bool,
-    pub new_certs: Vec<CertRecord>,
-    /// (serial, revocation) of certificates to revoke.
-    pub revocations: Vec<(String, Revocation)>,
-    pub spend_token: Option<SpentToken>,
-    pub audit: Option<AuditEvent>,
-}
-
-/// Why a commit was refused or failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("the token ID was already used")]
-    TokenReplayed,
-    #[error("an active registration exists for this EES ID")]
-    EesAlreadyRegistered,
-    #[error("certificate serial already used")]
-    SerialCollision,
-    #[error("storage failure: {0}")]
-    Io(String),
-    #[error("corrupt record {key}: {detail}")]
-    Corrupt { key: String, detail: String },
-}
-
-/// What the registration pipeline needs from storage.
-pub trait Store: Send + Sync {
-    /// Applies `c` atomically and durably; returns the audit record written, if any.
-    fn commit(&self, c: Commit) -> Result<Option<AuditRecord>, StoreError>;
-    /// Applies each of `cs` atomically (each all or nothing, in order), then makes them
-    /// durable together: bulk loads (`ecsd bench --prefill`) without one flush each.
-    /// Stops at the first refused commit and returns its error.
-    fn commit_all(&self, cs: Vec<Commit>) -> Result<(), StoreError> {
-        for c in cs {
-            self.commit(c)?;
-        }
-        Ok(())
-    }
-    /// Appends the audit record of a refusal. Not flushed at once: a refusal changes no
-    /// state, and its record reaches the disk with the next flush (at most 500 ms later).
-    fn record(&self, event: AuditEvent) -> Result<Option<AuditRecord>, StoreError>;
-    fn registration(&self, id: &str) -> Result<Option<RegistrationRecord>, StoreError>;
-    fn active_registration_for(&self, ees_id: &str) -> Result<Option<String>, StoreError>;
-    fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError>;
-    fn cert_by_fingerprint(&self, fingerprint: &str) -> Result<Option<CertRecord>, StoreError>;
-    fn token_spent(&self, iss: &str, jti: &str) -> Result<bool, StoreError>;
-    /// Active registrations whose `exp_time` is at or before `now`, at most `limit`.
-    fn due_expiries(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError>;
-    /// (serial, revocation) of every revoked certificate of `backend`, for its CRL.
-    fn revoked(&self, backend: &str) -> Result<Vec<(String, Revocation)>, StoreError>;
-    /// Forgets spent token IDs whose tokens expired before `before`.
-    fn purge_spent_tokens(&self, before: i64) -> Result<usize, StoreError>;
-    /// The next CRL number of `backend` (strictly increasing, durable).
-    fn next_crl_number(&self, backend: &str) -> Result<u64, StoreError>;
-    /// Audit records with `seq >= from`, in order.
-    fn audit_records(&self, from: u64) -> Result<Vec<AuditRecord>, StoreError>;
-    /// The hash of the newest audit record.
-    fn audit_head(&self) -> Result<(u64, String), StoreError>;
-    fn counts(&self) -> Result<StoreCounts, StoreError>;
-    /// Makes everything written so far durable.
-    fn flush(&self) -> Result<(), StoreError>;
-    /// Every active registration with its current certificate.
-    fn active_registrations(&self) -> Result<Vec<(RegistrationRecord, CertRecord)>, StoreError>;
-}
-
-/// Sizes, for metrics and the admin API.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct StoreCounts {
-    pub active_registrations: usize,
-    pub audit_records: u64,
-}
 
 /// sled, the embedded default: one tree with prefixed keys, so that a commit is one
 /// single-tree transaction.
 pub struct SledStore {
-    db: sled::Db,
-    tree: sled::Tree,
+    db: ::sled::Db,
+    tree: ::sled::Tree,
     flusher: GroupFlush,
     /// Every commit appends to the audit chain (one head key), so concurrent sled
     /// transactions would conflict and retry; taking turns is cheaper. The wait for
@@ -207,7 +47,7 @@ impl GroupFlush {
     }
 
     /// Waits until everything applied before this call is on disk.
-    fn wait_durable(&self, db: &sled::Db) -> Result<(), StoreError> {
+    fn wait_durable(&self, db: &::sled::Db) -> Result<(), StoreError> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.requested += 1;
         let mine = st.requested;
@@ -272,19 +112,25 @@ struct Head {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store at `path` with the default cache. Fails when another
-    /// process holds it.
+    /// Opens (or creates) the store at `path` with a small cache (tests).
+    #[cfg(test)]
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         Self::open_with_cache(path, 32)
     }
 
     /// Opens (or creates) the store with a page cache of `cache_mib` MiB.
     pub fn open_with_cache(path: &Path, cache_mib: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
+        let db = ::sled::Config::new()
             .path(path)
             .cache_capacity(cache_mib.max(1) << 20)
             .open()
-            .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
+            .map_err(|e| match e {
+                // sled takes an exclusive lock on its folder.
+                ::sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked(path.display().to_string())
+                }
+                e => StoreError::Io(format!("{}: {e}", path.display())),
+            })?;
         let tree = db.open_tree("ecs").map_err(io)?;
         if !tree.contains_key(ACTIVE_COUNT).map_err(io)? {
             // A store from before the count was kept (or a new one): count once.
@@ -309,7 +155,7 @@ impl SledStore {
 
 impl SledStore {
     fn apply(&self, c: &Commit) -> Result<Option<AuditRecord>, StoreError> {
-        use sled::transaction::ConflictableTransactionError::Abort;
+        use ::sled::transaction::ConflictableTransactionError::Abort;
         let _turn = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let result = self.tree.transaction(|tx| {
             if let Some(t) = &c.spend_token {
@@ -385,32 +231,32 @@ impl SledStore {
             Ok(written)
         });
         result.map_err(|e| match e {
-            sled::transaction::TransactionError::Abort(e) => e,
-            sled::transaction::TransactionError::Storage(e) => io(e),
+            ::sled::transaction::TransactionError::Abort(e) => e,
+            ::sled::transaction::TransactionError::Storage(e) => io(e),
         })
     }
 }
 
-type TxError = sled::transaction::ConflictableTransactionError<StoreError>;
+type TxError = ::sled::transaction::ConflictableTransactionError<StoreError>;
 
 /// The number of active registrations, kept with every change so that counting them
 /// (metrics, readiness) does not scan a million keys.
 const ACTIVE_COUNT: &[u8] = b"meta/active_count";
 
-fn add_active(tx: &sled::transaction::TransactionalTree, delta: i64) -> Result<(), TxError> {
+fn add_active(tx: &::sled::transaction::TransactionalTree, delta: i64) -> Result<(), TxError> {
     let n: u64 = tx_get(tx, ACTIVE_COUNT)?.unwrap_or(0);
     tx.insert(ACTIVE_COUNT, encode(&n.saturating_add_signed(delta)))?;
     Ok(())
 }
 
 fn tx_get<T: for<'de> Deserialize<'de>>(
-    tx: &sled::transaction::TransactionalTree,
+    tx: &::sled::transaction::TransactionalTree,
     key: &[u8],
 ) -> Result<Option<T>, TxError> {
     match tx.get(key)? {
         Some(v) => decode(key, &v)
             .map(Some)
-            .map_err(sled::transaction::ConflictableTransactionError::Abort),
+            .map_err(::sled::transaction::ConflictableTransactionError::Abort),
         None => Ok(None),
     }
 }
