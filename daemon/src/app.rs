@@ -465,7 +465,7 @@ pub struct App {
     /// Third-party certificates re-checked at authentication.
     pub third_party_verdicts: VerdictCache,
     /// Bounds the audit records of identical refusals.
-    pub refusals: crate::refusals::RefusalThrottle,
+    pub refusals: crate::registration::refusals::RefusalThrottle,
     /// Signs checkpoints of the audit chain (`[audit]`), with the last sequence signed.
     checkpoints: Option<(crate::checkpoint::CheckpointSigner, Mutex<u64>)>,
     /// Token IDs and EES IDs of registrations being created right now, so that two
@@ -519,8 +519,7 @@ impl App {
     /// Builds the ECS from a loaded configuration: opens the store, loads and checks every
     /// backend's key against its certificate, loads the token issuers' keys.
     pub async fn build(cfg: Config) -> Result<Arc<App>, String> {
-        let store = crate::store::open(&cfg.storage)
-            .map_err(|e| format!("storage.path: {e}"))?;
+        let store = crate::store::open(&cfg.storage).map_err(|e| format!("storage.path: {e}"))?;
         let mut backends = BTreeMap::new();
         let mut roots = Vec::new();
         for (name, b) in &cfg.backends {
@@ -561,7 +560,7 @@ impl App {
         Ok(Arc::new(App {
             own_names,
             third_party_verdicts: VerdictCache::default(),
-            refusals: crate::refusals::RefusalThrottle::new(),
+            refusals: crate::registration::refusals::RefusalThrottle::new(),
             checkpoints,
             cfg,
             store,
@@ -594,7 +593,7 @@ impl App {
         if seq == *last && !always {
             return Ok(None);
         }
-        let time = crate::model::format_time(now());
+        let time = crate::registration::body::format_time(now());
         let c = signer.write(seq, &head, &time, &self.policy().hash)?;
         *last = seq;
         tracing::info!(seq, head = %head, "audit checkpoint signed");
@@ -657,7 +656,7 @@ impl App {
     pub fn reload_policy_recorded(&self, via: &str) -> Result<(String, String), String> {
         let result = self.reload_policy();
         let event = crate::audit::AuditEvent {
-            time: crate::model::format_time(now()),
+            time: crate::registration::body::format_time(now()),
             client: via.to_string(),
             action: "policy_reload".into(),
             outcome: if result.is_ok() {

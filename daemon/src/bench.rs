@@ -326,9 +326,7 @@ pub fn render_text(v: &Value) -> String {
 /// locked by whoever has it open).
 pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Result<Value, String> {
     use crate::audit::AuditEvent;
-    use crate::store::{
-        CertRecord, Commit, RegState, RegistrationRecord, Revocation, SpentToken,
-    };
+    use crate::store::{CertRecord, Commit, RegState, RegistrationRecord, Revocation, SpentToken};
     use ecs_ca_backends::{CertTemplate, KeySigner, SanEntry};
 
     let started = Instant::now();
@@ -350,8 +348,7 @@ pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Res
         .find(|(_, d)| cfg.domain_backend(d) == backend)
         .map(|(n, _)| n.clone())
         .unwrap_or_else(|| "default".into());
-    let store = crate::store::open(&cfg.storage)
-        .map_err(|e| e.to_string())?;
+    let store = crate::store::open(&cfg.storage).map_err(|e| e.to_string())?;
     // One EES key for all: the key does not change what is stored.
     let ees_key =
         SoftwareKey::from_pkcs8_pem(&generate_p256_pkcs8_pem().map_err(|e| e.to_string())?)
@@ -435,7 +432,7 @@ pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Res
                 exp: now + 600,
             }),
             audit: Some(AuditEvent {
-                time: crate::model::format_time(now),
+                time: crate::registration::body::format_time(now),
                 client: "ecsd bench --prefill".into(),
                 action: "register".into(),
                 outcome: "accepted".into(),

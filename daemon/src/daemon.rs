@@ -2,7 +2,8 @@
 
 use crate::app::App;
 use crate::config::Config;
-use crate::{registrations, server, tls};
+use crate::http::{admin, api, tls};
+use crate::registration;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -34,16 +35,16 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         public_url = %app.cfg.server.public_url,
         "ecsd ready"
     );
-    let api = tokio::spawn(server::serve_api(
+    let api = tokio::spawn(api::serve_api(
         app.clone(),
         listener,
         tls_config,
         stop_rx.clone(),
     ));
     if let Some(l) = admin {
-        tokio::spawn(server::serve_admin(app.clone(), l, stop_rx.clone()));
+        tokio::spawn(admin::serve_admin(app.clone(), l, stop_rx.clone()));
     }
-    tokio::spawn(server::serve_control(app.clone(), control, stop_rx.clone()));
+    tokio::spawn(admin::serve_control(app.clone(), control, stop_rx.clone()));
     let sweeper = tokio::spawn(sweep_loop(app.clone(), stop_rx.clone()));
     let checkpointer = tokio::spawn(checkpoint_loop(app.clone(), stop_rx.clone()));
     tokio::spawn(probe_loop(app.clone(), stop_rx.clone()));
@@ -55,7 +56,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     let _ = api.await;
     let _ = sweeper.await;
     let _ = checkpointer.await;
-    registrations::record_aggregated_refusals(&app, true).await;
+    registration::record_aggregated_refusals(&app, true).await;
     // Every acknowledged change was flushed when it was made; this flush catches the
     // records of refusals written since the last background flush.
     let store = app.store.clone();
@@ -155,7 +156,7 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
-        match registrations::sweep(&app).await {
+        match registration::sweep(&app).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(expired = n, "sweep expired registrations"),
             Err(e) => tracing::warn!(cause = e.cause.code(), detail = %e.detail, "sweep failed"),

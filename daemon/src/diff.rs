@@ -83,16 +83,17 @@ pub fn diff(
             continue;
         };
         let description = leaf.key.describe();
-        let (requested, ees_id_is_fqdn) = match crate::model::parse_profile(&reg.profile) {
-            Ok(p) => (p.requested_names(), p.ees_id_is_fqdn()),
-            Err(e) => {
-                no_longer_admitted.push(refuse(
-                    format!("domains.{}.endpoint_names", reg.domain),
-                    format!("the stored profile no longer parses: {}", e.detail),
-                ));
-                continue;
-            }
-        };
+        let (requested, ees_id_is_fqdn) =
+            match crate::registration::body::parse_profile(&reg.profile) {
+                Ok(p) => (p.requested_names(), p.ees_id_is_fqdn()),
+                Err(e) => {
+                    no_longer_admitted.push(refuse(
+                        format!("domains.{}.endpoint_names", reg.domain),
+                        format!("the stored profile no longer parses: {}", e.detail),
+                    ));
+                    continue;
+                }
+            };
         let endpoint = ecs_policy::EndpointFacts {
             requested: &requested,
             ees_id_is_fqdn,
@@ -128,7 +129,7 @@ pub fn diff(
                     leaf_names: &names,
                     leaf_not_before: leaf.not_before,
                     leaf_not_after: leaf.not_after,
-                    key_type: crate::registrations::key_type(leaf.key.kind),
+                    key_type: crate::registration::key_type(leaf.key.kind),
                     key_description: &description,
                     revocation: None,
                     requested_expiry: Some(reg.exp_time),
@@ -143,7 +144,7 @@ pub fn diff(
                     token_issuer: &reg.token_issuer,
                     ees_id: &reg.ees_id,
                     endpoint,
-                    key_type: crate::registrations::key_type(leaf.key.kind),
+                    key_type: crate::registration::key_type(leaf.key.kind),
                     key_description: &description,
                     requested_expiry: Some(reg.exp_time),
                     secret_token_requested: false,
@@ -191,7 +192,7 @@ pub fn diff(
                 ees_id,
                 endpoint: ecs_policy::EndpointFacts {
                     requested: &[],
-                    ees_id_is_fqdn: crate::model::is_fqdn(ees_id),
+                    ees_id_is_fqdn: crate::registration::body::is_fqdn(ees_id),
                     own: &own,
                 },
                 key_type: key_type_of(&description),

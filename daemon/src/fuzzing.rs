@@ -4,7 +4,7 @@
 //! fuzzer, unbounded memory or time).
 
 use crate::config::Config;
-use crate::model::{self, parse_object, parse_registration};
+use crate::registration::body::{self, parse_object, parse_registration};
 use crate::token::TokenVerifier;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -43,9 +43,9 @@ pub fn merge_patch(data: &[u8]) {
             "endPt": { "fqdn": "ees-1.ecsp.example", "ipv4Addrs": ["192.0.2.1"] },
             "eecRegConf": false
         },
-        "expTime": model::format_time(NOW + 86_400),
+        "expTime": body::format_time(NOW + 86_400),
     });
-    model::merge_patch(&mut doc, &Value::Object(patch));
+    body::merge_patch(&mut doc, &Value::Object(patch));
     if let Some(obj) = doc.as_object() {
         let _ = parse_registration(obj, NOW);
     }

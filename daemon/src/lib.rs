@@ -21,16 +21,12 @@ pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hardening;
-pub mod idle;
+pub mod http;
 pub mod init;
 pub mod metrics;
-pub mod model;
 pub mod problem;
 pub mod ratelimit;
-pub mod refusals;
-pub mod registrations;
+pub mod registration;
 pub mod secrets;
-pub mod server;
 pub mod store;
-pub mod tls;
 pub mod token;

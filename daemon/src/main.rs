@@ -689,7 +689,7 @@ async fn run_ees(cmd: EesCmd) -> Result<(), Fail> {
                 json!({"ipv6Addrs": ipv6})
             } else if let Some(u) = uri {
                 json!({"uri": u})
-            } else if ecs_daemon::model::is_fqdn(&ees_id) {
+            } else if ecs_daemon::registration::body::is_fqdn(&ees_id) {
                 json!({"fqdn": ees_id})
             } else {
                 return Err(usage(

@@ -174,12 +174,13 @@ pub struct StoreCounts {
     pub audit_records: u64,
 }
 
-
 /// Opens the store that `[storage]` names. Fails when another process holds an embedded
 /// store.
 pub fn open(cfg: &StorageConfig) -> Result<Arc<dyn Store>, StoreError> {
     match cfg.kind {
-        StorageKind::Sled => Ok(Arc::new(SledStore::open_with_cache(&cfg.path, cfg.cache_mib)?)),
+        StorageKind::Sled => Ok(Arc::new(SledStore::open_with_cache(
+            &cfg.path,
+            cfg.cache_mib,
+        )?)),
     }
 }
-

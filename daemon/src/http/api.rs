@@ -1,14 +1,15 @@
-//! The listeners: the EES-facing HTTPS API (HTTP/2 and HTTP/1.1 on one port) and the plain
-//! admin endpoint, with graceful shutdown that lets in-flight registrations finish.
+//! The EES-facing HTTPS listener (HTTP/2 and HTTP/1.1 on one port) and its routes, with
+//! graceful shutdown that lets in-flight registrations finish.
 
+use super::{Body, response};
 use crate::app::App;
 use crate::problem::{ApiError, Cause};
-use crate::registrations::{self, Reply, RequestCtx};
+use crate::registration::{self, Reply, RequestCtx};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -22,26 +23,12 @@ use tokio::sync::watch;
 pub const MAX_BODY: usize = 64 * 1024;
 const API_PREFIX: &str = "/eecs-eesregistration/v1/registrations";
 
-type Body = Full<Bytes>;
-
 /// What a connection knows about its peer, shared by every request on it.
 #[derive(Clone)]
 struct Conn {
     addr: SocketAddr,
     /// The client's certificate chain as presented, end entity first.
     client_chain: Arc<Vec<Vec<u8>>>,
-}
-
-fn response(status: u16, content_type: &str, body: Vec<u8>) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    if !content_type.is_empty() {
-        r.headers_mut().insert(
-            CONTENT_TYPE,
-            content_type.parse().expect("static content type"),
-        );
-    }
-    r
 }
 
 fn problem(e: &ApiError) -> Response<Body> {
@@ -183,14 +170,14 @@ async fn route(
 ) -> Result<Response<Body>, ApiError> {
     if path == API_PREFIX {
         if method != Method::POST {
-            registrations::refuse(app, ctx, "register", not_allowed("POST")).await;
+            registration::refuse(app, ctx, "register", not_allowed("POST")).await;
             return Ok(method_not_allowed("POST"));
         }
         let body = match checked_body(app, req, "application/json").await {
             Ok(b) => b,
-            Err(e) => return Err(registrations::refuse(app, ctx, "register", e).await),
+            Err(e) => return Err(registration::refuse(app, ctx, "register", e).await),
         };
-        return registrations::create(app, ctx, &body).await.map(reply);
+        return registration::create(app, ctx, &body).await.map(reply);
     }
     if let Some(id) = path
         .strip_prefix(API_PREFIX)
@@ -205,22 +192,22 @@ async fn route(
         };
         if id.is_empty() || id.contains('/') || id.len() > 128 {
             let e = ApiError::new(Cause::RegistrationNotFound, "no registration with this ID");
-            return Err(registrations::refuse(app, ctx, action, e).await);
+            return Err(registration::refuse(app, ctx, action, e).await);
         }
         return match *method {
-            Method::GET => registrations::get(app, ctx, id).await.map(reply),
+            Method::GET => registration::get(app, ctx, id).await.map(reply),
             Method::PUT => match checked_body(app, req, "application/json").await {
-                Ok(body) => registrations::put(app, ctx, id, &body).await.map(reply),
-                Err(e) => Err(registrations::refuse(app, ctx, "update", e).await),
+                Ok(body) => registration::put(app, ctx, id, &body).await.map(reply),
+                Err(e) => Err(registration::refuse(app, ctx, "update", e).await),
             },
             Method::PATCH => match checked_body(app, req, "application/merge-patch+json").await {
-                Ok(body) => registrations::patch(app, ctx, id, &body).await.map(reply),
-                Err(e) => Err(registrations::refuse(app, ctx, "patch", e).await),
+                Ok(body) => registration::patch(app, ctx, id, &body).await.map(reply),
+                Err(e) => Err(registration::refuse(app, ctx, "patch", e).await),
             },
-            Method::DELETE => registrations::delete(app, ctx, id).await.map(reply),
+            Method::DELETE => registration::delete(app, ctx, id).await.map(reply),
             _ => {
                 let allow = "GET, PUT, PATCH, DELETE";
-                registrations::refuse(app, ctx, action, not_allowed(allow)).await;
+                registration::refuse(app, ctx, action, not_allowed(allow)).await;
                 Ok(method_not_allowed(allow))
             }
         };
@@ -290,7 +277,7 @@ pub async fn serve_api(
     let first_request = Duration::from_secs(limits.header_read_timeout.as_secs());
     let idle = Duration::from_secs(limits.idle_timeout.as_secs());
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let per_address = crate::idle::AddressSlots::new(limits.max_connections_per_address);
+    let per_address = super::idle::AddressSlots::new(limits.max_connections_per_address);
     loop {
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -342,8 +329,8 @@ pub async fn serve_api(
             );
             let conn = Conn { addr, client_chain };
             // From here the connection must keep asking: see `idle`.
-            let activity = crate::idle::Activity::new(first_request, idle);
-            let io = crate::idle::Guarded::new(tls, activity.clone());
+            let activity = super::idle::Activity::new(first_request, idle);
+            let io = super::idle::Guarded::new(tls, activity.clone());
             let svc = hyper::service::service_fn(move |req| {
                 let app = app.clone();
                 let conn = conn.clone();
@@ -367,196 +354,5 @@ pub async fn serve_api(
         .is_err()
     {
         tracing::warn!("in-flight requests did not finish within {grace:?}");
-    }
-}
-
-/// Which admin surface a connection came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Surface {
-    /// The TCP `admin_listen`: probes and metrics only, which reveal nothing.
-    Probes,
-    /// The control socket, guarded by its file mode: everything.
-    Control,
-}
-
-/// Serves one plain-HTTP admin connection, with a header deadline and a bound on its life.
-fn serve_admin_connection<S>(app: Arc<App>, io: S, surface: Surface)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    tokio::spawn(async move {
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let app = app.clone();
-            async move { Ok::<_, std::convert::Infallible>(admin(app, surface, req).await) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(ADMIN_HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(io), svc);
-        // A reload or a page of records takes well under this; a connection that holds on
-        // longer is cut.
-        let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, conn).await;
-    });
-}
-
-const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
-
-/// Backs off after a failed accept (out of file descriptors, say) instead of spinning.
-async fn accept_failed(e: std::io::Error) {
-    tracing::warn!(error = %e, "admin accept failed");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-}
-
-/// Runs the TCP admin listener (`/healthz`, `/readyz`, `/metrics`).
-pub async fn serve_admin(
-    app: Arc<App>,
-    listener: TcpListener,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let tcp = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
-                Err(e) => { accept_failed(e).await; continue; }
-            },
-            _ = shutdown.changed() => return,
-        };
-        serve_admin_connection(app.clone(), tcp, Surface::Probes);
-    }
-}
-
-/// Runs the control socket: everything of the admin API, for whoever may open the socket.
-pub async fn serve_control(
-    app: Arc<App>,
-    listener: tokio::net::UnixListener,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
-                Err(e) => { accept_failed(e).await; continue; }
-            },
-            _ = shutdown.changed() => return,
-        };
-        serve_admin_connection(app.clone(), stream, Surface::Control);
-    }
-}
-
-fn query_param<T: std::str::FromStr>(query: &str, name: &str) -> Option<T> {
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-        .and_then(|v| v.parse().ok())
-}
-
-fn json_response(v: serde_json::Value) -> Response<Body> {
-    response(200, "application/json", v.to_string().into_bytes())
-}
-
-/// The most items one page of a dump holds.
-pub const ADMIN_PAGE_MAX: usize = 1000;
-
-async fn admin(app: Arc<App>, surface: Surface, req: Request<Incoming>) -> Response<Body> {
-    let query = req.uri().query().unwrap_or("").to_string();
-    let path = req.uri().path().to_string();
-    match path.as_str() {
-        "/healthz" => return response(200, "text/plain", b"ok\n".to_vec()),
-        "/readyz" => {
-            let mut problems = Vec::new();
-            if app.store.audit_head().is_err() {
-                problems.push("store: unavailable".to_string());
-            }
-            for (name, ready) in app.backend_readiness().await {
-                if let Err(why) = ready {
-                    problems.push(format!("backend {name}: {why}"));
-                }
-            }
-            return if problems.is_empty() {
-                response(200, "text/plain", b"ready\n".to_vec())
-            } else {
-                response(
-                    503,
-                    "text/plain",
-                    format!("{}\n", problems.join("\n")).into_bytes(),
-                )
-            };
-        }
-        "/metrics" => {
-            if let Ok(c) = app.store.counts() {
-                app.metrics
-                    .active_registrations
-                    .set(c.active_registrations as i64);
-            }
-            return response(200, "text/plain; version=0.0.4", app.metrics.render());
-        }
-        _ => {}
-    }
-    if surface != Surface::Control {
-        return response(404, "text/plain", b"not found\n".to_vec());
-    }
-    let limit = query_param::<usize>(&query, "limit")
-        .unwrap_or(ADMIN_PAGE_MAX)
-        .clamp(1, ADMIN_PAGE_MAX);
-    match path.as_str() {
-        "/admin/v1/policy/reload" => {
-            if req.method() != Method::POST {
-                return response(405, "text/plain", b"POST\n".to_vec());
-            }
-            let app = app.clone();
-            let result =
-                tokio::task::spawn_blocking(move || app.reload_policy_recorded("admin socket"))
-                    .await
-                    .unwrap_or_else(|e| Err(e.to_string()));
-            match result {
-                Ok((old, new)) => json_response(
-                    serde_json::json!({"reloaded": true, "oldPolicyHash": old, "policyHash": new}),
-                ),
-                Err(e) => response(
-                    409,
-                    "application/json",
-                    serde_json::json!({"reloaded": false, "error": e})
-                        .to_string()
-                        .into_bytes(),
-                ),
-            }
-        }
-        // Paged by registration ID: `after` the last ID of the previous page.
-        "/admin/v1/registrations" => match app.store.active_registrations() {
-            Ok(mut list) => {
-                list.sort_by(|a, b| a.0.id.cmp(&b.0.id));
-                let after: Option<String> = query_param(&query, "after");
-                let page: Vec<serde_json::Value> = list
-                    .into_iter()
-                    .filter(|(r, _)| after.as_ref().is_none_or(|a| r.id > *a))
-                    .take(limit)
-                    .map(|(r, c)| serde_json::json!({"registration": r, "cert": c}))
-                    .collect();
-                let next = (page.len() == limit)
-                    .then(|| page.last().map(|v| v["registration"]["id"].clone()))
-                    .flatten();
-                json_response(serde_json::json!({ "registrations": page, "next": next }))
-            }
-            Err(_) => response(500, "text/plain", b"store error\n".to_vec()),
-        },
-        // Paged by sequence number: `from` the first record wanted.
-        "/admin/v1/audit/records" => {
-            let from = query_param(&query, "from").unwrap_or(1u64).max(1);
-            match (app.store.audit_records(from), app.store.audit_head()) {
-                (Ok(mut records), Ok(head)) => {
-                    let more = records.len() > limit;
-                    records.truncate(limit);
-                    let next = more.then(|| records.last().map(|r| r.seq + 1)).flatten();
-                    json_response(serde_json::json!({
-                        "head": {"seq": head.0, "hash": head.1},
-                        "records": records,
-                        "next": next,
-                    }))
-                }
-                _ => response(500, "text/plain", b"store error\n".to_vec()),
-            }
-        }
-        _ => response(404, "text/plain", b"not found\n".to_vec()),
     }
 }

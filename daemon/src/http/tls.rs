@@ -142,7 +142,7 @@ pub async fn server_identity(app: &App) -> Result<ServerIdentity, String> {
         Ok(ip) => add(SanEntry::Ip(ip)),
         Err(_) => add(SanEntry::Dns(host.to_ascii_lowercase())),
     }
-    if crate::model::is_fqdn(&cfg.ecs_id) {
+    if crate::registration::body::is_fqdn(&cfg.ecs_id) {
         add(SanEntry::Dns(cfg.ecs_id.to_ascii_lowercase()));
     }
     add(SanEntry::Ip(std::net::Ipv4Addr::LOCALHOST.into()));
@@ -172,7 +172,7 @@ pub async fn server_identity(app: &App) -> Result<ServerIdentity, String> {
     }
     tracing::info!(
         host = %host,
-        not_after = %crate::model::format_time(issued.not_after),
+        not_after = %crate::registration::body::format_time(issued.not_after),
         "issued the server certificate with backend {}",
         backend.name
     );

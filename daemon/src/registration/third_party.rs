@@ -1,0 +1,211 @@
+//! Solution #12 step 4, and after: a third-party certificate becomes an EES certificate only
+//! if the domain's policy trusts it, and authenticates only while the policy in force still
+//! does. The one place a third-party chain is judged.
+
+use super::*;
+
+/// The backend name under which accepted third-party certificates are recorded.
+pub const THIRD_PARTY: &str = "third-party";
+
+/// What the domain's current third-party policy says of a chain (leaf first).
+struct ThirdPartyJudgement {
+    leaf: ecs_ca_backends::chain::LeafFacts,
+    decision: ecs_policy::Decision,
+    /// The trust anchor the chain validated to, as DER.
+    anchor: Option<Vec<u8>>,
+}
+
+/// The one place a third-party chain is judged: path validation to the domain's anchors in
+/// force now, the CRLs of every certificate of the chain, then every third-party rule. Used
+/// at onboarding and again at every authentication with the certificate.
+#[allow(clippy::too_many_arguments)]
+async fn judge_third_party(
+    app: &App,
+    chain: &[Vec<u8>],
+    domain_name: &str,
+    domain: &DomainPolicy,
+    token_issuer: &str,
+    profile: &body::Profile,
+    requested_expiry: Option<i64>,
+    secret_token_requested: bool,
+    now: i64,
+) -> Result<ThirdPartyJudgement, ApiError> {
+    let leaf = ecs_ca_backends::chain::leaf_facts(&chain[0]).map_err(|e| {
+        let rule = format!("domains.{domain_name}.third_party.trust_anchors");
+        ApiError {
+            rule: Some(rule.clone()),
+            ..ApiError::new(
+                Cause::UntrustedClientCert,
+                format!("the certificate does not parse: {e} (rule {rule})"),
+            )
+        }
+    })?;
+    let policy = app.policy();
+    let trust = policy.third_party.get(domain_name);
+    let anchors: Vec<Vec<u8>> = trust
+        .map(|t| t.anchors.iter().map(|(_, d)| d.clone()).collect())
+        .unwrap_or_default();
+    let path = ecs_ca_backends::chain::validate_path(chain, &anchors, now);
+    let anchor = path.as_ref().ok().map(|i| anchors[*i].clone());
+    let revocation = match (trust, &path) {
+        (Some(t), Ok(i)) if !t.crls.is_empty() => Some(match t.crls().await {
+            Ok(crls) => ecs_ca_backends::chain::check_revocation(chain, &anchors[*i], &crls, now),
+            Err(why) => Err(why),
+        }),
+        _ => None,
+    };
+    let requested = profile.requested_names();
+    let leaf_names = leaf.names();
+    let description = leaf.key.describe();
+    let decision = domain.decide_third_party(
+        domain_name,
+        &ecs_policy::ThirdPartyFacts {
+            token_issuer,
+            ees_id: &profile.ees_id,
+            endpoint: endpoint_facts(app, profile, &requested),
+            path: path.map(|i| trust.map(|t| t.anchors[i].0.clone()).unwrap_or_default()),
+            leaf_ekus: &leaf.ekus,
+            leaf_allows_signing: !leaf.has_key_usage || leaf.digital_signature,
+            leaf_names: &leaf_names,
+            leaf_not_before: leaf.not_before,
+            leaf_not_after: leaf.not_after,
+            key_type: key_type(leaf.key.kind),
+            key_description: &description,
+            revocation,
+            requested_expiry,
+            secret_token_requested,
+            now,
+        },
+    );
+    Ok(ThirdPartyJudgement {
+        leaf,
+        decision,
+        anchor,
+    })
+}
+
+/// Solution #12 step 4: the chain presented in this handshake, judged by the domain's
+/// third-party policy. Returns the approval and the certificate record to store.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn third_party_decision(
+    app: &App,
+    ctx: &RequestCtx,
+    token: &crate::token::VerifiedToken,
+    req: &RegistrationBody,
+    domain_name: &str,
+    domain: &DomainPolicy,
+    now: i64,
+    f: &mut Facts,
+) -> Result<(ecs_policy::Approval, CertRecord), ApiError> {
+    let chain: Vec<Vec<u8>> = ctx.client_chain.as_ref().clone();
+    if chain.is_empty() {
+        return Err(ApiError::new(
+            Cause::ClientCertRequired,
+            "thirdPartyCert: true needs the third-party certificate chain in the TLS handshake",
+        ));
+    }
+    let judged = judge_third_party(
+        app,
+        &chain,
+        domain_name,
+        domain,
+        &token.issuer_name,
+        &req.profile,
+        req.exp_time,
+        req.onboarding.as_ref().is_some_and(|o| o.secret_token),
+        now,
+    )
+    .await?;
+    let leaf = &judged.leaf;
+    f.cert_serial = Some(leaf.serial_hex.clone());
+    f.cert_fingerprint = Some(leaf.fingerprint.clone());
+    f.key = Some(leaf.key.describe());
+    let approval = judged.decision.outcome?;
+    third_party_cert_free(app, &leaf.fingerprint)?;
+    // The chain as accepted: what the client sent after the leaf, then the anchor reached.
+    let mut accepted: Vec<String> = chain[1..].iter().map(hex::encode).collect();
+    if let Some(anchor) = &judged.anchor {
+        let anchor = hex::encode(anchor);
+        if !accepted.contains(&anchor) {
+            accepted.push(anchor);
+        }
+    }
+    let record = CertRecord {
+        // Third-party serials are unique only per issuer: the fingerprint keys them here.
+        serial: format!("tp-{}", leaf.fingerprint),
+        registration_id: String::new(),
+        backend: THIRD_PARTY.into(),
+        der_hex: hex::encode(&chain[0]),
+        fingerprint: leaf.fingerprint.clone(),
+        not_before: leaf.not_before,
+        not_after: leaf.not_after,
+        revoked: None,
+        chain_hex: accepted,
+    };
+    Ok((approval, record))
+}
+
+/// One certificate authenticates one registration: a third-party certificate that is the
+/// current certificate of an active registration cannot onboard another. (Ending a
+/// registration revokes its certificates here, which frees the certificate again.)
+pub(super) fn third_party_cert_free(app: &App, fingerprint: &str) -> Result<(), ApiError> {
+    match app.store.cert_by_fingerprint(fingerprint)? {
+        Some(existing) if existing.revoked.is_none() => Err(ApiError::new(
+            Cause::UntrustedClientCert,
+            "this certificate is already the EES certificate of another active registration",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A third-party certificate authenticates only while the domain's policy in force still
+/// accepts it: anchors, CRLs, `accept` and every other rule, checked again at each use. The
+/// verdict is cached per certificate until the policy is reloaded or a CRL changes, so the
+/// check costs a map lookup on the common path.
+pub(super) async fn third_party_still_trusted(
+    app: &App,
+    reg: &RegistrationRecord,
+    cert: &CertRecord,
+    now: i64,
+) -> Result<(), ApiError> {
+    let policy = app.policy();
+    let trust = policy.third_party.get(&reg.domain);
+    let crl_epoch = match trust {
+        Some(t) => t.refresh_crls().await,
+        None => 0,
+    };
+    let generation = (policy.generation, crl_epoch);
+    if let Some(v) = app
+        .third_party_verdicts
+        .get(&cert.fingerprint, generation, now)
+    {
+        return v;
+    }
+    let verdict = async {
+        let (domain_name, domain) = domain_of(app, reg.prov_id.as_deref())?;
+        let profile = body::parse_profile(&reg.profile)?;
+        let mut chain = vec![cert.der()];
+        for h in &cert.chain_hex {
+            chain.push(hex::decode(h).map_err(|e| {
+                ApiError::internal(format!("stored chain of {}: {e}", cert.serial))
+            })?);
+        }
+        let judged = judge_third_party(
+            app,
+            &chain,
+            &domain_name,
+            &domain,
+            &reg.token_issuer,
+            &profile,
+            Some(reg.exp_time),
+            false,
+            now,
+        )
+        .await?;
+        judged.decision.outcome.map(|_| ()).map_err(ApiError::from)
+    }
+    .await;
+    app.third_party_verdicts
+        .put(&cert.fingerprint, generation, now, verdict.clone());
+    verdict
+}
