@@ -24,15 +24,7 @@ mod erased_json {
         }
     }
 }
-use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Seconds since the epoch.
-pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use crate::clock::now;
 
 /// A CRL as signed, kept until it is half-way to its `nextUpdate` or a revocation happens.
 struct CachedCrl {
@@ -465,9 +457,9 @@ pub struct App {
     /// Third-party certificates re-checked at authentication.
     pub third_party_verdicts: VerdictCache,
     /// Bounds the audit records of identical refusals.
-    pub refusals: crate::registration::refusals::RefusalThrottle,
+    pub refusals: crate::audit::refusals::RefusalThrottle,
     /// Signs checkpoints of the audit chain (`[audit]`), with the last sequence signed.
-    checkpoints: Option<(crate::checkpoint::CheckpointSigner, Mutex<u64>)>,
+    checkpoints: Option<(crate::audit::checkpoint::CheckpointSigner, Mutex<u64>)>,
     /// Token IDs and EES IDs of registrations being created right now, so that two
     /// concurrent requests never both sign a certificate for one token or one EES.
     inflight: Mutex<HashSet<String>>,
@@ -552,7 +544,7 @@ impl App {
         let own_names = own_names(&cfg)?;
         let checkpoints = match &cfg.audit.checkpoint_key {
             Some(key) => Some((
-                crate::checkpoint::CheckpointSigner::load(key, &cfg.audit.checkpoint_log)?,
+                crate::audit::checkpoint::CheckpointSigner::load(key, &cfg.audit.checkpoint_log)?,
                 Mutex::new(0),
             )),
             None => None,
@@ -560,7 +552,7 @@ impl App {
         Ok(Arc::new(App {
             own_names,
             third_party_verdicts: VerdictCache::default(),
-            refusals: crate::registration::refusals::RefusalThrottle::new(),
+            refusals: crate::audit::refusals::RefusalThrottle::new(),
             checkpoints,
             cfg,
             store,
@@ -581,7 +573,7 @@ impl App {
     pub fn checkpoint(
         &self,
         always: bool,
-    ) -> Result<Option<crate::checkpoint::Checkpoint>, String> {
+    ) -> Result<Option<crate::audit::checkpoint::Checkpoint>, String> {
         let Some((signer, last)) = &self.checkpoints else {
             return Ok(None);
         };
@@ -593,7 +585,7 @@ impl App {
         if seq == *last && !always {
             return Ok(None);
         }
-        let time = crate::registration::body::format_time(now());
+        let time = crate::clock::format_time(now());
         let c = signer.write(seq, &head, &time, &self.policy().hash)?;
         *last = seq;
         tracing::info!(seq, head = %head, "audit checkpoint signed");
@@ -656,7 +648,7 @@ impl App {
     pub fn reload_policy_recorded(&self, via: &str) -> Result<(String, String), String> {
         let result = self.reload_policy();
         let event = crate::audit::AuditEvent {
-            time: crate::registration::body::format_time(now()),
+            time: crate::clock::format_time(now()),
             client: via.to_string(),
             action: "policy_reload".into(),
             outcome: if result.is_ok() {

@@ -71,7 +71,7 @@ pub struct ServerConfig {
     pub shutdown_grace: PolicyDuration,
 }
 
-/// Signed checkpoints of the audit chain (`crate::checkpoint`).
+/// Signed checkpoints of the audit chain (`crate::audit::checkpoint`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
@@ -375,8 +375,11 @@ pub struct TokenIssuerConfig {
     pub max_token_lifetime: PolicyDuration,
 }
 
+/// `max_token_lifetime` when the configuration does not say.
+pub const DEFAULT_MAX_TOKEN_LIFETIME_SECS: i64 = 3600;
+
 fn default_max_token_lifetime() -> PolicyDuration {
-    PolicyDuration::from_secs(crate::token::DEFAULT_MAX_LIFETIME_SECS as u64)
+    PolicyDuration::from_secs(DEFAULT_MAX_TOKEN_LIFETIME_SECS as u64)
 }
 
 fn default_jwks_refresh() -> PolicyDuration {
@@ -409,7 +412,7 @@ impl Config {
         env: HashMap<String, String>,
     ) -> Result<(Config, Vec<Finding>), ConfigError> {
         let cfg = Self::parse_with_env(path, env)?;
-        let findings = cfg.validate();
+        let findings = cfg.validate(crate::clock::now());
         if let Some(err) = findings.iter().find(|f| f.severity == Severity::Error) {
             return Err(ConfigError(format!(
                 "{}: {}: {}",
@@ -548,7 +551,7 @@ impl Config {
 
     /// Every finding about this configuration: what `serve` refuses (errors) and what an
     /// auditor should look at (warnings).
-    pub fn validate(&self) -> Vec<Finding> {
+    pub fn validate(&self, now: i64) -> Vec<Finding> {
         let mut out = Vec::new();
         let mut err = |key: String, message: String| {
             out.push(Finding {
@@ -777,7 +780,7 @@ impl Config {
             &known,
             self.default_backend(),
             &self.anchor_facts(),
-            crate::app::now(),
+            now,
         ));
         if self.audit.checkpoint_key.is_none() {
             out.push(Finding {

@@ -43,7 +43,7 @@ pub fn merge_patch(data: &[u8]) {
             "endPt": { "fqdn": "ees-1.ecsp.example", "ipv4Addrs": ["192.0.2.1"] },
             "eecRegConf": false
         },
-        "expTime": body::format_time(NOW + 86_400),
+        "expTime": crate::clock::format_time(NOW + 86_400),
     });
     body::merge_patch(&mut doc, &Value::Object(patch));
     if let Some(obj) = doc.as_object() {
@@ -89,7 +89,7 @@ pub fn config_file(data: &[u8]) {
         return;
     };
     if let Ok(cfg) = Config::parse_text(text, Path::new("/nonexistent/ecs.toml"), HashMap::new()) {
-        let _ = cfg.validate();
+        let _ = cfg.validate(NOW);
     }
 }
 

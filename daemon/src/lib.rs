@@ -9,24 +9,20 @@
 
 pub mod app;
 pub mod audit;
-pub mod bench;
-pub mod checkpoint;
+pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
-pub mod daemon;
-pub mod diff;
-pub mod ees;
-pub mod explain;
 pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hardening;
 pub mod http;
-pub mod init;
 pub mod metrics;
 pub mod problem;
 pub mod ratelimit;
 pub mod registration;
 pub mod secrets;
+pub mod serve;
 pub mod store;
 pub mod token;

@@ -90,9 +90,6 @@ struct Issuer {
     max_lifetime: i64,
 }
 
-/// `max_token_lifetime` when the configuration does not say.
-pub const DEFAULT_MAX_LIFETIME_SECS: i64 = 3600;
-
 /// Verifies onboarding tokens against the configured issuers.
 pub struct TokenVerifier {
     audience: String,
@@ -159,7 +156,7 @@ impl TokenVerifier {
                 url: None,
                 last_fetch: Mutex::new(None),
                 min_refresh: Duration::from_secs(60),
-                max_lifetime: DEFAULT_MAX_LIFETIME_SECS,
+                max_lifetime: crate::config::DEFAULT_MAX_TOKEN_LIFETIME_SECS,
             }],
         })
     }

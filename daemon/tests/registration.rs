@@ -77,7 +77,7 @@ async fn onboarding_issues_a_certificate_that_follows_the_profile() {
     assert_eq!(validity, 30 * 86_400, "the domain's cert_validity");
     assert_eq!(
         ob["certExpTime"].as_str().unwrap(),
-        ecs_daemon::registration::body::format_time(cert.validity().not_after.timestamp())
+        ecs_daemon::clock::format_time(cert.validity().not_after.timestamp())
     );
 
     // The chain: issuing CA first, the root last; openssl agrees it all verifies.
@@ -878,7 +878,7 @@ async fn a_registration_past_its_exptime_is_implicitly_deregistered() {
     let ecs = Ecs::start_with(|c| {
         *c = c.replace("admin_listen", "sweep_interval = \"1s\"\nadmin_listen")
     });
-    let soon = ecs_daemon::registration::body::format_time(now() + 2);
+    let soon = ecs_daemon::clock::format_time(now() + 2);
     let e = ecs
         .register_body("ees-exp.ecsp.example", |b| b["expTime"] = json!(soon))
         .await;

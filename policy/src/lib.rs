@@ -19,7 +19,7 @@ mod names;
 pub use duration::PolicyDuration;
 pub use glob::{glob_match, glob_overlap};
 pub use ipnet::IpNet;
-pub use names::{EndpointFacts, OwnNames, RequestedName, SanName, UriHost, normalize_dns};
+pub use names::{EndpointFacts, OwnNames, RequestedName, SanName, UriHost, is_fqdn, normalize_dns};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -77,6 +77,30 @@ impl OwnNames {
     }
 }
 
+/// The TS 29.571 `Fqdn` pattern: labels of letters, digits and hyphens, a last label of
+/// 2 to 63 letters, 4 to 253 characters.
+pub fn is_fqdn(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    if s.len() < 4 || s.len() > 253 {
+        return false;
+    }
+    let labels: Vec<&str> = s.split('.').collect();
+    if labels.len() < 2 {
+        return false;
+    }
+    let last = labels[labels.len() - 1];
+    if !(2..=63).contains(&last.len()) || !last.chars().all(|c| c.is_ascii_alphabetic()) {
+        return false;
+    }
+    labels.iter().all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    })
+}
+
 /// DNS names compare in lower case and without the root's trailing dot.
 pub fn normalize_dns(name: &str) -> String {
     name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()

@@ -387,7 +387,7 @@ impl Ecsd {
                 ees_id,
                 prov_id: None,
                 ttl_secs: 600,
-                now: ecs_daemon::app::now(),
+                now: ecs_daemon::clock::now(),
             },
         )
         .unwrap()

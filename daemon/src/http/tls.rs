@@ -2,7 +2,8 @@
 //! AEAD suites only, TLS 1.3, groups x25519/secp256r1/secp384r1, ALPN `h2` and `http/1.1`,
 //! and an optional client certificate whose *trust* is decided per route, not here.
 
-use crate::app::{App, now};
+use crate::app::App;
+use crate::clock::now;
 use crate::config::url_host;
 use ecs_ca_backends::{CertTemplate, KeySigner, SanEntry, SoftwareKey, generate_p256_pkcs8_pem};
 use rustls::client::danger::HandshakeSignatureValid;
@@ -142,7 +143,7 @@ pub async fn server_identity(app: &App) -> Result<ServerIdentity, String> {
         Ok(ip) => add(SanEntry::Ip(ip)),
         Err(_) => add(SanEntry::Dns(host.to_ascii_lowercase())),
     }
-    if crate::registration::body::is_fqdn(&cfg.ecs_id) {
+    if ecs_policy::is_fqdn(&cfg.ecs_id) {
         add(SanEntry::Dns(cfg.ecs_id.to_ascii_lowercase()));
     }
     add(SanEntry::Ip(std::net::Ipv4Addr::LOCALHOST.into()));
@@ -172,7 +173,7 @@ pub async fn server_identity(app: &App) -> Result<ServerIdentity, String> {
     }
     tracing::info!(
         host = %host,
-        not_after = %crate::registration::body::format_time(issued.not_after),
+        not_after = %crate::clock::format_time(issued.not_after),
         "issued the server certificate with backend {}",
         backend.name
     );

@@ -5,7 +5,7 @@
 //! only what the ECS acts on is read out and validated.
 
 use crate::problem::{ApiError, Cause};
-use ecs_policy::{RequestedName, UriHost};
+use ecs_policy::{RequestedName, UriHost, is_fqdn};
 use serde_json::{Map, Value};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use time::OffsetDateTime;
@@ -164,14 +164,6 @@ pub fn parse_time(pointer: &str, s: &str, now: i64) -> Result<i64, ApiError> {
         return Err(incorrect(pointer, "is not in the future"));
     }
     Ok(t)
-}
-
-/// RFC 3339 in UTC, as the ECS writes times.
-pub fn format_time(t: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|d| d.format(&Rfc3339).ok())
-        .unwrap_or_default()
 }
 
 fn parse_onboarding(o: &Map<String, Value>) -> Result<OnboardingRequest, ApiError> {
@@ -341,30 +333,6 @@ fn addr_list<T: std::str::FromStr>(v: &Value, ptr: &str) -> Result<Vec<T>, ApiEr
                 .map_err(|_| incorrect(&format!("{ptr}/{i}"), "is not an IP address"))
         })
         .collect()
-}
-
-/// The TS 29.571 `Fqdn` pattern: labels of letters, digits and hyphens, a last label of
-/// 2 to 63 letters, 4 to 253 characters.
-pub fn is_fqdn(s: &str) -> bool {
-    let s = s.strip_suffix('.').unwrap_or(s);
-    if s.len() < 4 || s.len() > 253 {
-        return false;
-    }
-    let labels: Vec<&str> = s.split('.').collect();
-    if labels.len() < 2 {
-        return false;
-    }
-    let last = labels[labels.len() - 1];
-    if !(2..=63).contains(&last.len()) || !last.chars().all(|c| c.is_ascii_alphabetic()) {
-        return false;
-    }
-    labels.iter().all(|l| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-    })
 }
 
 fn is_uri(s: &str) -> bool {

@@ -5,20 +5,21 @@
 //! [`Commit`] that holds every change and its audit record. A refusal changes nothing and
 //! leaves only its audit record.
 
-use crate::app::{App, now, reason_name};
+use crate::app::{App, reason_name};
 use crate::audit::AuditEvent;
+use crate::clock::now;
 use crate::config::DEFAULT_DOMAIN;
 pub mod body;
-pub mod refusals;
 mod third_party;
 
 pub use third_party::THIRD_PARTY;
 use third_party::{third_party_cert_free, third_party_decision, third_party_still_trusted};
 
+use crate::clock::format_time;
 use crate::problem::{ApiError, Cause};
 use crate::store::{CertRecord, Commit, RegState, RegistrationRecord, Revocation, SpentToken};
 use crate::token::{TokenError, random_b64};
-use body::{RegistrationBody, format_time, parse_object, parse_registration};
+use body::{RegistrationBody, parse_object, parse_registration};
 use ecs_ca_backends::{CertTemplate, KeyKind, RevocationReason, SanEntry, parse_csr, sha256_hex};
 use ecs_policy::{DomainPolicy, KeyType, OnboardingFacts, SanName};
 use serde_json::{Value, json};

@@ -354,7 +354,7 @@ pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Res
         SoftwareKey::from_pkcs8_pem(&generate_p256_pkcs8_pem().map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
     let spki = ees_key.public_key_der().to_vec();
-    let now = crate::app::now();
+    let now = crate::clock::now();
     let policy_hash = cfg.policy_hash();
     let run = crate::token::random_b64(6)
         .to_lowercase()
@@ -432,7 +432,7 @@ pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Res
                 exp: now + 600,
             }),
             audit: Some(AuditEvent {
-                time: crate::registration::body::format_time(now),
+                time: crate::clock::format_time(now),
                 client: "ecsd bench --prefill".into(),
                 action: "register".into(),
                 outcome: "accepted".into(),

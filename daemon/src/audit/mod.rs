@@ -4,6 +4,9 @@
 //! describe, so an acknowledged registration always has its record, and a refusal leaves
 //! only its record. `ecsd audit verify` recomputes the chain.
 
+pub mod checkpoint;
+pub mod refusals;
+
 use serde::{Deserialize, Serialize};
 
 /// The `prev_hash` of the first record.

@@ -53,7 +53,7 @@ pub fn explain(cfg: &Config, case: &Case) -> Result<(Decision, Value), String> {
     let requested = endpoint_names(&case.endpoint)?;
     let endpoint = ecs_policy::EndpointFacts {
         requested: &requested,
-        ees_id_is_fqdn: crate::registration::body::is_fqdn(&ees_id),
+        ees_id_is_fqdn: ecs_policy::is_fqdn(&ees_id),
         own: &own,
     };
     let decision = match &case.chain_pem {
@@ -122,7 +122,7 @@ pub fn explain(cfg: &Config, case: &Case) -> Result<(Decision, Value), String> {
         "domain": case.domain,
         "eesId": ees_id,
         "tokenIssuer": issuer_name,
-        "at": crate::registration::body::format_time(case.at),
+        "at": crate::clock::format_time(case.at),
         "path": if case.chain_pem.is_some() { "THIRD_PARTY" } else { "ECS_ISSUED" },
         "rules": decision.evaluated.iter().map(|r| json!({"rule": r.rule, "passed": r.passed, "detail": r.detail})).collect::<Vec<_>>(),
     });
@@ -138,7 +138,7 @@ pub fn explain(cfg: &Config, case: &Case) -> Result<(Decision, Value), String> {
             v["approval"] = json!({
                 "backend": a.backend.clone().unwrap_or_else(|| cfg.default_backend().to_string()),
                 "certValiditySecs": a.cert_validity_secs,
-                "registrationExpiry": crate::registration::body::format_time(a.registration_expiry),
+                "registrationExpiry": crate::clock::format_time(a.registration_expiry),
                 "secretToken": a.issue_secret_token,
             });
         }

@@ -192,7 +192,7 @@ pub fn diff(
                 ees_id,
                 endpoint: ecs_policy::EndpointFacts {
                     requested: &[],
-                    ees_id_is_fqdn: crate::registration::body::is_fqdn(ees_id),
+                    ees_id_is_fqdn: ecs_policy::is_fqdn(ees_id),
                     own: &own,
                 },
                 key_type: key_type_of(&description),

@@ -1,0 +1,901 @@
+//! The command line of `ecsd`: the clap types and the dispatch of every command.
+//!
+//! Exit status: 0 success, 2 usage or configuration error, 1 anything else; errors go to
+//! stderr in one line naming the file, key or argument at fault.
+
+use crate::audit::{AuditRecord, verify_chain};
+use crate::config::Config;
+use crate::store;
+use clap::{Args, Parser, Subcommand};
+mod bench;
+mod diff;
+mod ees;
+mod explain;
+mod init;
+
+use crate::{serve, token};
+use ecs_policy::{PolicyDuration, Severity};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "ecsd",
+    version,
+    about = "ECS registration authority and CA for Edge Enabler Servers"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the daemon. Without --config: `init` ./ecs-data if it is empty, then serve from it.
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Write a complete, working configuration and its keys into DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+        /// Defaults to https://LISTEN.
+        #[arg(long)]
+        public_url: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        admin_listen: String,
+        #[arg(long, default_value = "ecs.mno.example")]
+        ecs_id: String,
+    },
+    /// Onboarding tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The reference EES client.
+    #[command(subcommand)]
+    Ees(EesCmd),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Static checks of a configuration's policy.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// The load generator: full registrations against an ECS, or the same CSRs against a
+    /// `cfssl serve` `/api/v1/cfssl/sign` endpoint.
+    Bench {
+        /// The ECS configuration whose development token issuer mints the tokens.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "ecs")]
+        target: BenchTarget,
+        /// The ECS (https) or cfssl (http/https) base URL; default: the ECS's public_url.
+        #[arg(long)]
+        url: Option<String>,
+        /// Trust roots for https; default: the configuration's root.pem.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        #[arg(long)]
+        cfssl_profile: Option<String>,
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value = "reuse")]
+        connections: BenchConnections,
+        /// Stop after this long even if requests remain.
+        #[arg(long)]
+        duration: Option<PolicyDuration>,
+        /// The server's pid, for its CPU seconds and peak RSS.
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long, default_value = "text")]
+        format: Format,
+        /// Instead of driving a running ECS: store this many registrations directly in the
+        /// configuration's store (the daemon stopped), for the scale scenarios.
+        #[arg(long)]
+        prefill: Option<usize>,
+        /// With --prefill: how many of them are de-registered, their certificates revoked.
+        #[arg(long, default_value_t = 0)]
+        prefill_revoked: usize,
+    },
+    /// A PKCS#11 key ceremony: one reviewed file in, verified artefacts and a transcript out.
+    Ceremony {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Print an onboarding token signed by a token issuer whose private key the
+    /// configuration holds (the development issuer).
+    Mint {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        ees_id: String,
+        #[arg(long)]
+        prov_id: Option<String>,
+        #[arg(long, default_value = "10m")]
+        ttl: PolicyDuration,
+        /// The [token_issuers.NAME] to sign as; default: the only one with a private_key.
+        #[arg(long)]
+        issuer: Option<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct EesDir {
+    /// The folder `ees register --out` wrote.
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+// Parsed once per process; the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+pub enum EesCmd {
+    /// Make a key pair and CSR, register, save certificate, chain, ID and Secret_token.
+    Register {
+        /// The ECS's base URL.
+        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        url: String,
+        /// The root CA certificate to check the ECS's TLS certificate against.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The onboarding token (or --token-file).
+        #[arg(long, conflicts_with = "token_file")]
+        token: Option<String>,
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        #[arg(long)]
+        ees_id: String,
+        #[arg(long)]
+        prov_id: Option<String>,
+        /// The EES endpoint: an FQDN (default: the EES ID when it is one) ...
+        #[arg(long, group = "endpoint")]
+        fqdn: Option<String>,
+        /// ... or IPv4 addresses ...
+        #[arg(long, group = "endpoint", num_args = 1..)]
+        ipv4: Vec<String>,
+        /// ... or IPv6 addresses ...
+        #[arg(long, group = "endpoint", num_args = 1..)]
+        ipv6: Vec<String>,
+        /// ... or a URI.
+        #[arg(long, group = "endpoint")]
+        uri: Option<String>,
+        /// Proposed expiry, RFC 3339.
+        #[arg(long)]
+        exp_time: Option<String>,
+        /// Ask for a Secret_token.
+        #[arg(long)]
+        secret_token: bool,
+        /// Where to save the EES's state.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show the registration as the ECS has it.
+    Show(EesDir),
+    /// Send the profile again (renews the registration), optionally with a new expTime.
+    Update {
+        #[command(flatten)]
+        dir: EesDir,
+        #[arg(long)]
+        exp_time: Option<String>,
+    },
+    /// New key pair and certificate; the old certificate is revoked (superseded).
+    Rekey {
+        #[command(flatten)]
+        dir: EesDir,
+        /// Authenticate with the saved Secret_token instead of the certificate.
+        #[arg(long)]
+        with_secret_token: bool,
+    },
+    /// End the registration; its certificates are revoked.
+    Deregister(EesDir),
+}
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    /// Recompute the hash chain; exit 1 naming the first broken record.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print audit records.
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only records at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value = "text")]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCmd {
+    /// Everything `serve` would refuse (errors) and what an auditor should look at (warnings).
+    Lint {
+        config: PathBuf,
+        #[arg(long, default_value = "text")]
+        format: Format,
+    },
+    /// What a proposed policy changes: rules, and against CURRENT's store the registrations
+    /// it would no longer admit and the recorded refusals it would now admit.
+    Diff {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        proposed: PathBuf,
+        #[arg(long, default_value = "text")]
+        format: Format,
+    },
+    /// The decision for one case, with every rule evaluated in order.
+    Explain {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        ees_id: Option<String>,
+        /// An onboarding token (read for iss, sub and provId; not verified).
+        #[arg(long)]
+        token: Option<String>,
+        /// The token issuer's configuration name, when no token is given.
+        #[arg(long)]
+        token_issuer: Option<String>,
+        /// A third-party certificate chain (PEM, leaf first): explains the third-party path.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// The CSR key type for the ECS-issued path.
+        #[arg(long, default_value = "p256")]
+        key_type: String,
+        /// The endpoint the EES declares (an FQDN, an IP address or a URI); repeat for
+        /// several addresses. Absent: the eesId alone.
+        #[arg(long)]
+        endpoint: Vec<String>,
+        /// The decision time (RFC 3339); default now.
+        #[arg(long)]
+        at: Option<String>,
+        #[arg(long, default_value = "text")]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum BenchTarget {
+    Ecs,
+    Cfssl,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum BenchConnections {
+    Reuse,
+    New,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// A failure with its exit status.
+pub struct Fail(pub u8, pub String);
+
+fn usage(m: impl Into<String>) -> Fail {
+    Fail(2, m.into())
+}
+
+fn other(m: impl Into<String>) -> Fail {
+    Fail(1, m.into())
+}
+
+fn load(path: &Path) -> Result<Config, Fail> {
+    let (cfg, warnings) = Config::load(path).map_err(|e| usage(e.0))?;
+    for w in warnings {
+        tracing::warn!("{}: {w}", path.display());
+    }
+    Ok(cfg)
+}
+
+pub async fn run(cmd: Command) -> Result<(), Fail> {
+    match cmd {
+        Command::Serve { config } => {
+            let path = match config {
+                Some(p) => p,
+                None => {
+                    let dir = PathBuf::from("ecs-data");
+                    let empty = std::fs::read_dir(&dir)
+                        .map(|mut d| d.next().is_none())
+                        .unwrap_or(true);
+                    if empty {
+                        init::init(&dir, &init::InitOptions::default()).map_err(other)?;
+                        tracing::info!("initialised ./ecs-data (root CA: ecs-data/root.pem)");
+                    }
+                    dir.join("ecs.toml")
+                }
+            };
+            let cfg = load(&path)?;
+            serve::serve(cfg).await.map_err(other)
+        }
+        Command::Init {
+            dir,
+            listen,
+            public_url,
+            admin_listen,
+            ecs_id,
+        } => {
+            let public_url = public_url.unwrap_or_else(|| format!("https://{listen}"));
+            init::init(
+                &dir,
+                &init::InitOptions {
+                    listen,
+                    public_url,
+                    admin_listen,
+                    ecs_id,
+                },
+            )
+            .map_err(other)?;
+            println!("wrote {}", dir.join("ecs.toml").display());
+            Ok(())
+        }
+        Command::Token(TokenCmd::Mint {
+            config,
+            ees_id,
+            prov_id,
+            ttl,
+            issuer,
+        }) => {
+            let cfg = load(&config)?;
+            let name = match issuer {
+                Some(n) => n,
+                None => {
+                    let minting: Vec<&String> = cfg
+                        .token_issuers
+                        .iter()
+                        .filter(|(_, i)| i.private_key.is_some())
+                        .map(|(n, _)| n)
+                        .collect();
+                    match minting.as_slice() {
+                        [one] => (*one).clone(),
+                        [] => {
+                            return Err(usage(
+                                "no token issuer in the configuration has a private_key",
+                            ));
+                        }
+                        _ => {
+                            return Err(usage(
+                                "--issuer: several token issuers have a private_key; name one",
+                            ));
+                        }
+                    }
+                }
+            };
+            let t = token::mint(
+                &cfg,
+                &name,
+                &token::MintRequest {
+                    ees_id: &ees_id,
+                    prov_id: prov_id.as_deref(),
+                    ttl_secs: ttl.as_secs(),
+                    now: crate::clock::now(),
+                },
+            )
+            .map_err(usage)?;
+            println!("{t}");
+            Ok(())
+        }
+        Command::Ees(cmd) => run_ees(cmd).await,
+        Command::Ceremony { config } => ceremony(&config),
+        Command::Bench {
+            config,
+            target,
+            url,
+            ca,
+            cfssl_profile,
+            requests,
+            concurrency,
+            connections,
+            duration,
+            pid,
+            format,
+            prefill,
+            prefill_revoked,
+        } => {
+            let cfg = load(&config)?;
+            if let Some(n) = prefill {
+                let report = bench::prefill(&cfg, n, prefill_revoked).map_err(other)?;
+                println!("{report}");
+                return Ok(());
+            }
+            let prefix = format!(
+                "bench-{}",
+                token::random_b64(6).to_lowercase().replace(['-', '_'], "x")
+            );
+            let (ees_ids, csrs) = bench::prepare(requests, &prefix).map_err(other)?;
+            let tokens = if target == BenchTarget::Ecs {
+                let name = cfg
+                    .token_issuers
+                    .iter()
+                    .find(|(_, i)| i.private_key.is_some())
+                    .map(|(n, _)| n.clone())
+                    .ok_or_else(|| usage("--config: no token issuer with a private_key"))?;
+                let now = crate::clock::now();
+                ees_ids
+                    .iter()
+                    .map(|id| {
+                        token::mint(
+                            &cfg,
+                            &name,
+                            &token::MintRequest {
+                                ees_id: id,
+                                prov_id: None,
+                                ttl_secs: 3600,
+                                now,
+                            },
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(other)?
+            } else {
+                Vec::new()
+            };
+            let ca =
+                ca.unwrap_or_else(|| config.parent().unwrap_or(Path::new(".")).join("root.pem"));
+            let roots_pem = std::fs::read(&ca).unwrap_or_default();
+            let report = bench::run(bench::BenchArgs {
+                target: if target == BenchTarget::Ecs {
+                    bench::Target::Ecs
+                } else {
+                    bench::Target::Cfssl
+                },
+                url: url.unwrap_or_else(|| cfg.public_base().to_string()),
+                roots_pem,
+                tokens,
+                ees_ids,
+                csrs,
+                concurrency: concurrency.max(1),
+                connections: if connections == BenchConnections::Reuse {
+                    bench::Connections::Reuse
+                } else {
+                    bench::Connections::New
+                },
+                duration: duration.map(|d| std::time::Duration::from_secs(d.as_secs())),
+                cfssl_profile,
+                server_pid: pid,
+            })
+            .await
+            .map_err(other)?;
+            if format == Format::Json {
+                println!("{report}");
+            } else {
+                print!("{}", bench::render_text(&report));
+            }
+            Ok(())
+        }
+        Command::Audit(cmd) => run_audit(cmd).await,
+        Command::Policy(PolicyCmd::Diff {
+            config,
+            proposed,
+            format,
+        }) => {
+            let current = load(&config)?;
+            let (new, _) = Config::load(&proposed).map_err(|e| usage(e.0))?;
+            let (audit, _) = audit_log(&current).await?;
+            let registrations = active_registrations(&current).await?;
+            let d = diff::diff(&current, &new, &registrations, &audit, crate::clock::now());
+            if format == Format::Json {
+                println!("{}", serde_json::to_string(&d).unwrap_or_default());
+            } else {
+                print!("{}", diff::render_text(&d));
+            }
+            Ok(())
+        }
+        Command::Policy(PolicyCmd::Explain {
+            config,
+            domain,
+            ees_id,
+            token,
+            token_issuer,
+            cert,
+            key_type,
+            endpoint,
+            at,
+            format,
+        }) => {
+            let cfg = load(&config)?;
+            let at = match at {
+                Some(s) => {
+                    time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
+                        .map_err(|_| usage(format!("--at: {s:?} is not an RFC 3339 time")))?
+                        .unix_timestamp()
+                }
+                None => crate::clock::now(),
+            };
+            let key_type: ecs_policy::KeyType =
+                serde_json::from_value(json!(key_type)).map_err(|_| {
+                    usage("--key-type: one of p256, p384, ed25519, rsa2048, rsa3072, rsa4096")
+                })?;
+            let chain_pem = match cert {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .map_err(|e| usage(format!("--cert: {}: {e}", p.display())))?,
+                ),
+                None => None,
+            };
+            let (_, v) = explain::explain(
+                &cfg,
+                &explain::Case {
+                    domain,
+                    ees_id,
+                    token,
+                    token_issuer,
+                    chain_pem,
+                    key_type,
+                    endpoint,
+                    at,
+                },
+            )
+            .map_err(usage)?;
+            if format == Format::Json {
+                println!("{v}");
+            } else {
+                print!("{}", explain::render_text(&v));
+            }
+            Ok(())
+        }
+        Command::Policy(PolicyCmd::Lint { config, format }) => {
+            let (cfg_result, findings) = match Config::parse(&config) {
+                Ok(cfg) => (Ok(()), cfg.validate(crate::clock::now())),
+                Err(e) => (Err(e.0), Vec::new()),
+            };
+            let errors =
+                findings.iter().any(|f| f.severity == Severity::Error) || cfg_result.is_err();
+            if format == Format::Json {
+                let mut items: Vec<Value> = findings
+                    .iter()
+                    .map(|f| json!({"severity": f.severity, "key": f.key, "message": f.message}))
+                    .collect();
+                if let Err(e) = &cfg_result {
+                    items.push(json!({"severity": "error", "key": null, "message": e}));
+                }
+                println!("{}", json!({"findings": items}));
+            } else {
+                if let Err(e) = &cfg_result {
+                    println!("error: {e}");
+                }
+                for f in &findings {
+                    println!("{f}");
+                }
+                if findings.is_empty() && cfg_result.is_ok() {
+                    println!("clean");
+                }
+            }
+            if errors {
+                Err(Fail(1, "the configuration has errors".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+fn ceremony(path: &Path) -> Result<(), Fail> {
+    use ecs_ca_backends::ceremony::{self, CeremonyConfig, Pins};
+    let text = std::fs::read(path).map_err(|e| usage(format!("{}: {e}", path.display())))?;
+    let hash = ecs_ca_backends::sha256_hex(&text);
+    let text =
+        String::from_utf8(text).map_err(|_| usage(format!("{}: not UTF-8", path.display())))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let cfg = CeremonyConfig::parse(&text, base)
+        .map_err(|e| usage(format!("{}: {e}", path.display())))?;
+    let resolve = |spec: &Option<String>,
+                   key: &str|
+     -> Result<Option<ecs_ca_backends::pkcs11::AuthPin>, Fail> {
+        match spec {
+            Some(s) => crate::secrets::resolve(s, key, base)
+                .map(|p| Some(p.as_str().into()))
+                .map_err(|e| usage(format!("{}: {e}", path.display()))),
+            None => Ok(None),
+        }
+    };
+    let pins = Pins {
+        hsm: resolve(&cfg.hsm.pin, "hsm.pin")?,
+        issuer: resolve(&cfg.issuer.as_ref().map(|i| i.pin.clone()), "issuer.pin")?,
+    };
+    match ceremony::run(&cfg, &pins, &hash) {
+        Ok(t) => {
+            print!("{}", t.summary());
+            Ok(())
+        }
+        Err(ecs_ca_backends::Error::Config(m)) => Err(usage(format!("{}: {m}", path.display()))),
+        Err(e) => Err(other(format!("{}: {e}", path.display()))),
+    }
+}
+
+async fn run_ees(cmd: EesCmd) -> Result<(), Fail> {
+    let print = |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    match cmd {
+        EesCmd::Register {
+            url,
+            ca,
+            token,
+            token_file,
+            ees_id,
+            prov_id,
+            fqdn,
+            ipv4,
+            ipv6,
+            uri,
+            exp_time,
+            secret_token,
+            out,
+        } => {
+            let token = match (token, token_file) {
+                (Some(t), _) => t,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .map_err(|e| usage(format!("--token-file: {}: {e}", f.display())))?
+                    .trim()
+                    .to_string(),
+                (None, None) => return Err(usage("--token or --token-file is required")),
+            };
+            let endpoint = if let Some(f) = fqdn {
+                json!({"fqdn": f})
+            } else if !ipv4.is_empty() {
+                json!({"ipv4Addrs": ipv4})
+            } else if !ipv6.is_empty() {
+                json!({"ipv6Addrs": ipv6})
+            } else if let Some(u) = uri {
+                json!({"uri": u})
+            } else if ecs_policy::is_fqdn(&ees_id) {
+                json!({"fqdn": ees_id})
+            } else {
+                return Err(usage(
+                    "the EES ID is not an FQDN: give --fqdn, --ipv4, --ipv6 or --uri",
+                ));
+            };
+            let state = ees::register(ees::RegisterArgs {
+                url,
+                ca,
+                token,
+                ees_id,
+                prov_id,
+                endpoint,
+                exp_time,
+                secret_token,
+                out: out.clone(),
+            })
+            .await
+            .map_err(other)?;
+            println!(
+                "registered {}",
+                state["registrationId"].as_str().unwrap_or("")
+            );
+            println!("location   {}", state["location"].as_str().unwrap_or(""));
+            println!("expires    {}", state["expTime"].as_str().unwrap_or(""));
+            println!(
+                "saved      {}/{{key,cert,chain,ca}}.pem, registration.json",
+                out.display()
+            );
+            Ok(())
+        }
+        EesCmd::Show(d) => ees::show(&d.dir).await.map(|v| print(&v)).map_err(other),
+        EesCmd::Update { dir, exp_time } => ees::update(&dir.dir, exp_time)
+            .await
+            .map(|v| print(&json!({"expTime": v["expTime"]})))
+            .map_err(other),
+        EesCmd::Rekey {
+            dir,
+            with_secret_token,
+        } => ees::rekey(&dir.dir, with_secret_token)
+            .await
+            .map(|v| {
+                print(&json!({
+                    "certExpTime": v["onboarding"]["certExpTime"],
+                    "certFingerprint": v["onboarding"]["authInfo"]["certFingerprint"],
+                }))
+            })
+            .map_err(other),
+        EesCmd::Deregister(d) => ees::deregister(&d.dir)
+            .await
+            .map(|_| println!("deregistered"))
+            .map_err(other),
+    }
+}
+
+/// Reads the audit log: from the store when no daemon holds it, else through the daemon's
+/// admin API.
+async fn audit_log(cfg: &Config) -> Result<(Vec<AuditRecord>, (u64, String)), Fail> {
+    if !cfg.storage.path.exists() {
+        // No store yet (a daemon never ran with this configuration): nothing recorded.
+        return Ok((Vec::new(), (0, crate::audit::GENESIS_HASH.to_string())));
+    }
+    match store::open(&cfg.storage) {
+        Ok(store) => {
+            let records = store.audit_records(1).map_err(|e| other(e.to_string()))?;
+            let head = store.audit_head().map_err(|e| other(e.to_string()))?;
+            Ok((records, head))
+        }
+        Err(open_err) => {
+            // The daemon holds the store: page through its control socket.
+            let socket = cfg.admin_socket_path();
+            let fail = |e: String| {
+                other(format!(
+                    "storage.path: {open_err}; control socket {}: {e}",
+                    socket.display()
+                ))
+            };
+            let mut records: Vec<AuditRecord> = Vec::new();
+            let mut from = 1u64;
+            loop {
+                let v = control_get(&socket, &format!("/admin/v1/audit/records?from={from}"))
+                    .await
+                    .map_err(fail)?;
+                let page: Vec<AuditRecord> = serde_json::from_value(v["records"].clone())
+                    .map_err(|e| fail(e.to_string()))?;
+                records.extend(page);
+                match v["next"].as_u64() {
+                    Some(next) => from = next,
+                    None => {
+                        let head = (
+                            v["head"]["seq"].as_u64().unwrap_or(0),
+                            v["head"]["hash"].as_str().unwrap_or_default().to_string(),
+                        );
+                        return Ok((records, head));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Active registrations with their certificates: from the store, or through the admin API
+/// while the daemon holds it.
+async fn active_registrations(
+    cfg: &Config,
+) -> Result<Vec<(crate::store::RegistrationRecord, crate::store::CertRecord)>, Fail> {
+    if !cfg.storage.path.exists() {
+        return Ok(Vec::new());
+    }
+    match store::open(&cfg.storage) {
+        Ok(store) => store
+            .active_registrations()
+            .map_err(|e| other(e.to_string())),
+        Err(open_err) => {
+            let socket = cfg.admin_socket_path();
+            let fail = |e: String| {
+                other(format!(
+                    "storage.path: {open_err}; control socket {}: {e}",
+                    socket.display()
+                ))
+            };
+            let mut out = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let path = match &after {
+                    Some(a) => format!("/admin/v1/registrations?after={a}"),
+                    None => "/admin/v1/registrations".to_string(),
+                };
+                let v = control_get(&socket, &path).await.map_err(fail)?;
+                for item in v["registrations"].as_array().into_iter().flatten() {
+                    out.push((
+                        serde_json::from_value(item["registration"].clone())
+                            .map_err(|e| fail(e.to_string()))?,
+                        serde_json::from_value(item["cert"].clone())
+                            .map_err(|e| fail(e.to_string()))?,
+                    ));
+                }
+                match v["next"].as_str() {
+                    Some(next) => after = Some(next.to_string()),
+                    None => return Ok(out),
+                }
+            }
+        }
+    }
+}
+
+/// A GET on the daemon's control socket, answered as JSON.
+async fn control_get(socket: &Path, path: &str) -> Result<Value, String> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", "ecsd")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
+async fn run_audit(cmd: AuditCmd) -> Result<(), Fail> {
+    match cmd {
+        AuditCmd::Verify { config } => {
+            let cfg = load(&config)?;
+            let (records, head) = audit_log(&cfg).await?;
+            let n = verify_chain(&records, (head.0, &head.1)).map_err(|b| {
+                other(format!(
+                    "audit log broken at record {}: {}",
+                    b.seq, b.reason
+                ))
+            })?;
+            // The chain in the store must extend every signed checkpoint kept outside it.
+            let checkpoints = match &cfg.audit.checkpoint_key {
+                Some(key) => {
+                    use crate::audit::checkpoint;
+                    let spki = checkpoint::verifying_key(key).map_err(usage)?;
+                    let log = checkpoint::read_log(&cfg.audit.checkpoint_log).map_err(other)?;
+                    let k = checkpoint::verify(&records, &log, &spki)
+                        .map_err(|e| other(format!("audit log broken at {e}")))?;
+                    format!(", extends {k} signed checkpoints")
+                }
+                None => ", no checkpoints configured (audit.checkpoint_key)".into(),
+            };
+            println!(
+                "audit log intact: {n} records, head {}{checkpoints}",
+                head.1
+            );
+            Ok(())
+        }
+        AuditCmd::Export {
+            config,
+            since,
+            format,
+        } => {
+            let cfg = load(&config)?;
+            let since = match since {
+                Some(s) => Some(
+                    time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
+                        .map_err(|_| usage(format!("--since: {s:?} is not an RFC 3339 time")))?,
+                ),
+                None => None,
+            };
+            let (records, _) = audit_log(&cfg).await?;
+            for r in records {
+                if let Some(s) = since {
+                    let t = time::OffsetDateTime::parse(
+                        &r.event.time,
+                        &time::format_description::well_known::Rfc3339,
+                    );
+                    if t.is_ok_and(|t| t < s) {
+                        continue;
+                    }
+                }
+                if format == Format::Json {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                } else {
+                    let e = &r.event;
+                    println!(
+                        "{:>6} {} {:<10} {:<8} {:>3} {:<24} ees={} reg={} client={}",
+                        r.seq,
+                        e.time,
+                        e.action,
+                        e.outcome,
+                        e.status,
+                        e.cause.as_deref().unwrap_or("-"),
+                        e.ees_id.as_deref().unwrap_or("-"),
+                        e.registration_id.as_deref().unwrap_or("-"),
+                        e.client,
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
