@@ -115,142 +115,6 @@ fn reason_of(name: &str) -> RevocationReason {
     }
 }
 
-/// A CRL a domain checks third-party certificates against.
-pub enum CrlSource {
-    File {
-        name: String,
-        der: Vec<u8>,
-    },
-    /// Fetched over HTTPS and kept for five minutes.
-    Url {
-        url: String,
-        client: crate::client::HttpsClient,
-        cache: tokio::sync::Mutex<Option<(Vec<u8>, std::time::Instant)>>,
-    },
-}
-
-/// What a domain trusts for third-party EES certificates, loaded at start.
-pub struct ThirdPartyTrust {
-    /// (configured file, DER) of each trust anchor.
-    pub anchors: Vec<(String, Vec<u8>)>,
-    pub crls: Vec<CrlSource>,
-    /// Counts the changes of fetched CRLs, so that verdicts taken before one are not reused.
-    crl_epoch: std::sync::atomic::AtomicU64,
-}
-
-impl ThirdPartyTrust {
-    /// Fetches the CRLs that are due and returns the epoch of the CRLs now in force (a CRL
-    /// that cannot be fetched leaves the epoch: the next check fails closed on it anyway).
-    pub async fn refresh_crls(&self) -> u64 {
-        use std::sync::atomic::Ordering;
-        if self.crls.iter().any(|c| matches!(c, CrlSource::Url { .. })) {
-            let _ = self.crls().await;
-        }
-        self.crl_epoch.load(Ordering::SeqCst)
-    }
-
-    /// The CRLs, fetching what is due; any that cannot be had makes the check fail closed.
-    pub async fn crls(&self) -> Result<Vec<Vec<u8>>, String> {
-        let mut out = Vec::new();
-        for c in &self.crls {
-            match c {
-                CrlSource::File { der, .. } => out.push(der.clone()),
-                CrlSource::Url { url, client, cache } => {
-                    let mut cache = cache.lock().await;
-                    if let Some((der, at)) = cache.as_ref()
-                        && at.elapsed() < std::time::Duration::from_secs(300)
-                    {
-                        out.push(der.clone());
-                        continue;
-                    }
-                    let r = client
-                        .request("GET", url, &[], None)
-                        .await
-                        .map_err(|e| format!("CRL {url} could not be fetched: {e}"))?;
-                    if r.status != 200 {
-                        return Err(format!("CRL {url} could not be fetched: HTTP {}", r.status));
-                    }
-                    if cache.as_ref().is_none_or(|(old, _)| *old != r.body) {
-                        self.crl_epoch
-                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    *cache = Some((r.body.clone(), std::time::Instant::now()));
-                    out.push(r.body);
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-fn load_third_party(
-    domain: &str,
-    tp: &ecs_policy::ThirdPartyPolicy,
-    roots_pem: &[u8],
-) -> Result<ThirdPartyTrust, String> {
-    let key = format!("domains.{domain}.third_party");
-    let mut anchors = Vec::new();
-    for path in &tp.trust_anchors {
-        let pem = crate::files::read_to_string(path)
-            .map_err(|e| format!("{key}.trust_anchors: {path}: {e}"))?;
-        for der in
-            pem_chain_to_der(&pem).map_err(|e| format!("{key}.trust_anchors: {path}: {e}"))?
-        {
-            use der::Decode;
-            let cert = x509_cert::Certificate::from_der(&der)
-                .map_err(|e| format!("{key}.trust_anchors: {path}: {e}"))?;
-            let is_ca = cert
-                .tbs_certificate()
-                .get_extension::<x509_cert::ext::pkix::BasicConstraints>()
-                .ok()
-                .flatten()
-                .is_some_and(|(_, b)| b.ca);
-            if !is_ca {
-                return Err(format!("{key}.trust_anchors: {path}: not a CA certificate"));
-            }
-            anchors.push((path.clone(), der));
-        }
-    }
-    if tp.accept && anchors.is_empty() {
-        return Err(format!(
-            "{key}.trust_anchors: accept = true needs at least one trust anchor"
-        ));
-    }
-    let mut crls = Vec::new();
-    for c in &tp.crls {
-        if c.starts_with("https://") {
-            let client =
-                crate::client::HttpsClient::new(roots_pem, None, crate::client::HttpVersion::Http1)
-                    .map_err(|e| format!("{key}.crls: {c}: {e}"))?;
-            crls.push(CrlSource::Url {
-                url: c.clone(),
-                client,
-                cache: tokio::sync::Mutex::new(None),
-            });
-        } else if c.starts_with("http://") {
-            return Err(format!("{key}.crls: {c}: give a file or an https:// URL"));
-        } else {
-            let bytes = crate::files::read(c).map_err(|e| format!("{key}.crls: {c}: {e}"))?;
-            let der = match std::str::from_utf8(&bytes) {
-                Ok(text) if text.contains("-----BEGIN") => {
-                    ecs_ca_backends::pem_to_der(text, "X509 CRL")
-                        .map_err(|e| format!("{key}.crls: {c}: {e}"))?
-                }
-                _ => bytes,
-            };
-            crls.push(CrlSource::File {
-                name: c.clone(),
-                der,
-            });
-        }
-    }
-    Ok(ThirdPartyTrust {
-        anchors,
-        crls,
-        crl_epoch: std::sync::atomic::AtomicU64::new(0),
-    })
-}
-
 /// Back-pressure on signing and storing: a bounded number at work, a bounded number waiting,
 /// and an immediate 503 past that instead of unbounded latency and memory.
 pub struct SigningQueue {
@@ -314,7 +178,7 @@ impl Limiters {
 pub struct Policy {
     pub domains: BTreeMap<String, ecs_policy::DomainPolicy>,
     /// Third-party trust of each domain that has a `third_party` section.
-    pub third_party: BTreeMap<String, ThirdPartyTrust>,
+    pub third_party: BTreeMap<String, crate::trust::ThirdPartyTrust>,
     /// Content hash of the policy, written into every audit record.
     pub hash: String,
     /// Distinct for every policy loaded by this process: verdicts are cached per generation.
@@ -379,18 +243,14 @@ impl VerdictCache {
     }
 }
 
+use crate::trust::ThirdPartyTrust;
+
 impl Policy {
     fn load(cfg: &Config, roots: &[u8]) -> Result<Policy, String> {
         let mut third_party = BTreeMap::new();
         for (name, d) in &cfg.domains {
             if let Some(tp) = &d.third_party {
-                let mut trust_roots = roots.to_vec();
-                for a in &tp.trust_anchors {
-                    if let Ok(pem) = crate::files::read(a) {
-                        trust_roots.extend_from_slice(&pem);
-                    }
-                }
-                third_party.insert(name.clone(), load_third_party(name, tp, &trust_roots)?);
+                third_party.insert(name.clone(), ThirdPartyTrust::load(name, tp, roots)?);
             }
         }
         Ok(Policy {

@@ -802,7 +802,8 @@ impl Config {
         out
     }
 
-    /// Reads every domain's third-party trust anchors for the lint.
+    /// Reads every domain's third-party trust anchors for the lint: each file's certificates
+    /// with their facts, or why the file is unusable.
     fn anchor_facts(&self) -> BTreeMap<String, Vec<ecs_policy::AnchorFacts>> {
         use der::Decode;
         let mut out = BTreeMap::new();
@@ -810,36 +811,33 @@ impl Config {
             let Some(tp) = &d.third_party else { continue };
             let mut facts = Vec::new();
             for path in &tp.trust_anchors {
-                let parsed = crate::files::read_to_string(path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|pem| {
-                        ecs_ca_backends::pem_chain_to_der(&pem).map_err(|e| e.to_string())
-                    })
-                    .and_then(|ders| {
-                        ders.iter()
-                            .map(|d| x509_cert::Certificate::from_der(d).map_err(|e| e.to_string()))
-                            .collect::<Result<Vec<_>, _>>()
-                    });
-                match parsed {
-                    Ok(certs) => {
-                        for c in certs {
-                            let tbs = c.tbs_certificate();
+                match crate::trust::read_anchor_file(path) {
+                    Ok(ders) => {
+                        for der in ders {
+                            let not_after = x509_cert::Certificate::from_der(&der)
+                                .map(|c| {
+                                    c.tbs_certificate()
+                                        .validity()
+                                        .not_after
+                                        .to_unix_duration()
+                                        .as_secs() as i64
+                                })
+                                .unwrap_or(0);
                             facts.push(ecs_policy::AnchorFacts {
                                 path: path.clone(),
                                 parsed: Ok(()),
-                                is_ca: tbs
-                                    .get_extension::<x509_cert::ext::pkix::BasicConstraints>()
-                                    .ok()
-                                    .flatten()
-                                    .is_some_and(|(_, b)| b.ca),
-                                not_after: tbs.validity().not_after.to_unix_duration().as_secs()
-                                    as i64,
+                                is_ca: true,
+                                not_after,
                             });
                         }
                     }
                     Err(e) => facts.push(ecs_policy::AnchorFacts {
                         path: path.clone(),
-                        parsed: Err(e),
+                        // The lint names the file itself.
+                        parsed: Err(e
+                            .strip_prefix(&format!("{path}: "))
+                            .unwrap_or(&e)
+                            .to_string()),
                         is_ca: false,
                         not_after: 0,
                     }),

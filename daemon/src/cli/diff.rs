@@ -103,17 +103,18 @@ pub fn diff(
             let mut chain = vec![cert.der()];
             chain.extend(cert.chain_hex.iter().filter_map(|h| hex::decode(h).ok()));
             let tp = domain.third_party.clone().unwrap_or_default();
-            let anchors: Vec<(String, Vec<u8>)> = tp
-                .trust_anchors
-                .iter()
-                .filter_map(|p| crate::files::read_to_string(p).ok().map(|t| (p.clone(), t)))
-                .flat_map(|(p, t)| {
-                    ecs_ca_backends::pem_chain_to_der(&t)
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(move |d| (p.clone(), d))
-                })
-                .collect();
+            // An anchor the proposed policy cannot read would refuse every such certificate:
+            // said, not skipped.
+            let anchors = match crate::trust::read_anchors(&reg.domain, &tp) {
+                Ok(a) => a,
+                Err(why) => {
+                    no_longer_admitted.push(refuse(
+                        format!("domains.{}.third_party.trust_anchors", reg.domain),
+                        why,
+                    ));
+                    continue;
+                }
+            };
             let ders: Vec<Vec<u8>> = anchors.iter().map(|(_, d)| d.clone()).collect();
             let names = leaf.names();
             domain.decide_third_party(

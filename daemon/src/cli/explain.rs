@@ -76,16 +76,7 @@ pub fn explain(cfg: &Config, case: &Case) -> Result<(Decision, Value), String> {
             let leaf = ecs_ca_backends::chain::leaf_facts(&chain[0])
                 .map_err(|e| format!("--cert: {e}"))?;
             let tp = domain.third_party.clone().unwrap_or_default();
-            let mut anchors = Vec::new();
-            for path in &tp.trust_anchors {
-                let text =
-                    crate::files::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
-                for der in
-                    ecs_ca_backends::pem_chain_to_der(&text).map_err(|e| format!("{path}: {e}"))?
-                {
-                    anchors.push((path.clone(), der));
-                }
-            }
+            let anchors = crate::trust::read_anchors(&case.domain, &tp)?;
             let ders: Vec<Vec<u8>> = anchors.iter().map(|(_, d)| d.clone()).collect();
             let path = ecs_ca_backends::chain::validate_path(&chain, &ders, case.at);
             let revocation = match (&path, tp.crls.is_empty()) {
@@ -181,13 +172,7 @@ fn crl_files(crls: &[String]) -> Result<Vec<Vec<u8>>, String> {
                     "CRL {c} is not fetched by explain; the daemon fetches it"
                 ));
             }
-            let bytes = crate::files::read(c).map_err(|e| format!("CRL {c}: {e}"))?;
-            match std::str::from_utf8(&bytes) {
-                Ok(t) if t.contains("-----BEGIN") => {
-                    ecs_ca_backends::pem_to_der(t, "X509 CRL").map_err(|e| format!("CRL {c}: {e}"))
-                }
-                _ => Ok(bytes),
-            }
+            crate::trust::read_crl_file(c).map_err(|e| format!("CRL {e}"))
         })
         .collect()
 }
