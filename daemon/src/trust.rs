@@ -165,3 +165,91 @@ pub fn read_crl_file(path: &str) -> Result<Vec<u8>, String> {
         _ => Ok(bytes),
     }
 }
+
+/// The policy's name for a key kind (`None`: a size no `key_types` entry names).
+pub fn key_type(kind: ecs_ca_backends::KeyKind) -> Option<ecs_policy::KeyType> {
+    use ecs_ca_backends::KeyKind;
+    use ecs_policy::KeyType;
+    match kind {
+        KeyKind::P256 => Some(KeyType::P256),
+        KeyKind::P384 => Some(KeyType::P384),
+        KeyKind::Ed25519 => Some(KeyType::Ed25519),
+        KeyKind::Rsa(2048) => Some(KeyType::Rsa2048),
+        KeyKind::Rsa(3072) => Some(KeyType::Rsa3072),
+        KeyKind::Rsa(4096) => Some(KeyType::Rsa4096),
+        KeyKind::Rsa(_) => None,
+    }
+}
+
+/// One third-party chain to judge, and what it is judged with besides the policy.
+pub struct ChainCase<'a> {
+    /// The leaf, then the intermediates (and possibly the anchor) as presented or stored.
+    pub chain: &'a [Vec<u8>],
+    /// The domain's anchors, as (configured file, DER).
+    pub anchors: &'a [(String, Vec<u8>)],
+    /// The domain's CRLs when it lists any; `Err` when they cannot be had (fails closed).
+    pub crls: Option<Result<Vec<Vec<u8>>, String>>,
+    pub token_issuer: &'a str,
+    pub ees_id: &'a str,
+    pub endpoint: ecs_policy::EndpointFacts<'a>,
+    pub requested_expiry: Option<i64>,
+    pub secret_token_requested: bool,
+    pub now: i64,
+}
+
+/// What a domain's third-party policy says of a chain.
+pub struct Judgement {
+    pub leaf: ecs_ca_backends::chain::LeafFacts,
+    pub decision: ecs_policy::Decision,
+    /// The DER of the trust anchor the chain validated to.
+    pub anchor: Option<Vec<u8>>,
+}
+
+/// The one place a third-party chain is judged: path validation to the domain's anchors,
+/// the CRLs of every certificate of the chain, then every third-party rule of the policy.
+/// Used at onboarding, at every authentication with the certificate, and by `policy
+/// explain` and `policy diff`. `Err` when the leaf does not parse.
+pub fn judge(
+    domain_name: &str,
+    domain: &ecs_policy::DomainPolicy,
+    case: ChainCase<'_>,
+) -> Result<Judgement, String> {
+    let leaf = ecs_ca_backends::chain::leaf_facts(&case.chain[0])
+        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+    let ders: Vec<Vec<u8>> = case.anchors.iter().map(|(_, d)| d.clone()).collect();
+    let path = ecs_ca_backends::chain::validate_path(case.chain, &ders, case.now);
+    let anchor = path.as_ref().ok().map(|i| ders[*i].clone());
+    let revocation = match (&path, case.crls) {
+        (Ok(i), Some(crls)) => Some(crls.and_then(|crls| {
+            ecs_ca_backends::chain::check_revocation(case.chain, &ders[*i], &crls, case.now)
+        })),
+        _ => None,
+    };
+    let leaf_names = leaf.names();
+    let description = leaf.key.describe();
+    let decision = domain.decide_third_party(
+        domain_name,
+        &ecs_policy::ThirdPartyFacts {
+            token_issuer: case.token_issuer,
+            ees_id: case.ees_id,
+            endpoint: case.endpoint,
+            path: path.map(|i| case.anchors[i].0.clone()),
+            leaf_ekus: &leaf.ekus,
+            leaf_allows_signing: !leaf.has_key_usage || leaf.digital_signature,
+            leaf_names: &leaf_names,
+            leaf_not_before: leaf.not_before,
+            leaf_not_after: leaf.not_after,
+            key_type: key_type(leaf.key.kind),
+            key_description: &description,
+            revocation,
+            requested_expiry: case.requested_expiry,
+            secret_token_requested: case.secret_token_requested,
+            now: case.now,
+        },
+    );
+    Ok(Judgement {
+        leaf,
+        decision,
+        anchor,
+    })
+}

@@ -197,25 +197,9 @@ pub fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{AuditEvent, GENESIS_HASH, chain_hash};
 
     fn chain(n: u64) -> Vec<AuditRecord> {
-        let mut prev = GENESIS_HASH.to_string();
-        (1..=n)
-            .map(|seq| {
-                let event = AuditEvent::test(&format!("a{seq}"));
-                let hash = chain_hash(&prev, &event);
-                let r = AuditRecord {
-                    seq,
-                    prev_hash: prev.clone(),
-                    event,
-                    hash: hash.clone(),
-                    unchained: Default::default(),
-                };
-                prev = hash;
-                r
-            })
-            .collect()
+        crate::audit::test_chain(n)
     }
 
     #[test]

@@ -140,27 +140,33 @@ pub fn verify_chain(records: &[AuditRecord], head: (u64, &str)) -> Result<u64, B
     Ok(last)
 }
 
+/// A chain of `n` intact records, for tests.
+#[cfg(test)]
+pub(crate) fn test_chain(n: u64) -> Vec<AuditRecord> {
+    let mut prev = GENESIS_HASH.to_string();
+    (1..=n)
+        .map(|seq| {
+            let event = AuditEvent::test(&format!("a{seq}"));
+            let hash = chain_hash(&prev, &event);
+            let r = AuditRecord {
+                seq,
+                prev_hash: prev.clone(),
+                event,
+                hash: hash.clone(),
+                unchained: Default::default(),
+            };
+            prev = hash;
+            r
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn chain(n: u64) -> Vec<AuditRecord> {
-        let mut prev = GENESIS_HASH.to_string();
-        (1..=n)
-            .map(|seq| {
-                let event = AuditEvent::test(&format!("a{seq}"));
-                let hash = chain_hash(&prev, &event);
-                let r = AuditRecord {
-                    seq,
-                    prev_hash: prev.clone(),
-                    event,
-                    hash: hash.clone(),
-                    unchained: Default::default(),
-                };
-                prev = hash;
-                r
-            })
-            .collect()
+        test_chain(n)
     }
 
     #[test]

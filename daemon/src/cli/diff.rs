@@ -4,7 +4,7 @@
 use crate::audit::AuditRecord;
 use crate::config::{Config, DEFAULT_DOMAIN};
 use crate::store::{CertRecord, RegistrationRecord};
-use ecs_policy::{KeyType, OnboardingFacts, RuleChange, ThirdPartyFacts};
+use ecs_policy::{KeyType, OnboardingFacts, RuleChange};
 use serde::Serialize;
 
 /// A registration the proposed policy would no longer admit.
@@ -115,29 +115,25 @@ pub fn diff(
                     continue;
                 }
             };
-            let ders: Vec<Vec<u8>> = anchors.iter().map(|(_, d)| d.clone()).collect();
-            let names = leaf.names();
-            domain.decide_third_party(
+            match crate::trust::judge(
                 &reg.domain,
-                &ThirdPartyFacts {
+                domain,
+                crate::trust::ChainCase {
+                    chain: &chain,
+                    anchors: &anchors,
+                    // CRLs are the partner's to publish; the diff judges the policy.
+                    crls: None,
                     token_issuer: &reg.token_issuer,
                     ees_id: &reg.ees_id,
                     endpoint,
-                    path: ecs_ca_backends::chain::validate_path(&chain, &ders, now)
-                        .map(|i| anchors[i].0.clone()),
-                    leaf_ekus: &leaf.ekus,
-                    leaf_allows_signing: !leaf.has_key_usage || leaf.digital_signature,
-                    leaf_names: &names,
-                    leaf_not_before: leaf.not_before,
-                    leaf_not_after: leaf.not_after,
-                    key_type: crate::registration::key_type(leaf.key.kind),
-                    key_description: &description,
-                    revocation: None,
                     requested_expiry: Some(reg.exp_time),
                     secret_token_requested: false,
                     now,
                 },
-            )
+            ) {
+                Ok(j) => j.decision,
+                Err(_) => continue,
+            }
         } else {
             domain.decide_onboarding(
                 &reg.domain,
@@ -145,7 +141,7 @@ pub fn diff(
                     token_issuer: &reg.token_issuer,
                     ees_id: &reg.ees_id,
                     endpoint,
-                    key_type: crate::registration::key_type(leaf.key.kind),
+                    key_type: crate::trust::key_type(leaf.key.kind),
                     key_description: &description,
                     requested_expiry: Some(reg.exp_time),
                     secret_token_requested: false,

@@ -2,7 +2,7 @@
 //! every rule evaluated in order. An audit tool: a token given here is read, not verified.
 
 use crate::config::{Config, DEFAULT_DOMAIN};
-use ecs_policy::{Decision, KeyType, OnboardingFacts, RefusalKind, ThirdPartyFacts};
+use ecs_policy::{Decision, KeyType, OnboardingFacts, RefusalKind};
 use serde_json::{Value, json};
 
 /// One case to explain.
@@ -73,40 +73,28 @@ pub fn explain(cfg: &Config, case: &Case) -> Result<(Decision, Value), String> {
         Some(pem) => {
             let chain =
                 ecs_ca_backends::pem_chain_to_der(pem).map_err(|e| format!("--cert: {e}"))?;
-            let leaf = ecs_ca_backends::chain::leaf_facts(&chain[0])
-                .map_err(|e| format!("--cert: {e}"))?;
+            if chain.is_empty() {
+                return Err("--cert: no certificate".into());
+            }
             let tp = domain.third_party.clone().unwrap_or_default();
             let anchors = crate::trust::read_anchors(&case.domain, &tp)?;
-            let ders: Vec<Vec<u8>> = anchors.iter().map(|(_, d)| d.clone()).collect();
-            let path = ecs_ca_backends::chain::validate_path(&chain, &ders, case.at);
-            let revocation = match (&path, tp.crls.is_empty()) {
-                (Ok(i), false) => Some(crl_files(&tp.crls).and_then(|crls| {
-                    ecs_ca_backends::chain::check_revocation(&chain, &ders[*i], &crls, case.at)
-                })),
-                _ => None,
-            };
-            let names = leaf.names();
-            let description = leaf.key.describe();
-            domain.decide_third_party(
+            crate::trust::judge(
                 &case.domain,
-                &ThirdPartyFacts {
+                domain,
+                crate::trust::ChainCase {
+                    chain: &chain,
+                    anchors: &anchors,
+                    crls: (!tp.crls.is_empty()).then(|| crl_files(&tp.crls)),
                     token_issuer: &issuer_name,
                     ees_id: &ees_id,
                     endpoint,
-                    path: path.map(|i| anchors[i].0.clone()),
-                    leaf_ekus: &leaf.ekus,
-                    leaf_allows_signing: !leaf.has_key_usage || leaf.digital_signature,
-                    leaf_names: &names,
-                    leaf_not_before: leaf.not_before,
-                    leaf_not_after: leaf.not_after,
-                    key_type: crate::registration::key_type(leaf.key.kind),
-                    key_description: &description,
-                    revocation,
                     requested_expiry: None,
                     secret_token_requested: false,
                     now: case.at,
                 },
             )
+            .map_err(|e| format!("--cert: {e}"))?
+            .decision
         }
     };
     let mut v = json!({

@@ -20,8 +20,8 @@ use crate::problem::{ApiError, Cause};
 use crate::store::{CertRecord, Commit, RegState, RegistrationRecord, Revocation, SpentToken};
 use crate::token::{TokenError, random_b64};
 use body::{RegistrationBody, parse_object, parse_registration};
-use ecs_ca_backends::{CertTemplate, KeyKind, RevocationReason, SanEntry, parse_csr, sha256_hex};
-use ecs_policy::{DomainPolicy, KeyType, OnboardingFacts, SanName};
+use ecs_ca_backends::{CertTemplate, RevocationReason, SanEntry, parse_csr, sha256_hex};
+use ecs_policy::{DomainPolicy, OnboardingFacts, SanName};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Instant;
@@ -244,19 +244,6 @@ fn domain_of(app: &App, prov_id: Option<&str>) -> Result<(String, DomainPolicy),
                 format!("no policy is configured for ECSP domain {name:?} (rule domains.{name})"),
             )
         }),
-    }
-}
-
-/// The policy's name for a key kind (`None`: a size no `key_types` entry names).
-pub fn key_type(kind: KeyKind) -> Option<KeyType> {
-    match kind {
-        KeyKind::P256 => Some(KeyType::P256),
-        KeyKind::P384 => Some(KeyType::P384),
-        KeyKind::Ed25519 => Some(KeyType::Ed25519),
-        KeyKind::Rsa(2048) => Some(KeyType::Rsa2048),
-        KeyKind::Rsa(3072) => Some(KeyType::Rsa3072),
-        KeyKind::Rsa(4096) => Some(KeyType::Rsa4096),
-        KeyKind::Rsa(_) => None,
     }
 }
 
@@ -525,7 +512,7 @@ async fn create_inner(
                 token_issuer: &token.issuer_name,
                 ees_id: &profile.ees_id,
                 endpoint: endpoint_facts(app, profile, &requested),
-                key_type: key_type(csr.key.kind),
+                key_type: crate::trust::key_type(csr.key.kind),
                 key_description: &description,
                 requested_expiry: req.exp_time,
                 secret_token_requested: onboarding.secret_token,
@@ -896,7 +883,7 @@ async fn update(
                     token_issuer: &reg.token_issuer,
                     ees_id: &reg.ees_id,
                     endpoint,
-                    key_type: key_type(csr.key.kind),
+                    key_type: crate::trust::key_type(csr.key.kind),
                     key_description: &description,
                     requested_expiry: req.exp_time,
                     secret_token_requested: false,

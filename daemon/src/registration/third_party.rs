@@ -7,17 +7,7 @@ use super::*;
 /// The backend name under which accepted third-party certificates are recorded.
 pub const THIRD_PARTY: &str = "third-party";
 
-/// What the domain's current third-party policy says of a chain (leaf first).
-struct ThirdPartyJudgement {
-    leaf: ecs_ca_backends::chain::LeafFacts,
-    decision: ecs_policy::Decision,
-    /// The trust anchor the chain validated to, as DER.
-    anchor: Option<Vec<u8>>,
-}
-
-/// The one place a third-party chain is judged: path validation to the domain's anchors in
-/// force now, the CRLs of every certificate of the chain, then every third-party rule. Used
-/// at onboarding and again at every authentication with the certificate.
+/// Judges a chain by the domain's policy in force now, with its CRLs fetched when due.
 #[allow(clippy::too_many_arguments)]
 async fn judge_third_party(
     app: &App,
@@ -29,58 +19,35 @@ async fn judge_third_party(
     requested_expiry: Option<i64>,
     secret_token_requested: bool,
     now: i64,
-) -> Result<ThirdPartyJudgement, ApiError> {
-    let leaf = ecs_ca_backends::chain::leaf_facts(&chain[0]).map_err(|e| {
-        let rule = format!("domains.{domain_name}.third_party.trust_anchors");
-        ApiError {
-            rule: Some(rule.clone()),
-            ..ApiError::new(
-                Cause::UntrustedClientCert,
-                format!("the certificate does not parse: {e} (rule {rule})"),
-            )
-        }
-    })?;
+) -> Result<crate::trust::Judgement, ApiError> {
     let policy = app.policy();
     let trust = policy.third_party.get(domain_name);
-    let anchors: Vec<Vec<u8>> = trust
-        .map(|t| t.anchors.iter().map(|(_, d)| d.clone()).collect())
-        .unwrap_or_default();
-    let path = ecs_ca_backends::chain::validate_path(chain, &anchors, now);
-    let anchor = path.as_ref().ok().map(|i| anchors[*i].clone());
-    let revocation = match (trust, &path) {
-        (Some(t), Ok(i)) if !t.crls.is_empty() => Some(match t.crls().await {
-            Ok(crls) => ecs_ca_backends::chain::check_revocation(chain, &anchors[*i], &crls, now),
-            Err(why) => Err(why),
-        }),
+    let crls = match trust {
+        Some(t) if !t.crls.is_empty() => Some(t.crls().await),
         _ => None,
     };
     let requested = profile.requested_names();
-    let leaf_names = leaf.names();
-    let description = leaf.key.describe();
-    let decision = domain.decide_third_party(
+    crate::trust::judge(
         domain_name,
-        &ecs_policy::ThirdPartyFacts {
+        domain,
+        crate::trust::ChainCase {
+            chain,
+            anchors: trust.map(|t| t.anchors.as_slice()).unwrap_or_default(),
+            crls,
             token_issuer,
             ees_id: &profile.ees_id,
             endpoint: endpoint_facts(app, profile, &requested),
-            path: path.map(|i| trust.map(|t| t.anchors[i].0.clone()).unwrap_or_default()),
-            leaf_ekus: &leaf.ekus,
-            leaf_allows_signing: !leaf.has_key_usage || leaf.digital_signature,
-            leaf_names: &leaf_names,
-            leaf_not_before: leaf.not_before,
-            leaf_not_after: leaf.not_after,
-            key_type: key_type(leaf.key.kind),
-            key_description: &description,
-            revocation,
             requested_expiry,
             secret_token_requested,
             now,
         },
-    );
-    Ok(ThirdPartyJudgement {
-        leaf,
-        decision,
-        anchor,
+    )
+    .map_err(|why| {
+        let rule = format!("domains.{domain_name}.third_party.trust_anchors");
+        ApiError {
+            rule: Some(rule.clone()),
+            ..ApiError::new(Cause::UntrustedClientCert, format!("{why} (rule {rule})"))
+        }
     })
 }
 
