@@ -1142,3 +1142,38 @@ async fn every_refusal_is_audited_and_a_flood_is_counted_not_written_one_by_one(
         counted[0]
     );
 }
+
+/// A PUT with `thirdPartyCert: true` was refused naming `third_party.accept`, even in a
+/// domain that accepts third-party certificates: the audit record named a rule that did not
+/// decide. It is refused naming none.
+#[tokio::test]
+async fn a_put_cannot_switch_to_a_third_party_certificate_and_blames_no_rule() {
+    let ecs = Ecs::start();
+    let e = ecs.register("ees-put-tp.ecsp.example").await;
+    let mut body = e.body.clone();
+    body["onboarding"] = json!({ "thirdPartyCert": true });
+    let r = ecs
+        .client_as(&e)
+        .request(
+            "PUT",
+            &e.location,
+            &[("content-type", "application/json")],
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+        .unwrap();
+    assert_problem(&r, 403, "POLICY_REJECTED");
+    assert!(
+        !r.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("third_party.accept")
+    );
+    let (_, records) = ecs.audit();
+    let refusal = records
+        .iter()
+        .rev()
+        .find(|r| r["action"] == json!("update"))
+        .unwrap();
+    assert!(refusal.get("rule").is_none(), "{refusal}");
+}

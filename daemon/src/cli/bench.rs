@@ -405,7 +405,7 @@ pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Res
             supp_feat: None,
             created_at: now,
             updated_at: now,
-            cert_source: "ECS_ISSUED".into(),
+            cert_source: crate::store::CertSource::EcsIssued,
             current_cert: cert.serial.clone(),
             certs: vec![cert.serial.clone()],
             secret_token_hash: None,

@@ -3,7 +3,7 @@
 
 use crate::audit::AuditRecord;
 use crate::config::{Config, DEFAULT_DOMAIN};
-use crate::store::{CertRecord, RegistrationRecord};
+use crate::store::{CertRecord, CertSource, RegistrationRecord};
 use ecs_policy::{KeyType, OnboardingFacts, RuleChange};
 use serde::Serialize;
 
@@ -13,7 +13,7 @@ pub struct NoLongerAdmitted {
     pub registration_id: String,
     pub ees_id: String,
     pub domain: String,
-    pub cert_source: String,
+    pub cert_source: CertSource,
     pub rule: String,
     pub reason: String,
 }
@@ -68,7 +68,7 @@ pub fn diff(
             registration_id: reg.id.clone(),
             ees_id: reg.ees_id.clone(),
             domain: reg.domain.clone(),
-            cert_source: reg.cert_source.clone(),
+            cert_source: reg.cert_source,
             rule,
             reason,
         };
@@ -79,7 +79,14 @@ pub fn diff(
             ));
             continue;
         };
-        let Ok(leaf) = ecs_ca_backends::chain::leaf_facts(&cert.der()) else {
+        let Ok(der) = cert.der() else {
+            no_longer_admitted.push(refuse(
+                format!("domains.{}", reg.domain),
+                "its certificate record is corrupt".into(),
+            ));
+            continue;
+        };
+        let Ok(leaf) = ecs_ca_backends::chain::leaf_facts(&der) else {
             continue;
         };
         let description = leaf.key.describe();
@@ -99,8 +106,8 @@ pub fn diff(
             ees_id_is_fqdn,
             own: &own,
         };
-        let decision = if reg.cert_source == "THIRD_PARTY" {
-            let mut chain = vec![cert.der()];
+        let decision = if reg.cert_source == CertSource::ThirdParty {
+            let mut chain = vec![der.clone()];
             chain.extend(cert.chain_hex.iter().filter_map(|h| hex::decode(h).ok()));
             let tp = domain.third_party.clone().unwrap_or_default();
             // An anchor the proposed policy cannot read would refuse every such certificate:

@@ -2,6 +2,7 @@
 //! every rule evaluated in order. An audit tool: a token given here is read, not verified.
 
 use crate::config::{Config, DEFAULT_DOMAIN};
+use crate::store::CertSource;
 use ecs_policy::{Decision, KeyType, OnboardingFacts, RefusalKind};
 use serde_json::{Value, json};
 
@@ -102,7 +103,7 @@ pub fn explain(cfg: &Config, case: &Case) -> Result<(Decision, Value), String> {
         "eesId": ees_id,
         "tokenIssuer": issuer_name,
         "at": crate::clock::format_time(case.at),
-        "path": if case.chain_pem.is_some() { "THIRD_PARTY" } else { "ECS_ISSUED" },
+        "path": if case.chain_pem.is_some() { CertSource::ThirdParty } else { CertSource::EcsIssued }.name(),
         "rules": decision.evaluated.iter().map(|r| json!({"rule": r.rule, "passed": r.passed, "detail": r.detail})).collect::<Vec<_>>(),
     });
     if let Some(p) = claims["provId"].as_str()

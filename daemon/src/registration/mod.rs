@@ -17,7 +17,9 @@ use third_party::{third_party_cert_free, third_party_decision, third_party_still
 
 use crate::clock::format_time;
 use crate::problem::{ApiError, Cause};
-use crate::store::{CertRecord, Commit, RegState, RegistrationRecord, Revocation, SpentToken};
+use crate::store::{
+    CertRecord, CertSource, Commit, RegState, RegistrationRecord, Revocation, SpentToken,
+};
 use crate::token::{TokenError, random_b64};
 use body::{RegistrationBody, parse_object, parse_registration};
 use ecs_ca_backends::{CertTemplate, RevocationReason, SanEntry, parse_csr, sha256_hex};
@@ -247,13 +249,15 @@ fn domain_of(app: &App, prov_id: Option<&str>) -> Result<(String, DomainPolicy),
     }
 }
 
-fn third_party_refused(domain: &str) -> ApiError {
-    let rule = format!("domains.{domain}.third_party.accept");
+/// A PUT cannot turn a registration into a third-party one: no policy rule decides that, so
+/// the refusal names none (the audit record must not blame a rule that did not decide).
+fn third_party_in_put() -> ApiError {
     ApiError {
-        rule: Some(rule.clone()),
-        ..ApiError::new(
+        status_override: Some(403),
+        ..ApiError::param(
             Cause::PolicyRejected,
-            format!("third-party EES certificates are not accepted by this ECS yet (rule {rule})"),
+            "/onboarding/thirdPartyCert",
+            "a registration cannot switch to a third-party certificate: onboard anew with POST",
         )
     }
 }
@@ -356,7 +360,7 @@ fn render(
     reg: &RegistrationRecord,
     cert: &CertRecord,
     secret_token: Option<&str>,
-) -> Value {
+) -> Result<Value, ApiError> {
     let chain = if cert.chain_hex.is_empty() {
         app.backend(&cert.backend)
             .map(|b| b.chain_pem())
@@ -371,7 +375,7 @@ fn render(
     let mut onboarding = json!({
         "registrationId": reg.id,
         "certSource": reg.cert_source,
-        "eesCert": ecs_ca_backends::der_to_pem(&cert.der(), "CERTIFICATE"),
+        "eesCert": ecs_ca_backends::der_to_pem(&cert.der()?, "CERTIFICATE"),
         "certChain": chain,
         "certExpTime": format_time(cert.not_after),
         "authInfo": { "authMethod": "TLS_CLIENT_CERT", "certFingerprint": cert.fingerprint },
@@ -387,7 +391,7 @@ fn render(
     if let Some(s) = &reg.supp_feat {
         v["suppFeat"] = json!(s);
     }
-    v
+    Ok(v)
 }
 
 fn location(app: &App, id: &str) -> String {
@@ -566,13 +570,13 @@ async fn create_inner(
         Material::ThirdParty(cert) => cert,
     };
     let cert_source = if cert.chain_hex.is_empty() {
-        "ECS_ISSUED"
+        CertSource::EcsIssued
     } else {
-        "THIRD_PARTY"
+        CertSource::ThirdParty
     };
     let id = random_b64(18);
     cert.registration_id = id.clone();
-    if cert_source == "THIRD_PARTY" {
+    if cert_source == CertSource::ThirdParty {
         // Third-party serials are unique only per issuer, and one certificate may serve
         // again after its registration ended: the record is keyed per registration.
         cert.serial = format!("{}-{id}", cert.serial);
@@ -593,7 +597,7 @@ async fn create_inner(
         supp_feat: req.supp_feat.clone(),
         created_at: now,
         updated_at: now,
-        cert_source: cert_source.into(),
+        cert_source,
         current_cert: cert.serial.clone(),
         certs: vec![cert.serial.clone()],
         secret_token_hash: secret_token
@@ -622,7 +626,7 @@ async fn create_inner(
     Ok(Reply {
         status: 201,
         location: Some(location(app, &id)),
-        body: Some(render(app, &reg, &cert, secret_token.as_deref())),
+        body: Some(render(app, &reg, &cert, secret_token.as_deref())?),
     })
 }
 
@@ -735,7 +739,7 @@ pub async fn get(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply, Ap
         Ok(Reply {
             status: 200,
             location: None,
-            body: Some(render(app, &reg, &cert, None)),
+            body: Some(render(app, &reg, &cert, None)?),
         })
     })
     .await
@@ -844,7 +848,7 @@ async fn update(
     }
     let (domain_name, domain) = domain_of(app, reg.prov_id.as_deref())?;
     if third_party {
-        return Err(third_party_refused(&domain_name));
+        return Err(third_party_in_put());
     }
     // Every change applies the policy in force now, as an onboarding would: the token issuer
     // and EES ID still admitted, every endpoint name approved, expTime capped.
@@ -910,7 +914,7 @@ async fn update(
         ));
         reg.current_cert = new_cert.serial.clone();
         reg.certs.push(new_cert.serial.clone());
-        reg.cert_source = "ECS_ISSUED".into();
+        reg.cert_source = CertSource::EcsIssued;
         f.cert_serial = Some(new_cert.serial.clone());
         f.cert_fingerprint = Some(new_cert.fingerprint.clone());
         commit_c.new_certs.push(new_cert.clone());
@@ -930,7 +934,7 @@ async fn update(
     Ok(Reply {
         status: 200,
         location: None,
-        body: Some(render(app, &reg, &cert, None)),
+        body: Some(render(app, &reg, &cert, None)?),
     })
 }
 
@@ -954,7 +958,7 @@ pub async fn delete(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply,
 /// The audit note for a revocation that only this ECS knows of: an external CA without a
 /// revocation API, or a third party's certificate, gets no CRL entry from this ECS.
 fn unpublished_revocation(app: &App, reg: &RegistrationRecord) -> Option<String> {
-    if reg.cert_source == "THIRD_PARTY" {
+    if reg.cert_source == CertSource::ThirdParty {
         return Some(
             "revocation recorded by this ECS only: the third-party certificate is refused for authentication here; its issuer publishes its own CRL".into(),
         );

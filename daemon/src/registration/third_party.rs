@@ -151,7 +151,7 @@ pub(super) async fn third_party_still_trusted(
     let verdict = async {
         let (domain_name, domain) = domain_of(app, reg.prov_id.as_deref())?;
         let profile = body::parse_profile(&reg.profile)?;
-        let mut chain = vec![cert.der()];
+        let mut chain = vec![cert.der()?];
         for h in &cert.chain_hex {
             chain.push(hex::decode(h).map_err(|e| {
                 ApiError::internal(format!("stored chain of {}: {e}", cert.serial))

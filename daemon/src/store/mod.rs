@@ -26,6 +26,32 @@ pub enum RegState {
     Expired,
 }
 
+/// Where a registration's EES certificate comes from (`onboarding.certSource`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CertSource {
+    /// Issued by this ECS for the EES's CSR.
+    EcsIssued,
+    /// A third-party certificate the domain's policy accepted.
+    ThirdParty,
+}
+
+impl CertSource {
+    /// The name on the wire and in records.
+    pub fn name(self) -> &'static str {
+        match self {
+            CertSource::EcsIssued => "ECS_ISSUED",
+            CertSource::ThirdParty => "THIRD_PARTY",
+        }
+    }
+}
+
+impl std::fmt::Display for CertSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One EES registration as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegistrationRecord {
@@ -45,7 +71,7 @@ pub struct RegistrationRecord {
     pub created_at: i64,
     pub updated_at: i64,
     /// `ECS_ISSUED` or `THIRD_PARTY`.
-    pub cert_source: String,
+    pub cert_source: CertSource,
     /// Serial (hex) of the certificate that authenticates it now.
     pub current_cert: String,
     /// Every certificate serial ever issued for it, oldest first.
@@ -76,8 +102,12 @@ pub struct CertRecord {
 }
 
 impl CertRecord {
-    pub fn der(&self) -> Vec<u8> {
-        hex::decode(&self.der_hex).unwrap_or_default()
+    /// The certificate's DER; a record whose hex does not decode is corrupt, and says so.
+    pub fn der(&self) -> Result<Vec<u8>, StoreError> {
+        hex::decode(&self.der_hex).map_err(|e| StoreError::Corrupt {
+            key: format!("cert/{}", self.serial),
+            detail: format!("der_hex: {e}"),
+        })
     }
 }
 
@@ -182,5 +212,29 @@ pub fn open(cfg: &StorageConfig) -> Result<Arc<dyn Store>, StoreError> {
             &cfg.path,
             cfg.cache_mib,
         )?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_corrupt_certificate_record_says_so_instead_of_an_empty_certificate() {
+        let cert = CertRecord {
+            serial: "01".into(),
+            registration_id: "r".into(),
+            backend: "soft".into(),
+            der_hex: "not hex".into(),
+            fingerprint: String::new(),
+            not_before: 0,
+            not_after: 0,
+            revoked: None,
+            chain_hex: Vec::new(),
+        };
+        match cert.der() {
+            Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "cert/01"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -436,7 +436,7 @@ mod tests {
             supp_feat: None,
             created_at: 0,
             updated_at: 0,
-            cert_source: "ECS_ISSUED".into(),
+            cert_source: crate::store::CertSource::EcsIssued,
             current_cert: "01".into(),
             certs: vec!["01".into()],
             secret_token_hash: None,
