@@ -344,7 +344,7 @@ impl CeremonyConfig {
                 hex::decode(&r.serial)
                     .map_err(|_| config_err(format!("crl.revoked[{i}].serial: not hex")))?;
                 parse_time(&format!("crl.revoked[{i}].revoked_at"), &r.revoked_at)?;
-                reason_of(&r.reason).ok_or_else(|| {
+                RevocationReason::from_name(&r.reason).ok_or_else(|| {
                     config_err(format!(
                         "crl.revoked[{i}].reason: {:?} is not a reason",
                         r.reason
@@ -365,16 +365,6 @@ impl CeremonyConfig {
         .into_iter()
         .flatten()
         .collect()
-    }
-}
-
-fn reason_of(s: &str) -> Option<RevocationReason> {
-    match s {
-        "unspecified" => Some(RevocationReason::Unspecified),
-        "keyCompromise" => Some(RevocationReason::KeyCompromise),
-        "superseded" => Some(RevocationReason::Superseded),
-        "cessationOfOperation" => Some(RevocationReason::CessationOfOperation),
-        _ => None,
     }
 }
 
@@ -622,7 +612,7 @@ pub fn run(cfg: &CeremonyConfig, pins: &Pins, config_sha256: &str) -> Result<Tra
                     Ok(RevokedEntry {
                         serial_hex: r.serial.to_ascii_lowercase(),
                         revoked_at: parse_time("crl.revoked.revoked_at", &r.revoked_at)?,
-                        reason: reason_of(&r.reason).expect("checked"),
+                        reason: RevocationReason::from_name(&r.reason).expect("checked"),
                     })
                 })
                 .collect::<Result<_, Error>>()?;

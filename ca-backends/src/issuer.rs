@@ -71,8 +71,10 @@ pub struct IssuedCert {
     pub not_after: i64,
 }
 
-/// CRL reason codes the ECS uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// CRL reason codes the ECS uses, named as RFC 5280 names them (in records, ceremony files
+/// and messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum RevocationReason {
     Unspecified,
     KeyCompromise,
@@ -81,6 +83,29 @@ pub enum RevocationReason {
 }
 
 impl RevocationReason {
+    /// The RFC 5280 name: `unspecified`, `keyCompromise`, `superseded`,
+    /// `cessationOfOperation`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RevocationReason::Unspecified => "unspecified",
+            RevocationReason::KeyCompromise => "keyCompromise",
+            RevocationReason::Superseded => "superseded",
+            RevocationReason::CessationOfOperation => "cessationOfOperation",
+        }
+    }
+
+    /// The reason an RFC 5280 name names, if it is one the ECS uses.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            RevocationReason::Unspecified,
+            RevocationReason::KeyCompromise,
+            RevocationReason::Superseded,
+            RevocationReason::CessationOfOperation,
+        ]
+        .into_iter()
+        .find(|r| r.name() == name)
+    }
+
     fn crl_reason(self) -> CrlReason {
         match self {
             RevocationReason::Unspecified => CrlReason::Unspecified,

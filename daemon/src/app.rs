@@ -7,8 +7,7 @@ use crate::problem::ApiError;
 use crate::store::Store;
 use crate::token::TokenVerifier;
 use ecs_ca_backends::{
-    CertIssuer, LocalIssuer, RevocationReason, RevokedEntry, SoftwareKey, der_to_pem,
-    pem_chain_to_der,
+    CertIssuer, LocalIssuer, RevokedEntry, SoftwareKey, der_to_pem, pem_chain_to_der,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -77,7 +76,7 @@ impl Backend {
                 .map(|(serial_hex, r)| RevokedEntry {
                     serial_hex,
                     revoked_at: r.at,
-                    reason: reason_of(&r.reason),
+                    reason: r.reason,
                 })
                 .collect();
             let number = store.next_crl_number(&name)?;
@@ -93,25 +92,6 @@ impl Backend {
             this_update: now,
         });
         Ok(der)
-    }
-}
-
-/// RFC 5280 reason names as stored.
-pub fn reason_name(r: RevocationReason) -> &'static str {
-    match r {
-        RevocationReason::Unspecified => "unspecified",
-        RevocationReason::KeyCompromise => "keyCompromise",
-        RevocationReason::Superseded => "superseded",
-        RevocationReason::CessationOfOperation => "cessationOfOperation",
-    }
-}
-
-fn reason_of(name: &str) -> RevocationReason {
-    match name {
-        "keyCompromise" => RevocationReason::KeyCompromise,
-        "superseded" => RevocationReason::Superseded,
-        "cessationOfOperation" => RevocationReason::CessationOfOperation,
-        _ => RevocationReason::Unspecified,
     }
 }
 

@@ -419,7 +419,7 @@ pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Res
                     cert.serial.clone(),
                     Revocation {
                         at: now,
-                        reason: "cessationOfOperation".into(),
+                        reason: ecs_ca_backends::RevocationReason::CessationOfOperation,
                     },
                 )]
             } else {

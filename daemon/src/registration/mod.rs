@@ -5,7 +5,7 @@
 //! [`Commit`] that holds every change and its audit record. A refusal changes nothing and
 //! leaves only its audit record.
 
-use crate::app::{App, reason_name};
+use crate::app::App;
 use crate::audit::AuditEvent;
 use crate::clock::now;
 use crate::config::DEFAULT_DOMAIN;
@@ -697,7 +697,7 @@ async fn authorize(
             if let Some(r) = &cert.revoked {
                 return Err(owner(&format!(
                     "the client certificate was revoked ({})",
-                    r.reason
+                    r.reason.name()
                 )));
             }
             if cert.serial != reg.current_cert {
@@ -909,7 +909,7 @@ async fn update(
             cert.serial.clone(),
             Revocation {
                 at: now,
-                reason: reason_name(RevocationReason::Superseded).into(),
+                reason: RevocationReason::Superseded,
             },
         ));
         reg.current_cert = new_cert.serial.clone();
@@ -989,7 +989,7 @@ async fn end(
                 s.clone(),
                 Revocation {
                     at: now,
-                    reason: reason_name(RevocationReason::CessationOfOperation).into(),
+                    reason: RevocationReason::CessationOfOperation,
                 },
             )
         })

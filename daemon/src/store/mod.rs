@@ -114,8 +114,8 @@ impl CertRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Revocation {
     pub at: i64,
-    /// RFC 5280 reason name: `superseded`, `cessationOfOperation`, ...
-    pub reason: String,
+    /// Stored by its RFC 5280 name (`superseded`, `cessationOfOperation`, ...).
+    pub reason: ecs_ca_backends::RevocationReason,
 }
 
 /// A token ID spent by a registration; kept until the token has expired.

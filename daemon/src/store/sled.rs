@@ -506,7 +506,7 @@ mod tests {
                 "01".into(),
                 Revocation {
                     at: 5,
-                    reason: "cessationOfOperation".into(),
+                    reason: ecs_ca_backends::RevocationReason::CessationOfOperation,
                 },
             )],
             ..Default::default()
