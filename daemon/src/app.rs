@@ -1,14 +1,14 @@
-//! The running ECS: configuration, store, token verifier, signing backends and the CRL cache,
-//! built once at start and shared by every connection.
+//! The running ECS: configuration, store, token verifier, signing backends, the policy in
+//! force and the in-process reservations, built once at start and shared by every
+//! connection. Shared state only: each piece is built by the room that owns it.
 
-use crate::config::{BackendConfig, Config};
+use crate::backends::Backend;
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::problem::ApiError;
 use crate::store::Store;
 use crate::token::TokenVerifier;
-use ecs_ca_backends::{
-    CertIssuer, LocalIssuer, RevokedEntry, SoftwareKey, der_to_pem, pem_chain_to_der,
-};
+use ecs_ca_backends::pem_chain_to_der;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -24,76 +24,6 @@ mod erased_json {
     }
 }
 use crate::clock::now;
-
-/// A CRL as signed, kept until it is half-way to its `nextUpdate` or a revocation happens.
-struct CachedCrl {
-    der: Arc<Vec<u8>>,
-    this_update: i64,
-}
-
-/// A configured signing backend with the issuer over it.
-pub struct Backend {
-    pub name: String,
-    pub issuer: Arc<dyn CertIssuer>,
-    /// Where this backend's CRL is published (put in every certificate it issues); none for
-    /// an external CA, which publishes its own.
-    pub crl_url: Option<String>,
-    crl: tokio::sync::Mutex<Option<CachedCrl>>,
-}
-
-impl Backend {
-    /// The chain as a PEM bundle, issuing CA first.
-    pub fn chain_pem(&self) -> Vec<String> {
-        self.issuer
-            .chain_der()
-            .iter()
-            .map(|d| der_to_pem(d, "CERTIFICATE"))
-            .collect()
-    }
-
-    /// Forgets the cached CRL, so the next request signs a new one.
-    pub async fn invalidate_crl(&self) {
-        *self.crl.lock().await = None;
-    }
-
-    /// The current CRL: cached, or freshly signed with the next CRL number.
-    pub async fn crl(&self, app: &App) -> Result<Arc<Vec<u8>>, crate::problem::ApiError> {
-        let validity = app.cfg.server.crl_validity.as_secs() as i64;
-        let mut cache = self.crl.lock().await;
-        let now = now();
-        if let Some(c) = cache.as_ref()
-            && now < c.this_update + validity / 2
-        {
-            return Ok(c.der.clone());
-        }
-        let store = app.store.clone();
-        let issuer = self.issuer.clone();
-        let name = self.name.clone();
-        let der = tokio::task::spawn_blocking(move || {
-            let revoked: Vec<RevokedEntry> = store
-                .revoked(&name)?
-                .into_iter()
-                .map(|(serial_hex, r)| RevokedEntry {
-                    serial_hex,
-                    revoked_at: r.at,
-                    reason: r.reason,
-                })
-                .collect();
-            let number = store.next_crl_number(&name)?;
-            issuer
-                .sign_crl(number, now, now + validity, &revoked)
-                .map_err(crate::problem::ApiError::from)
-        })
-        .await
-        .map_err(crate::problem::ApiError::internal)??;
-        let der = Arc::new(der);
-        *cache = Some(CachedCrl {
-            der: der.clone(),
-            this_update: now,
-        });
-        Ok(der)
-    }
-}
 
 /// Back-pressure on signing and storing: a bounded number at work, a bounded number waiting,
 /// and an immediate 503 past that instead of unbounded latency and memory.
@@ -352,31 +282,7 @@ impl App {
     /// backend's key against its certificate, loads the token issuers' keys.
     pub async fn build(cfg: Config) -> Result<Arc<App>, String> {
         let store = crate::store::open(&cfg.storage).map_err(|e| format!("storage.path: {e}"))?;
-        let mut backends = BTreeMap::new();
-        let mut roots = Vec::new();
-        for (name, b) in &cfg.backends {
-            let base = cfg.source.parent().unwrap_or(std::path::Path::new("."));
-            let issuer = load_backend(name, b, base)?;
-            for d in issuer.chain_der() {
-                roots.extend_from_slice(der_to_pem(d, "CERTIFICATE").as_bytes());
-            }
-            let crl_url = if !issuer.revocation_published() {
-                None
-            } else if name == cfg.default_backend() {
-                Some(format!("{}/pki/v1/crl", cfg.public_base()))
-            } else {
-                Some(format!("{}/pki/v1/crl/{name}", cfg.public_base()))
-            };
-            backends.insert(
-                name.clone(),
-                Arc::new(Backend {
-                    name: name.clone(),
-                    issuer,
-                    crl_url,
-                    crl: tokio::sync::Mutex::new(None),
-                }),
-            );
-        }
+        let (backends, roots) = crate::backends::load_all(&cfg)?;
         let tokens = TokenVerifier::from_config(&cfg).await?;
         let policy = Policy::load(&cfg, &roots)?;
         let limiters = Limiters::new(&cfg.limits);
@@ -565,122 +471,4 @@ impl App {
         }
         Ok(Reservation { app: self, keys })
     }
-}
-
-pub(crate) fn load_backend(
-    name: &str,
-    b: &BackendConfig,
-    base: &std::path::Path,
-) -> Result<Arc<dyn CertIssuer>, String> {
-    match b {
-        BackendConfig::Software {
-            key,
-            cert,
-            rsa_signature,
-        } => {
-            crate::secrets::check_private(key, &format!("backends.{name}.key"))?;
-            let key_pem = zeroize::Zeroizing::new(
-                crate::files::read_to_string(key)
-                    .map_err(|e| format!("backends.{name}.key: {}: {e}", key.display()))?,
-            );
-            let mut signer = SoftwareKey::from_pkcs8_pem(&key_pem)
-                .map_err(|e| format!("backends.{name}.key: {}: {e}", key.display()))?;
-            if *rsa_signature == crate::config::RsaSignature::Pss {
-                signer = signer
-                    .with_rsa_pss()
-                    .map_err(|e| format!("backends.{name}.rsa_signature: {e}"))?;
-            }
-            let chain = read_chain(name, cert)?;
-            let issuer = LocalIssuer::new(Arc::new(signer), chain)
-                .map_err(|e| format!("backends.{name}: {e}"))?;
-            Ok(Arc::new(issuer))
-        }
-        BackendConfig::Pkcs11 {
-            module,
-            key,
-            pin,
-            cert,
-            max_sessions,
-            rsa_signature,
-        } => {
-            use ecs_ca_backends::pkcs11::{Pkcs11Config, Pkcs11Key, Pkcs11Uri};
-            let uri = Pkcs11Uri::parse(key).map_err(|e| format!("backends.{name}.key: {e}"))?;
-            let module = module
-                .clone()
-                .or_else(|| uri.module_path.clone())
-                .ok_or_else(|| format!("backends.{name}.module: missing"))?;
-            let pin = crate::secrets::resolve(pin, &format!("backends.{name}.pin"), base)?;
-            let chain = read_chain(name, cert)?;
-            let expected_spki = {
-                use der::{Decode, Encode};
-                x509_cert::Certificate::from_der(&chain[0])
-                    .and_then(|c| c.tbs_certificate().subject_public_key_info().to_der())
-                    .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))?
-            };
-            let cores = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2);
-            let signer = Pkcs11Key::open(Pkcs11Config {
-                name: name.to_string(),
-                module,
-                uri,
-                pin: pin.as_str().into(),
-                max_sessions: max_sessions.unwrap_or(2 * cores),
-                rsa_pss: *rsa_signature == crate::config::RsaSignature::Pss,
-                expected_spki,
-            })
-            .map_err(|e| format!("backends.{name}: {e}"))?;
-            let issuer = LocalIssuer::new(Arc::new(signer), chain)
-                .map_err(|e| format!("backends.{name}: {e}"))?;
-            Ok(Arc::new(issuer))
-        }
-        BackendConfig::Cfssl {
-            url,
-            profile,
-            auth_key,
-            cert,
-            tls_ca,
-            connect_timeout,
-            timeout,
-            not_honoured,
-        } => {
-            use ecs_ca_backends::cfssl::{CfsslConfig, CfsslIssuer, NotHonoured};
-            let auth_key = match auth_key {
-                Some(spec) => {
-                    let key = format!("backends.{name}.auth_key");
-                    let text = crate::secrets::resolve(spec, &key, base)?;
-                    let bytes = hex::decode(text.trim()).map_err(|_| format!("{key}: not hex"))?;
-                    Some(zeroize::Zeroizing::new(bytes))
-                }
-                None => None,
-            };
-            let tls_roots_der = match tls_ca {
-                Some(p) => read_chain(name, p)?,
-                None => Vec::new(),
-            };
-            let issuer = CfsslIssuer::new(CfsslConfig {
-                name: name.to_string(),
-                url: url.clone(),
-                profile: profile.clone(),
-                auth_key,
-                chain_der: read_chain(name, cert)?,
-                tls_roots_der,
-                connect_timeout: std::time::Duration::from_secs(connect_timeout.as_secs()),
-                total_timeout: std::time::Duration::from_secs(timeout.as_secs()),
-                not_honoured: not_honoured
-                    .iter()
-                    .filter_map(|n| NotHonoured::parse(n))
-                    .collect(),
-            })
-            .map_err(|e| format!("backends.{name}.{e}"))?;
-            Ok(Arc::new(issuer))
-        }
-    }
-}
-
-fn read_chain(name: &str, cert: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
-    let cert_pem = crate::files::read_to_string(cert)
-        .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))?;
-    pem_chain_to_der(&cert_pem)
-        .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))
 }

@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod backends;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -340,7 +340,7 @@ pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Res
         .backends
         .get(&backend)
         .ok_or_else(|| format!("--prefill: no backend {backend:?} in the configuration"))?;
-    let issuer = crate::app::load_backend(&backend, backend_cfg, &base)?;
+    let issuer = crate::backends::load_backend(&backend, backend_cfg, &base)?;
     // Recorded as governed by the first domain whose certificates this backend issues.
     let domain = cfg
         .domains
