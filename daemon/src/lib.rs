@@ -5,6 +5,12 @@
 //! store, the audit log, the admin endpoints and the CLI. Certificate and key logic lives in
 //! `ecs-ca-backends`, policy decisions in `ecs-policy`; this crate gathers facts, asks them,
 //! and records the outcome.
+//!
+//! The module map, one registration room by room (each imports only rooms listed after it;
+//! `docs/architecture.md` has the table): `cli` → `serve` → `http` (listeners, TLS) →
+//! `registration` (the pipeline, no HTTP types) → `app` (shared state) → `backends` (signing)
+//! → `problem` (contract causes) → `store` (records, the trait, one file per engine) →
+//! `token` → `audit` (chain, checkpoints) → `config` → `trust` → small utilities.
 #![forbid(unsafe_code)]
 
 pub mod app;
