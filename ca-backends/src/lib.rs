@@ -16,6 +16,8 @@ pub mod cfssl;
 pub mod chain;
 mod csr;
 mod error;
+/// The fuzz targets' entry points, with a published test key: not in a production build.
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 mod issuer;

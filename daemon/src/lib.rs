@@ -21,6 +21,8 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod files;
+/// The fuzz targets' entry points, with a published test key: not in a production build.
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hardening;
