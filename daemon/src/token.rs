@@ -393,6 +393,25 @@ pub struct MintRequest<'a> {
 }
 
 /// Mints an ES256 onboarding token with the private key of issuer `name`.
+/// The token issuer that `token mint` and `bench` sign as: the one named, else the only one
+/// whose private key the configuration holds.
+pub fn minting_issuer(cfg: &Config, named: Option<&str>) -> Result<String, String> {
+    if let Some(n) = named {
+        return Ok(n.to_string());
+    }
+    let minting: Vec<&String> = cfg
+        .token_issuers
+        .iter()
+        .filter(|(_, i)| i.private_key.is_some())
+        .map(|(n, _)| n)
+        .collect();
+    match minting.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err("no token issuer in the configuration has a private_key".into()),
+        _ => Err("--issuer: several token issuers have a private_key; name one".into()),
+    }
+}
+
 pub fn mint(cfg: &Config, name: &str, req: &MintRequest<'_>) -> Result<String, String> {
     let ic = cfg
         .token_issuers

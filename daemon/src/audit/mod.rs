@@ -50,6 +50,10 @@ pub struct AuditEvent {
     /// against past decisions (`ecsd policy diff`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The policy's name of that key (`p256`, ...), when it has one: what `policy diff`
+    /// replays a refusal with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_type: Option<ecs_policy::KeyType>,
     /// Content hash of the policy configuration in force.
     pub policy_hash: String,
 }

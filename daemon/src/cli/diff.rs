@@ -4,7 +4,7 @@
 use crate::audit::AuditRecord;
 use crate::config::{Config, DEFAULT_DOMAIN};
 use crate::store::{CertRecord, CertSource, RegistrationRecord};
-use ecs_policy::{KeyType, OnboardingFacts, RuleChange};
+use ecs_policy::{OnboardingFacts, RuleChange};
 use serde::Serialize;
 
 /// A registration the proposed policy would no longer admit.
@@ -37,18 +37,6 @@ pub struct Diff {
     pub now_admitted: Vec<NowAdmitted>,
     /// Refusals that cannot be replayed (third-party chains are not in the audit log).
     pub not_replayed: usize,
-}
-
-fn key_type_of(description: &str) -> Option<KeyType> {
-    Some(match description {
-        "ECDSA P-256" => KeyType::P256,
-        "ECDSA P-384" => KeyType::P384,
-        "Ed25519" => KeyType::Ed25519,
-        "RSA 2048" => KeyType::Rsa2048,
-        "RSA 3072" => KeyType::Rsa3072,
-        "RSA 4096" => KeyType::Rsa4096,
-        _ => return None,
-    })
 }
 
 /// Computes the diff from the current configuration, its store's contents, and the
@@ -199,7 +187,7 @@ pub fn diff(
                     ees_id_is_fqdn: ecs_policy::is_fqdn(ees_id),
                     own: &own,
                 },
-                key_type: key_type_of(&description),
+                key_type: e.key_type,
                 key_description: &description,
                 requested_expiry: None,
                 secret_token_requested: false,

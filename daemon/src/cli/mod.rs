@@ -352,30 +352,7 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
             issuer,
         }) => {
             let cfg = load(&config)?;
-            let name = match issuer {
-                Some(n) => n,
-                None => {
-                    let minting: Vec<&String> = cfg
-                        .token_issuers
-                        .iter()
-                        .filter(|(_, i)| i.private_key.is_some())
-                        .map(|(n, _)| n)
-                        .collect();
-                    match minting.as_slice() {
-                        [one] => (*one).clone(),
-                        [] => {
-                            return Err(usage(
-                                "no token issuer in the configuration has a private_key",
-                            ));
-                        }
-                        _ => {
-                            return Err(usage(
-                                "--issuer: several token issuers have a private_key; name one",
-                            ));
-                        }
-                    }
-                }
-            };
+            let name = token::minting_issuer(&cfg, issuer.as_deref()).map_err(usage)?;
             let t = token::mint(
                 &cfg,
                 &name,
@@ -419,12 +396,7 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
             );
             let (ees_ids, csrs) = bench::prepare(requests, &prefix).map_err(other)?;
             let tokens = if target == BenchTarget::Ecs {
-                let name = cfg
-                    .token_issuers
-                    .iter()
-                    .find(|(_, i)| i.private_key.is_some())
-                    .map(|(n, _)| n.clone())
-                    .ok_or_else(|| usage("--config: no token issuer with a private_key"))?;
+                let name = token::minting_issuer(&cfg, None).map_err(usage)?;
                 let now = crate::clock::now();
                 ees_ids
                     .iter()
@@ -708,95 +680,144 @@ async fn run_ees(cmd: EesCmd) -> Result<(), Fail> {
     }
 }
 
-/// Reads the audit log: from the store when no daemon holds it, else through the daemon's
-/// admin API.
-async fn audit_log(cfg: &Config) -> Result<(Vec<AuditRecord>, (u64, String)), Fail> {
-    if !cfg.storage.path.exists() {
-        // No store yet (a daemon never ran with this configuration): nothing recorded.
-        return Ok((Vec::new(), (0, crate::audit::GENESIS_HASH.to_string())));
-    }
-    match store::open(&cfg.storage) {
-        Ok(store) => {
-            let records = store.audit_records(1).map_err(|e| other(e.to_string()))?;
-            let head = store.audit_head().map_err(|e| other(e.to_string()))?;
-            Ok((records, head))
+/// Where a command reads the store: the store itself when no daemon holds it, the running
+/// daemon's control socket when one does (an embedded store admits one process), or nothing
+/// when no daemon ever ran with this configuration.
+enum StoreAccess {
+    Empty,
+    Direct(std::sync::Arc<dyn crate::store::Store>),
+    Daemon {
+        socket: PathBuf,
+        /// Why the store could not be opened, for the error should the socket fail too.
+        open_err: String,
+    },
+}
+
+impl StoreAccess {
+    fn open(cfg: &Config) -> Self {
+        if !cfg.storage.path.exists() {
+            return StoreAccess::Empty;
         }
-        Err(open_err) => {
-            // The daemon holds the store: page through its control socket.
-            let socket = cfg.admin_socket_path();
-            let fail = |e: String| {
-                other(format!(
-                    "storage.path: {open_err}; control socket {}: {e}",
-                    socket.display()
-                ))
-            };
-            let mut records: Vec<AuditRecord> = Vec::new();
-            let mut from = 1u64;
-            loop {
-                let v = control_get(&socket, &format!("/admin/v1/audit/records?from={from}"))
-                    .await
-                    .map_err(fail)?;
-                let page: Vec<AuditRecord> = serde_json::from_value(v["records"].clone())
-                    .map_err(|e| fail(e.to_string()))?;
-                records.extend(page);
-                match v["next"].as_u64() {
-                    Some(next) => from = next,
-                    None => {
-                        let head = (
+        match store::open(&cfg.storage) {
+            Ok(s) => StoreAccess::Direct(s),
+            Err(e) => StoreAccess::Daemon {
+                socket: cfg.admin_socket_path(),
+                open_err: e.to_string(),
+            },
+        }
+    }
+
+    /// Every page of a dump of the control socket: `path(cursor)` for each page, `next` the
+    /// cursor of the next one from an answer (none: the last page).
+    async fn pages(
+        socket: &Path,
+        open_err: &str,
+        path: impl Fn(Option<&Value>) -> String,
+        mut each: impl FnMut(&Value) -> Result<(), String>,
+        next: impl Fn(&Value) -> Option<Value>,
+    ) -> Result<(), Fail> {
+        let fail = |e: String| {
+            other(format!(
+                "storage.path: {open_err}; control socket {}: {e}",
+                socket.display()
+            ))
+        };
+        let mut cursor: Option<Value> = None;
+        loop {
+            let v = control_get(socket, &path(cursor.as_ref()))
+                .await
+                .map_err(fail)?;
+            each(&v).map_err(fail)?;
+            match next(&v) {
+                Some(c) => cursor = Some(c),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// The audit log and its head.
+    async fn audit_log(&self) -> Result<(Vec<AuditRecord>, (u64, String)), Fail> {
+        match self {
+            StoreAccess::Empty => Ok((Vec::new(), (0, crate::audit::GENESIS_HASH.to_string()))),
+            StoreAccess::Direct(s) => {
+                let records = s.audit_records(1).map_err(|e| other(e.to_string()))?;
+                let head = s.audit_head().map_err(|e| other(e.to_string()))?;
+                Ok((records, head))
+            }
+            StoreAccess::Daemon { socket, open_err } => {
+                let mut records: Vec<AuditRecord> = Vec::new();
+                let mut head = (0, String::new());
+                Self::pages(
+                    socket,
+                    open_err,
+                    |from| {
+                        let from = from.and_then(Value::as_u64).unwrap_or(1);
+                        format!("/admin/v1/audit/records?from={from}")
+                    },
+                    |v| {
+                        let page: Vec<AuditRecord> = serde_json::from_value(v["records"].clone())
+                            .map_err(|e| e.to_string())?;
+                        records.extend(page);
+                        head = (
                             v["head"]["seq"].as_u64().unwrap_or(0),
                             v["head"]["hash"].as_str().unwrap_or_default().to_string(),
                         );
-                        return Ok((records, head));
-                    }
-                }
+                        Ok(())
+                    },
+                    |v| v["next"].as_u64().map(Value::from),
+                )
+                .await?;
+                Ok((records, head))
+            }
+        }
+    }
+
+    /// Active registrations with their certificates.
+    async fn active_registrations(
+        &self,
+    ) -> Result<Vec<(crate::store::RegistrationRecord, crate::store::CertRecord)>, Fail> {
+        match self {
+            StoreAccess::Empty => Ok(Vec::new()),
+            StoreAccess::Direct(s) => s.active_registrations().map_err(|e| other(e.to_string())),
+            StoreAccess::Daemon { socket, open_err } => {
+                let mut out = Vec::new();
+                Self::pages(
+                    socket,
+                    open_err,
+                    |after| match after.and_then(Value::as_str) {
+                        Some(a) => format!("/admin/v1/registrations?after={a}"),
+                        None => "/admin/v1/registrations".to_string(),
+                    },
+                    |v| {
+                        for item in v["registrations"].as_array().into_iter().flatten() {
+                            out.push((
+                                serde_json::from_value(item["registration"].clone())
+                                    .map_err(|e| e.to_string())?,
+                                serde_json::from_value(item["cert"].clone())
+                                    .map_err(|e| e.to_string())?,
+                            ));
+                        }
+                        Ok(())
+                    },
+                    |v| v["next"].as_str().map(Value::from),
+                )
+                .await?;
+                Ok(out)
             }
         }
     }
 }
 
-/// Active registrations with their certificates: from the store, or through the admin API
-/// while the daemon holds it.
+/// Reads the audit log, wherever it is.
+async fn audit_log(cfg: &Config) -> Result<(Vec<AuditRecord>, (u64, String)), Fail> {
+    StoreAccess::open(cfg).audit_log().await
+}
+
+/// Active registrations with their certificates, wherever they are.
 async fn active_registrations(
     cfg: &Config,
 ) -> Result<Vec<(crate::store::RegistrationRecord, crate::store::CertRecord)>, Fail> {
-    if !cfg.storage.path.exists() {
-        return Ok(Vec::new());
-    }
-    match store::open(&cfg.storage) {
-        Ok(store) => store
-            .active_registrations()
-            .map_err(|e| other(e.to_string())),
-        Err(open_err) => {
-            let socket = cfg.admin_socket_path();
-            let fail = |e: String| {
-                other(format!(
-                    "storage.path: {open_err}; control socket {}: {e}",
-                    socket.display()
-                ))
-            };
-            let mut out = Vec::new();
-            let mut after: Option<String> = None;
-            loop {
-                let path = match &after {
-                    Some(a) => format!("/admin/v1/registrations?after={a}"),
-                    None => "/admin/v1/registrations".to_string(),
-                };
-                let v = control_get(&socket, &path).await.map_err(fail)?;
-                for item in v["registrations"].as_array().into_iter().flatten() {
-                    out.push((
-                        serde_json::from_value(item["registration"].clone())
-                            .map_err(|e| fail(e.to_string()))?,
-                        serde_json::from_value(item["cert"].clone())
-                            .map_err(|e| fail(e.to_string()))?,
-                    ));
-                }
-                match v["next"].as_str() {
-                    Some(next) => after = Some(next.to_string()),
-                    None => return Ok(out),
-                }
-            }
-        }
-    }
+    StoreAccess::open(cfg).active_registrations().await
 }
 
 /// A GET on the daemon's control socket, answered as JSON.

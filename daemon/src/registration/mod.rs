@@ -61,6 +61,7 @@ struct Facts {
     cert_serial: Option<String>,
     cert_fingerprint: Option<String>,
     key: Option<String>,
+    key_type: Option<ecs_policy::KeyType>,
 }
 
 impl Facts {
@@ -96,6 +97,7 @@ impl Facts {
             cert_serial: self.cert_serial.clone(),
             cert_fingerprint: self.cert_fingerprint.clone(),
             key: self.key.clone(),
+            key_type: self.key_type,
             policy_hash: app.policy().hash.clone(),
         }
     }
@@ -509,6 +511,7 @@ async fn create_inner(
         let csr = parse_csr(csr_pem)?;
         let description = csr.key.describe();
         f.key = Some(description.clone());
+        f.key_type = crate::trust::key_type(csr.key.kind);
         let requested = profile.requested_names();
         let decision = domain.decide_onboarding(
             &domain_name,

@@ -87,6 +87,7 @@ pub(super) async fn third_party_decision(
     f.cert_serial = Some(leaf.serial_hex.clone());
     f.cert_fingerprint = Some(leaf.fingerprint.clone());
     f.key = Some(leaf.key.describe());
+    f.key_type = crate::trust::key_type(leaf.key.kind);
     let approval = judged.decision.outcome?;
     third_party_cert_free(app, &leaf.fingerprint)?;
     // The chain as accepted: what the client sent after the leaf, then the anchor reached.
