@@ -96,15 +96,21 @@ impl PublicKeyInfo {
     }
 }
 
-/// Classifies a SubjectPublicKeyInfo and checks the key itself is well formed (an EC point
-/// on its curve, an RSA modulus that parses).
-pub fn classify_spki(spki_der: &[u8]) -> Result<PublicKeyInfo, Error> {
+/// A SubjectPublicKeyInfo and its key's bytes.
+fn spki_parts(spki_der: &[u8]) -> Result<(SubjectPublicKeyInfoRef<'_>, &[u8]), Error> {
     let spki = SubjectPublicKeyInfoRef::from_der(spki_der)
         .map_err(|e| Error::Encoding(format!("public key does not parse: {e}")))?;
     let key = spki
         .subject_public_key
         .as_bytes()
         .ok_or_else(|| Error::Encoding("public key bit string is not whole bytes".into()))?;
+    Ok((spki, key))
+}
+
+/// Classifies a SubjectPublicKeyInfo and checks the key itself is well formed (an EC point
+/// on its curve, an RSA modulus that parses).
+pub fn classify_spki(spki_der: &[u8]) -> Result<PublicKeyInfo, Error> {
+    let (spki, key) = spki_parts(spki_der)?;
     let oid = spki.algorithm.oid;
     let kind = if oid == rfc5912::ID_EC_PUBLIC_KEY {
         let curve: ObjectIdentifier = spki
@@ -227,12 +233,7 @@ fn rsa_modulus_bits(key: &[u8]) -> Result<usize, Error> {
 /// supports); every other key is returned as given.
 pub fn canonical_spki(spki_der: &[u8]) -> Result<Vec<u8>, Error> {
     use der::Encode;
-    let spki = SubjectPublicKeyInfoRef::from_der(spki_der)
-        .map_err(|e| Error::Encoding(format!("public key does not parse: {e}")))?;
-    let key = spki
-        .subject_public_key
-        .as_bytes()
-        .ok_or_else(|| Error::Encoding("public key bit string is not whole bytes".into()))?;
+    let (spki, key) = spki_parts(spki_der)?;
     let is_p256 = spki.algorithm.oid == rfc5912::ID_EC_PUBLIC_KEY
         && spki
             .algorithm
