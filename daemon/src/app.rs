@@ -396,13 +396,12 @@ impl App {
         let event = crate::audit::AuditEvent {
             time: crate::clock::format_time(now()),
             client: via.to_string(),
-            action: "policy_reload".into(),
+            action: crate::audit::Action::PolicyReload,
             outcome: if result.is_ok() {
-                "accepted"
+                crate::audit::Outcome::Accepted
             } else {
-                "refused"
-            }
-            .into(),
+                crate::audit::Outcome::Refused
+            },
             status: 0,
             detail: Some(match &result {
                 Ok((old, new)) => format!("policy {old} replaced by {new}"),

@@ -12,6 +12,67 @@ use serde::{Deserialize, Serialize};
 /// The `prev_hash` of the first record.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// What a record is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Register,
+    Get,
+    Update,
+    Rekey,
+    Patch,
+    Deregister,
+    Expire,
+    PolicyReload,
+    /// A count of identical refusals not recorded one by one.
+    RefusalsAggregated,
+    /// A request refused before it named an operation (a method the resource lacks).
+    #[default]
+    Request,
+}
+
+impl Action {
+    /// The name in records and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Register => "register",
+            Action::Get => "get",
+            Action::Update => "update",
+            Action::Rekey => "rekey",
+            Action::Patch => "patch",
+            Action::Deregister => "deregister",
+            Action::Expire => "expire",
+            Action::PolicyReload => "policy_reload",
+            Action::RefusalsAggregated => "refusals_aggregated",
+            Action::Request => "request",
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// Whether the decision accepted or refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    #[default]
+    Accepted,
+    Refused,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Refused => "refused",
+        })
+    }
+}
+
 /// What happened, as the pipeline reports it.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct AuditEvent {
@@ -20,9 +81,9 @@ pub struct AuditEvent {
     /// The client's address.
     pub client: String,
     /// `register`, `get`, `update`, `patch`, `rekey`, `deregister`, `expire`.
-    pub action: String,
+    pub action: Action,
     /// `accepted` or `refused`.
-    pub outcome: String,
+    pub outcome: Outcome,
     pub status: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
@@ -60,11 +121,12 @@ pub struct AuditEvent {
 
 impl AuditEvent {
     #[cfg(test)]
-    pub fn test(action: &str) -> Self {
+    pub fn test(detail: &str) -> Self {
         AuditEvent {
             time: "2026-11-27T00:00:00Z".into(),
-            action: action.into(),
-            outcome: "accepted".into(),
+            action: Action::Register,
+            outcome: Outcome::Accepted,
+            detail: Some(detail.into()),
             ..Default::default()
         }
     }
@@ -185,7 +247,7 @@ mod tests {
         let c = chain(4);
         let head = c[3].hash.clone();
         let mut edited = c.clone();
-        edited[1].event.outcome = "refused".into();
+        edited[1].event.outcome = Outcome::Refused;
         assert_eq!(verify_chain(&edited, (4, &head)).unwrap_err().seq, 2);
         let mut removed = c.clone();
         removed.remove(2);

@@ -434,8 +434,8 @@ pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Res
             audit: Some(AuditEvent {
                 time: crate::clock::format_time(now),
                 client: "ecsd bench --prefill".into(),
-                action: "register".into(),
-                outcome: "accepted".into(),
+                action: crate::audit::Action::Register,
+                outcome: crate::audit::Outcome::Accepted,
                 status: 201,
                 ees_id: Some(ees_id),
                 registration_id: Some(id),

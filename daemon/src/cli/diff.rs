@@ -152,8 +152,8 @@ pub fn diff(
     let mut not_replayed = 0;
     for rec in audit {
         let e = &rec.event;
-        let policy_refusal = e.outcome == "refused"
-            && e.action == "register"
+        let policy_refusal = e.outcome == crate::audit::Outcome::Refused
+            && e.action == crate::audit::Action::Register
             && e.rule.as_deref().is_some_and(|r| r.starts_with("domains."));
         if !policy_refusal {
             continue;

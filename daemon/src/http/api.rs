@@ -3,6 +3,7 @@
 
 use super::{Body, response};
 use crate::app::App;
+use crate::audit::Action;
 use crate::problem::{ApiError, Cause};
 use crate::registration::{self, Reply, RequestCtx};
 use bytes::Bytes;
@@ -170,12 +171,12 @@ async fn route(
 ) -> Result<Response<Body>, ApiError> {
     if path == API_PREFIX {
         if method != Method::POST {
-            registration::refuse(app, ctx, "register", not_allowed("POST")).await;
+            registration::refuse(app, ctx, Action::Register, not_allowed("POST")).await;
             return Ok(method_not_allowed("POST"));
         }
         let body = match checked_body(app, req, "application/json").await {
             Ok(b) => b,
-            Err(e) => return Err(registration::refuse(app, ctx, "register", e).await),
+            Err(e) => return Err(registration::refuse(app, ctx, Action::Register, e).await),
         };
         return registration::create(app, ctx, &body).await.map(reply);
     }
@@ -184,11 +185,11 @@ async fn route(
         .and_then(|r| r.strip_prefix('/'))
     {
         let action = match *method {
-            Method::GET => "get",
-            Method::PUT => "update",
-            Method::PATCH => "patch",
-            Method::DELETE => "deregister",
-            _ => "request",
+            Method::GET => Action::Get,
+            Method::PUT => Action::Update,
+            Method::PATCH => Action::Patch,
+            Method::DELETE => Action::Deregister,
+            _ => Action::Request,
         };
         if id.is_empty() || id.contains('/') || id.len() > 128 {
             let e = ApiError::new(Cause::RegistrationNotFound, "no registration with this ID");
@@ -198,11 +199,11 @@ async fn route(
             Method::GET => registration::get(app, ctx, id).await.map(reply),
             Method::PUT => match checked_body(app, req, "application/json").await {
                 Ok(body) => registration::put(app, ctx, id, &body).await.map(reply),
-                Err(e) => Err(registration::refuse(app, ctx, "update", e).await),
+                Err(e) => Err(registration::refuse(app, ctx, Action::Update, e).await),
             },
             Method::PATCH => match checked_body(app, req, "application/merge-patch+json").await {
                 Ok(body) => registration::patch(app, ctx, id, &body).await.map(reply),
-                Err(e) => Err(registration::refuse(app, ctx, "patch", e).await),
+                Err(e) => Err(registration::refuse(app, ctx, Action::Patch, e).await),
             },
             Method::DELETE => registration::delete(app, ctx, id).await.map(reply),
             _ => {

@@ -6,7 +6,7 @@
 //! leaves only its audit record.
 
 use crate::app::App;
-use crate::audit::AuditEvent;
+use crate::audit::{Action, AuditEvent, Outcome};
 use crate::clock::now;
 use crate::config::DEFAULT_DOMAIN;
 pub mod body;
@@ -51,7 +51,7 @@ pub struct Reply {
 /// Facts collected while a request is handled, written to the audit log at its end.
 #[derive(Debug, Default)]
 struct Facts {
-    action: &'static str,
+    action: Action,
     token_iss: Option<String>,
     token_sub: Option<String>,
     token_jti: Option<String>,
@@ -65,7 +65,7 @@ struct Facts {
 }
 
 impl Facts {
-    fn new(action: &'static str) -> Self {
+    fn new(action: Action) -> Self {
         Facts {
             action,
             ..Default::default()
@@ -82,8 +82,12 @@ impl Facts {
         AuditEvent {
             time: format_time(now()),
             client: ctx.client_addr.clone(),
-            action: self.action.to_string(),
-            outcome: if err.is_some() { "refused" } else { "accepted" }.to_string(),
+            action: self.action,
+            outcome: if err.is_some() {
+                Outcome::Refused
+            } else {
+                Outcome::Accepted
+            },
             status,
             cause: err.map(|e| e.cause.code().to_string()),
             rule: err.and_then(|e| e.rule.clone()),
@@ -108,7 +112,7 @@ impl Facts {
 async fn audited<F>(
     app: &Arc<App>,
     ctx: &RequestCtx,
-    action: &'static str,
+    action: Action,
     op: F,
 ) -> Result<Reply, ApiError>
 where
@@ -138,13 +142,13 @@ where
         Ok(_) => {
             app.metrics
                 .requests
-                .with_label_values(&[action, "accepted", ""])
+                .with_label_values(&[action.name(), "accepted", ""])
                 .inc();
         }
         Err(e) => {
             app.metrics
                 .requests
-                .with_label_values(&[action, "refused", e.cause.code()])
+                .with_label_values(&[action.name(), "refused", e.cause.code()])
                 .inc();
             if app
                 .refusals
@@ -175,8 +179,8 @@ pub async fn record_aggregated_refusals(app: &App, all: bool) {
         let event = AuditEvent {
             time: format_time(now()),
             client: s.client.clone(),
-            action: "refusals_aggregated".into(),
-            outcome: "refused".into(),
+            action: Action::RefusalsAggregated,
+            outcome: Outcome::Refused,
             status: 0,
             cause: Some(s.cause.clone()),
             detail: Some(format!(
@@ -223,12 +227,7 @@ fn too_many(wait: std::time::Duration, why: &str) -> ApiError {
 
 /// Records a refusal decided before the pipeline ran (content type, body size) and
 /// returns it, so that every refusal on the registration API is in the audit log.
-pub async fn refuse(
-    app: &Arc<App>,
-    ctx: &RequestCtx,
-    action: &'static str,
-    e: ApiError,
-) -> ApiError {
+pub async fn refuse(app: &Arc<App>, ctx: &RequestCtx, action: Action, e: ApiError) -> ApiError {
     let err = e.clone();
     match audited(app, ctx, action, async |_: &mut Facts| Err(e)).await {
         Err(e) => e,
@@ -413,7 +412,7 @@ enum Material<'a> {
 
 /// `POST /registrations`: onboard an EES (solution #12 steps 3–5).
 pub async fn create(app: &Arc<App>, ctx: &RequestCtx, body: &[u8]) -> Result<Reply, ApiError> {
-    audited(app, ctx, "register", async |f: &mut Facts| {
+    audited(app, ctx, Action::Register, async |f: &mut Facts| {
         create_inner(app, ctx, body, f).await
     })
     .await
@@ -736,7 +735,7 @@ async fn authorize(
 
 /// `GET /registrations/{id}`.
 pub async fn get(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply, ApiError> {
-    audited(app, ctx, "get", async |f: &mut Facts| {
+    audited(app, ctx, Action::Get, async |f: &mut Facts| {
         let _lock = app.lock_registration(id).await;
         let (reg, cert, _) = authorize(app, ctx, id, false, f).await?;
         Ok(Reply {
@@ -756,7 +755,7 @@ pub async fn put(
     id: &str,
     body: &[u8],
 ) -> Result<Reply, ApiError> {
-    audited(app, ctx, "update", async |f: &mut Facts| {
+    audited(app, ctx, Action::Update, async |f: &mut Facts| {
         let _lock = app.lock_registration(id).await;
         let (reg, current, by) = authorize(app, ctx, id, true, f).await?;
         let now = now();
@@ -792,7 +791,7 @@ pub async fn patch(
     id: &str,
     body: &[u8],
 ) -> Result<Reply, ApiError> {
-    audited(app, ctx, "patch", async |f: &mut Facts| {
+    audited(app, ctx, Action::Patch, async |f: &mut Facts| {
         let _lock = app.lock_registration(id).await;
         let (reg, current, _) = authorize(app, ctx, id, false, f).await?;
         let now = now();
@@ -880,7 +879,7 @@ async fn update(
     // Held until the change is committed: signing and storing are one unit of back-pressure.
     let mut _slot = None;
     if let Some(csr_pem) = csr {
-        f.action = "rekey";
+        f.action = Action::Rekey;
         let csr = parse_csr(&csr_pem)?;
         let description = csr.key.describe();
         let approval = domain
@@ -943,7 +942,7 @@ async fn update(
 
 /// `DELETE /registrations/{id}`: ends the registration and revokes its certificates.
 pub async fn delete(app: &Arc<App>, ctx: &RequestCtx, id: &str) -> Result<Reply, ApiError> {
-    audited(app, ctx, "deregister", async |f: &mut Facts| {
+    audited(app, ctx, Action::Deregister, async |f: &mut Facts| {
         let _lock = app.lock_registration(id).await;
         let (reg, _, _) = authorize(app, ctx, id, false, f).await?;
         let mut event = f.event(app, ctx, 204, None);
@@ -1021,8 +1020,8 @@ pub async fn expire(app: &App, client: &str, reg: RegistrationRecord) -> Result<
     let event = AuditEvent {
         time: format_time(now()),
         client: client.to_string(),
-        action: "expire".into(),
-        outcome: "accepted".into(),
+        action: Action::Expire,
+        outcome: Outcome::Accepted,
         status: 0,
         ees_id: Some(reg.ees_id.clone()),
         prov_id: reg.prov_id.clone(),
