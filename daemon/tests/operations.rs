@@ -308,33 +308,34 @@ fn configuration_faults_stop_the_start_with_one_line_naming_the_key() {
             "backends.soft.key",
         ),
     ];
-    for (from, to, expect) in cases {
-        std::fs::write(&cfg, good.replacen(from, to, 1)).unwrap();
+    // `ecsd serve` on `text`, which must fail: (exit status, stderr).
+    let refused = |text: &str| {
+        std::fs::write(&cfg, text).unwrap();
         let out = ecsd()
             .args(["serve", "--config"])
             .arg(&cfg)
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (from, to, expect) in cases {
+        let (code, stderr) = refused(&good.replacen(from, to, 1));
         let last = stderr.lines().last().unwrap_or("");
         assert!(last.contains(expect), "{to}: {stderr}");
         assert_eq!(
-            out.status.code(),
+            code,
             Some(if expect == "backends.soft.key" { 1 } else { 2 }),
             "{to}: {stderr}"
         );
     }
     // A private key that others may read is refused, naming the file.
-    std::fs::write(&cfg, &good).unwrap();
     let key = dir.path().join("keys/issuing-ca.key");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = ecsd()
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (_, stderr) = refused(&good);
     assert!(
         stderr.contains("backends.soft.key") && stderr.contains("readable by group or others"),
         "{stderr}"
@@ -356,14 +357,8 @@ fn configuration_faults_stop_the_start_with_one_line_naming_the_key() {
         1,
     );
     assert_ne!(with_tls, good);
-    std::fs::write(&cfg, &with_tls).unwrap();
-    let out = ecsd()
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (code, stderr) = refused(&with_tls);
+    assert_ne!(code, Some(0));
     assert!(
         stderr.contains("server.tls_key") && stderr.contains("readable by group or others"),
         "{stderr}"
