@@ -882,6 +882,8 @@ async fn update(
         f.action = Action::Rekey;
         let csr = parse_csr(&csr_pem)?;
         let description = csr.key.describe();
+        f.key = Some(description.clone());
+        f.key_type = crate::trust::key_type(csr.key.kind);
         let approval = domain
             .decide_onboarding(
                 &domain_name,
