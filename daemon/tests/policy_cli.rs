@@ -426,3 +426,38 @@ async fn a_reload_is_applied_whole_or_refused_and_changes_apply_the_new_policy()
             .contains("domains.default.ees_ids")
     );
 }
+
+/// `policy diff` takes the proposed ECS's own names into account (they are never an EES's);
+/// when it cannot read them it says so, instead of taking them as none.
+#[test]
+fn diff_says_when_it_cannot_read_the_proposed_ecss_own_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = ecsd()
+        .args(["init", "--dir"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let current = dir.path().join("ecs.toml");
+    let text = std::fs::read_to_string(&current).unwrap();
+    let proposed = dir.path().join("proposed.toml");
+    std::fs::write(
+        &proposed,
+        text.replacen(
+            "[server]\n",
+            "[server]\ntls_cert = \"missing.pem\"\ntls_key = \"missing.key\"\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let out = ecsd()
+        .args(["policy", "diff", "--config"])
+        .arg(&current)
+        .arg("--proposed")
+        .arg(&proposed)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("server.tls_cert"), "{stderr}");
+}

@@ -47,9 +47,11 @@ pub fn diff(
     registrations: &[(RegistrationRecord, CertRecord)],
     audit: &[AuditRecord],
     now: i64,
-) -> Diff {
+) -> Result<Diff, String> {
     let rules = ecs_policy::diff_domains(&current.domains, &proposed.domains);
-    let own = crate::app::own_names(proposed).unwrap_or_default();
+    // The names the proposed ECS would call its own; one it cannot read is said, not
+    // taken as none (which would approve every name).
+    let own = crate::app::own_names(proposed).map_err(|e| format!("--proposed: {e}"))?;
     let mut no_longer_admitted = Vec::new();
     for (reg, cert) in registrations {
         let refuse = |rule: String, reason: String| NoLongerAdmitted {
@@ -204,14 +206,14 @@ pub fn diff(
             });
         }
     }
-    Diff {
+    Ok(Diff {
         current_policy_hash: current.policy_hash(),
         proposed_policy_hash: proposed.policy_hash(),
         rules,
         no_longer_admitted,
         now_admitted,
         not_replayed,
-    }
+    })
 }
 
 /// The human rendering.

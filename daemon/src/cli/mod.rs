@@ -460,7 +460,8 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
             let (new, _) = Config::load(&proposed).map_err(|e| usage(e.0))?;
             let (audit, _) = audit_log(&current).await?;
             let registrations = active_registrations(&current).await?;
-            let d = diff::diff(&current, &new, &registrations, &audit, crate::clock::now());
+            let d = diff::diff(&current, &new, &registrations, &audit, crate::clock::now())
+                .map_err(usage)?;
             if format == Format::Json {
                 println!("{}", serde_json::to_string(&d).unwrap_or_default());
             } else {
