@@ -229,7 +229,10 @@ pub struct App {
     /// Bounds the audit records of identical refusals.
     pub refusals: crate::audit::refusals::RefusalThrottle,
     /// Signs checkpoints of the audit chain (`[audit]`), with the last sequence signed.
-    checkpoints: Option<(crate::audit::checkpoint::CheckpointSigner, Mutex<u64>)>,
+    checkpoints: Option<(
+        Arc<crate::audit::checkpoint::CheckpointSigner>,
+        tokio::sync::Mutex<u64>,
+    )>,
     /// Token IDs and EES IDs of registrations being created right now, so that two
     /// concurrent requests never both sign a certificate for one token or one EES.
     inflight: Mutex<HashSet<String>>,
@@ -290,8 +293,11 @@ impl App {
         let own_names = own_names(&cfg)?;
         let checkpoints = match &cfg.audit.checkpoint_key {
             Some(key) => Some((
-                crate::audit::checkpoint::CheckpointSigner::load(key, &cfg.audit.checkpoint_log)?,
-                Mutex::new(0),
+                Arc::new(crate::audit::checkpoint::CheckpointSigner::load(
+                    key,
+                    &cfg.audit.checkpoint_log,
+                )?),
+                tokio::sync::Mutex::new(0),
             )),
             None => None,
         };
@@ -315,24 +321,30 @@ impl App {
     }
 
     /// Signs a checkpoint of the audit chain when records were added since the last one
-    /// (or `always`, at stop). Blocking: call it off the reactor.
-    pub fn checkpoint(
+    /// (or `always`, at stop); the signature and the file write run off the reactor.
+    pub async fn checkpoint(
         &self,
         always: bool,
     ) -> Result<Option<crate::audit::checkpoint::Checkpoint>, String> {
         let Some((signer, last)) = &self.checkpoints else {
             return Ok(None);
         };
-        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = last.lock().await;
         // A checkpoint vouches only for records on disk (refusals are flushed in the
         // background): a crash must not leave a checkpoint past the durable log.
-        self.store.flush().map_err(|e| e.to_string())?;
-        let (seq, head) = self.store.audit_head().map_err(|e| e.to_string())?;
+        self.store.flush().await.map_err(|e| e.to_string())?;
+        let (seq, head) = self.store.audit_head().await.map_err(|e| e.to_string())?;
         if seq == *last && !always {
             return Ok(None);
         }
         let time = crate::clock::format_time(now());
-        let c = signer.write(seq, &head, &time, &self.policy().hash)?;
+        let policy_hash = self.policy().hash.clone();
+        let (signer, signed_head) = (signer.clone(), head.clone());
+        let c = tokio::task::spawn_blocking(move || {
+            signer.write(seq, &signed_head, &time, &policy_hash)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         *last = seq;
         tracing::info!(seq, head = %head, "audit checkpoint signed");
         Ok(Some(c))
@@ -391,8 +403,14 @@ impl App {
 
     /// [`App::reload_policy`], with its audit record (accepted with both hashes, or refused
     /// with why).
-    pub fn reload_policy_recorded(&self, via: &str) -> Result<(String, String), String> {
-        let result = self.reload_policy();
+    pub async fn reload_policy_recorded(
+        self: &Arc<Self>,
+        via: &str,
+    ) -> Result<(String, String), String> {
+        let app = self.clone();
+        let result = tokio::task::spawn_blocking(move || app.reload_policy())
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
         let event = crate::audit::AuditEvent {
             time: crate::clock::format_time(now()),
             client: via.to_string(),
@@ -410,10 +428,14 @@ impl App {
             policy_hash: self.policy().hash.clone(),
             ..Default::default()
         };
-        if let Err(e) = self.store.commit(crate::store::Commit {
-            audit: Some(event),
-            ..Default::default()
-        }) {
+        if let Err(e) = self
+            .store
+            .commit(crate::store::Commit {
+                audit: Some(event),
+                ..Default::default()
+            })
+            .await
+        {
             tracing::error!(error = %e, "could not record the policy reload");
         }
         match &result {

@@ -54,20 +54,19 @@ impl Backend {
         {
             return Ok(c.der.clone());
         }
-        let store = store.clone();
+        let revoked: Vec<RevokedEntry> = store
+            .revoked(&self.name)
+            .await?
+            .into_iter()
+            .map(|(serial_hex, r)| RevokedEntry {
+                serial_hex,
+                revoked_at: r.at,
+                reason: r.reason,
+            })
+            .collect();
+        let number = store.next_crl_number(&self.name).await?;
         let issuer = self.issuer.clone();
-        let name = self.name.clone();
         let der = tokio::task::spawn_blocking(move || {
-            let revoked: Vec<RevokedEntry> = store
-                .revoked(&name)?
-                .into_iter()
-                .map(|(serial_hex, r)| RevokedEntry {
-                    serial_hex,
-                    revoked_at: r.at,
-                    reason: r.reason,
-                })
-                .collect();
-            let number = store.next_crl_number(&name)?;
             issuer
                 .sign_crl(number, now, now + validity, &revoked)
                 .map_err(crate::problem::ApiError::from)

@@ -59,8 +59,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     registration::record_aggregated_refusals(&app, true).await;
     // Every acknowledged change was flushed when it was made; this flush catches the
     // records of refusals written since the last background flush.
-    let store = app.store.clone();
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.flush()).await {
+    if let Err(e) = app.store.flush().await {
         tracing::error!(error = %e, "final flush failed");
     }
     // The last checkpoint covers everything this process wrote.
@@ -141,11 +140,8 @@ async fn checkpoint_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
 }
 
 async fn signed_checkpoint(app: &Arc<App>, always: bool) {
-    let a = app.clone();
-    match tokio::task::spawn_blocking(move || a.checkpoint(always)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "audit checkpoint failed"),
-        Err(e) => tracing::error!(error = %e, "audit checkpoint failed"),
+    if let Err(e) = app.checkpoint(always).await {
+        tracing::error!(error = %e, "audit checkpoint failed");
     }
 }
 
@@ -183,8 +179,7 @@ async fn reload_on_sighup(app: Arc<App>) {
         return;
     };
     while hup.recv().await.is_some() {
-        let app = app.clone();
-        let _ = tokio::task::spawn_blocking(move || app.reload_policy_recorded("SIGHUP")).await;
+        let _ = app.reload_policy_recorded("SIGHUP").await;
     }
 }
 

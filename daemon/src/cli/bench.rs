@@ -324,7 +324,11 @@ pub fn render_text(v: &Value) -> String {
 /// record), `revoked` of them de-registered with their certificate revoked, so that the
 /// scale scenarios run against a full store. The daemon must be stopped (the store is
 /// locked by whoever has it open).
-pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Result<Value, String> {
+pub async fn prefill(
+    cfg: &crate::config::Config,
+    count: usize,
+    revoked: usize,
+) -> Result<Value, String> {
     use crate::audit::AuditEvent;
     use crate::store::{CertRecord, Commit, RegState, RegistrationRecord, Revocation, SpentToken};
     use ecs_ca_backends::{CertTemplate, KeySigner, SanEntry};
@@ -455,39 +459,43 @@ pub fn prefill(cfg: &crate::config::Config, count: usize, revoked: usize) -> Res
         .unwrap_or(2);
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
-    std::thread::scope(|s| -> Result<(), String> {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| -> Result<(), String> {
-                    loop {
-                        let from = next.fetch_add(BATCH, Ordering::Relaxed);
-                        if from >= count {
-                            return Ok(());
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|s| -> Result<(), String> {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| -> Result<(), String> {
+                        loop {
+                            let from = next.fetch_add(BATCH, Ordering::Relaxed);
+                            if from >= count {
+                                return Ok(());
+                            }
+                            let batch = (from..(from + BATCH).min(count))
+                                .map(make)
+                                .collect::<Result<Vec<_>, _>>()?;
+                            let n = batch.len();
+                            rt.block_on(store.commit_all(batch))
+                                .map_err(|e| e.to_string())?;
+                            let total = done.fetch_add(n, Ordering::Relaxed) + n;
+                            if total % 100_000 < n {
+                                eprintln!(
+                                    "prefill: {total} of {count} in {:.0} s",
+                                    started.elapsed().as_secs_f64()
+                                );
+                            }
                         }
-                        let batch = (from..(from + BATCH).min(count))
-                            .map(make)
-                            .collect::<Result<Vec<_>, _>>()?;
-                        let n = batch.len();
-                        store.commit_all(batch).map_err(|e| e.to_string())?;
-                        let total = done.fetch_add(n, Ordering::Relaxed) + n;
-                        if total % 100_000 < n {
-                            eprintln!(
-                                "prefill: {total} of {count} in {:.0} s",
-                                started.elapsed().as_secs_f64()
-                            );
-                        }
-                    }
+                    })
                 })
-            })
-            .collect();
-        for w in workers {
-            w.join()
-                .map_err(|_| "a prefill thread panicked".to_string())??;
-        }
-        Ok(())
+                .collect();
+            for w in workers {
+                w.join()
+                    .map_err(|_| "a prefill thread panicked".to_string())??;
+            }
+            Ok(())
+        })
     })?;
-    store.flush().map_err(|e| e.to_string())?;
-    let counts = store.counts().map_err(|e| e.to_string())?;
+    store.flush().await.map_err(|e| e.to_string())?;
+    let counts = store.counts().await.map_err(|e| e.to_string())?;
     Ok(json!({
         "prefilled": count,
         "revoked": revoked.min(count),

@@ -386,7 +386,9 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
         } => {
             let cfg = load(&config)?;
             if let Some(n) = prefill {
-                let report = bench::prefill(&cfg, n, prefill_revoked).map_err(other)?;
+                let report = bench::prefill(&cfg, n, prefill_revoked)
+                    .await
+                    .map_err(other)?;
                 println!("{report}");
                 return Ok(());
             }
@@ -741,8 +743,10 @@ impl StoreAccess {
         match self {
             StoreAccess::Empty => Ok((Vec::new(), (0, crate::audit::GENESIS_HASH.to_string()))),
             StoreAccess::Direct(s) => {
-                let records = s.audit_records(1).map_err(|e| other(e.to_string()))?;
-                let head = s.audit_head().map_err(|e| other(e.to_string()))?;
+                let records = store::all_audit_records(s.as_ref())
+                    .await
+                    .map_err(|e| other(e.to_string()))?;
+                let head = s.audit_head().await.map_err(|e| other(e.to_string()))?;
                 Ok((records, head))
             }
             StoreAccess::Daemon { socket, open_err } => {
@@ -779,7 +783,9 @@ impl StoreAccess {
     ) -> Result<Vec<(crate::store::RegistrationRecord, crate::store::CertRecord)>, Fail> {
         match self {
             StoreAccess::Empty => Ok(Vec::new()),
-            StoreAccess::Direct(s) => s.active_registrations().map_err(|e| other(e.to_string())),
+            StoreAccess::Direct(s) => store::all_active_registrations(s.as_ref())
+                .await
+                .map_err(|e| other(e.to_string())),
             StoreAccess::Daemon { socket, open_err } => {
                 let mut out = Vec::new();
                 Self::pages(

@@ -107,7 +107,7 @@ async fn admin(app: Arc<App>, surface: Surface, req: Request<Incoming>) -> Respo
         "/healthz" => return response(200, "text/plain", b"ok\n".to_vec()),
         "/readyz" => {
             let mut problems = Vec::new();
-            if app.store.audit_head().is_err() {
+            if app.store.audit_head().await.is_err() {
                 problems.push("store: unavailable".to_string());
             }
             for (name, ready) in app.backend_readiness().await {
@@ -126,7 +126,7 @@ async fn admin(app: Arc<App>, surface: Surface, req: Request<Incoming>) -> Respo
             };
         }
         "/metrics" => {
-            if let Ok(c) = app.store.counts() {
+            if let Ok(c) = app.store.counts().await {
                 app.metrics
                     .active_registrations
                     .set(c.active_registrations as i64);
@@ -146,11 +146,7 @@ async fn admin(app: Arc<App>, surface: Surface, req: Request<Incoming>) -> Respo
             if req.method() != Method::POST {
                 return response(405, "text/plain", b"POST\n".to_vec());
             }
-            let app = app.clone();
-            let result =
-                tokio::task::spawn_blocking(move || app.reload_policy_recorded("admin socket"))
-                    .await
-                    .unwrap_or_else(|e| Err(e.to_string()));
+            let result = app.reload_policy_recorded("admin socket").await;
             match result {
                 Ok((old, new)) => json_response(
                     serde_json::json!({"reloaded": true, "oldPolicyHash": old, "policyHash": new}),
@@ -165,27 +161,27 @@ async fn admin(app: Arc<App>, surface: Surface, req: Request<Incoming>) -> Respo
             }
         }
         // Paged by registration ID: `after` the last ID of the previous page.
-        "/admin/v1/registrations" => match app.store.active_registrations() {
-            Ok(mut list) => {
-                list.sort_by(|a, b| a.0.id.cmp(&b.0.id));
-                let after: Option<String> = query_param(&query, "after");
-                let page: Vec<serde_json::Value> = list
-                    .into_iter()
-                    .filter(|(r, _)| after.as_ref().is_none_or(|a| r.id > *a))
-                    .take(limit)
-                    .map(|(r, c)| serde_json::json!({"registration": r, "cert": c}))
-                    .collect();
-                let next = (page.len() == limit)
-                    .then(|| page.last().map(|v| v["registration"]["id"].clone()))
-                    .flatten();
-                json_response(serde_json::json!({ "registrations": page, "next": next }))
+        "/admin/v1/registrations" => {
+            let after: String = query_param(&query, "after").unwrap_or_default();
+            match app.store.active_registrations(&after, limit).await {
+                Ok(list) => {
+                    let next = (list.len() == limit)
+                        .then(|| list.last().map(|(r, _)| r.id.clone()))
+                        .flatten();
+                    let page: Vec<serde_json::Value> = list
+                        .into_iter()
+                        .map(|(r, c)| serde_json::json!({"registration": r, "cert": c}))
+                        .collect();
+                    json_response(serde_json::json!({ "registrations": page, "next": next }))
+                }
+                Err(_) => response(500, "text/plain", b"store error\n".to_vec()),
             }
-            Err(_) => response(500, "text/plain", b"store error\n".to_vec()),
-        },
+        }
         // Paged by sequence number: `from` the first record wanted.
         "/admin/v1/audit/records" => {
             let from = query_param(&query, "from").unwrap_or(1u64).max(1);
-            match (app.store.audit_records(from), app.store.audit_head()) {
+            let records = app.store.audit_records(from, limit + 1).await;
+            match (records, app.store.audit_head().await) {
                 (Ok(mut records), Ok(head)) => {
                     let more = records.len() > limit;
                     records.truncate(limit);

@@ -165,10 +165,8 @@ where
 }
 
 async fn record(app: &App, event: AuditEvent) {
-    let store = app.store.clone();
-    let written = tokio::task::spawn_blocking(move || store.record(event)).await;
-    if !matches!(written, Ok(Ok(_))) {
-        tracing::error!(?written, "could not write the audit record of a refusal");
+    if let Err(e) = app.store.record(event).await {
+        tracing::error!(error = %e, "could not write the audit record of a refusal");
     }
 }
 
@@ -343,10 +341,7 @@ async fn issue(
 }
 
 async fn commit(app: &App, c: Commit) -> Result<(), ApiError> {
-    let store = app.store.clone();
-    tokio::task::spawn_blocking(move || store.commit(c))
-        .await
-        .map_err(ApiError::internal)??;
+    app.store.commit(c).await?;
     Ok(())
 }
 
@@ -484,15 +479,17 @@ async fn create_inner(
     // A replayed token is named as such even when the registration it created is what
     // now holds the EES ID (it may have been committed between the two reads).
     let replayed = || app.store.token_spent(&token.iss, &token.jti);
-    if replayed()? {
+
+    if replayed().await? {
         return Err(crate::store::StoreError::TokenReplayed.into());
     }
     if app
         .store
-        .active_registration_for(&profile.ees_id)?
+        .active_registration_for(&profile.ees_id)
+        .await?
         .is_some()
     {
-        return Err(if replayed()? {
+        return Err(if replayed().await? {
             crate::store::StoreError::TokenReplayed
         } else {
             crate::store::StoreError::EesAlreadyRegistered
@@ -551,18 +548,19 @@ async fn create_inner(
     })?;
 
     // A request that held the reservation before us may have committed since our reads.
-    if replayed()? {
+    if replayed().await? {
         return Err(crate::store::StoreError::TokenReplayed.into());
     }
     if app
         .store
-        .active_registration_for(&profile.ees_id)?
+        .active_registration_for(&profile.ees_id)
+        .await?
         .is_some()
     {
         return Err(crate::store::StoreError::EesAlreadyRegistered.into());
     }
     if let Material::ThirdParty(c) = &material {
-        third_party_cert_free(app, &c.fingerprint)?;
+        third_party_cert_free(app, &c.fingerprint).await?;
     }
 
     let backend = app.cfg.domain_backend(&domain).to_string();
@@ -665,7 +663,7 @@ async fn authorize(
             "no active registration with this ID",
         )
     };
-    let reg = app.store.registration(id)?.ok_or_else(not_found)?;
+    let reg = app.store.registration(id).await?.ok_or_else(not_found)?;
     f.ees_id = Some(reg.ees_id.clone());
     f.prov_id = reg.prov_id.clone();
     if reg.state != RegState::Active {
@@ -678,7 +676,8 @@ async fn authorize(
     }
     let current = app
         .store
-        .cert(&reg.current_cert)?
+        .cert(&reg.current_cert)
+        .await?
         .ok_or_else(|| ApiError::internal(format!("registration {id} lost its certificate")))?;
     match by {
         AuthBy::ClientCert => {
@@ -686,10 +685,10 @@ async fn authorize(
             let fp = sha256_hex(der);
             f.cert_fingerprint = Some(fp.clone());
             let owner = |detail: &str| ApiError::new(Cause::NotRegistrationOwner, detail);
-            let cert = app
-                .store
-                .cert_by_fingerprint(&fp)?
-                .ok_or_else(|| owner("the client certificate is not bound to this registration"))?;
+            let cert =
+                app.store.cert_by_fingerprint(&fp).await?.ok_or_else(|| {
+                    owner("the client certificate is not bound to this registration")
+                })?;
             f.cert_serial = Some(cert.serial.clone());
             if cert.registration_id != id {
                 return Err(owner(
@@ -1046,11 +1045,11 @@ pub async fn expire(app: &App, client: &str, reg: RegistrationRecord) -> Result<
 /// tokens can no longer be presented.
 pub async fn sweep(app: &App) -> Result<usize, ApiError> {
     let now = now();
-    let due = app.store.due_expiries(now, 1000)?;
+    let due = app.store.due_expiries(now, 1000).await?;
     let n = due.len();
     for id in due {
         let _lock = app.lock_registration(&id).await;
-        if let Some(reg) = app.store.registration(&id)?
+        if let Some(reg) = app.store.registration(&id).await?
             && reg.state == RegState::Active
             && reg.exp_time <= now
         {
@@ -1058,7 +1057,8 @@ pub async fn sweep(app: &App) -> Result<usize, ApiError> {
         }
     }
     app.store
-        .purge_spent_tokens(now - crate::token::LEEWAY_SECS as i64)?;
+        .purge_spent_tokens(now - crate::token::LEEWAY_SECS as i64)
+        .await?;
     record_aggregated_refusals(app, false).await;
     Ok(n)
 }

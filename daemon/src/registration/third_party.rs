@@ -89,7 +89,7 @@ pub(super) async fn third_party_decision(
     f.key = Some(leaf.key.describe());
     f.key_type = crate::trust::key_type(leaf.key.kind);
     let approval = judged.decision.outcome?;
-    third_party_cert_free(app, &leaf.fingerprint)?;
+    third_party_cert_free(app, &leaf.fingerprint).await?;
     // The chain as accepted: what the client sent after the leaf, then the anchor reached.
     let mut accepted: Vec<String> = chain[1..].iter().map(hex::encode).collect();
     if let Some(anchor) = &judged.anchor {
@@ -116,8 +116,8 @@ pub(super) async fn third_party_decision(
 /// One certificate authenticates one registration: a third-party certificate that is the
 /// current certificate of an active registration cannot onboard another. (Ending a
 /// registration revokes its certificates here, which frees the certificate again.)
-pub(super) fn third_party_cert_free(app: &App, fingerprint: &str) -> Result<(), ApiError> {
-    match app.store.cert_by_fingerprint(fingerprint)? {
+pub(super) async fn third_party_cert_free(app: &App, fingerprint: &str) -> Result<(), ApiError> {
+    match app.store.cert_by_fingerprint(fingerprint).await? {
         Some(existing) if existing.revoked.is_none() => Err(ApiError::new(
             Cause::UntrustedClientCert,
             "this certificate is already the EES certificate of another active registration",

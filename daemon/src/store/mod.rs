@@ -8,8 +8,10 @@
 //! engine beside it, and [`open`], the one place that turns `[storage]` into a store. No
 //! engine type leaves the folder; adding an engine is one file and one arm of [`open`].
 
+mod blocking;
 mod sled;
 
+use self::blocking::OffReactor;
 use self::sled::SledStore;
 
 use crate::audit::{AuditEvent, AuditRecord};
@@ -157,44 +159,50 @@ pub enum StoreError {
     Corrupt { key: String, detail: String },
 }
 
-/// What the registration pipeline needs from storage.
+/// What the daemon needs from storage. Async, so that no engine blocks the reactor's
+/// threads: an engine that talks to a server awaits it, and an embedded engine runs its file
+/// I/O on the blocking pool ([`blocking::OffReactor`]).
+#[async_trait::async_trait]
 pub trait Store: Send + Sync {
     /// Applies `c` atomically and durably; returns the audit record written, if any.
-    fn commit(&self, c: Commit) -> Result<Option<AuditRecord>, StoreError>;
+    async fn commit(&self, c: Commit) -> Result<Option<AuditRecord>, StoreError>;
     /// Applies each of `cs` atomically (each all or nothing, in order), then makes them
-    /// durable together: bulk loads (`ecsd bench --prefill`) without one flush each.
-    /// Stops at the first refused commit and returns its error.
-    fn commit_all(&self, cs: Vec<Commit>) -> Result<(), StoreError> {
-        for c in cs {
-            self.commit(c)?;
-        }
-        Ok(())
-    }
+    /// durable together: bulk loads (`ecsd bench --prefill`, `ecsd store restore`) without
+    /// one flush each. Stops at the first refused commit and returns its error.
+    async fn commit_all(&self, cs: Vec<Commit>) -> Result<(), StoreError>;
     /// Appends the audit record of a refusal. Not flushed at once: a refusal changes no
     /// state, and its record reaches the disk with the next flush (at most 500 ms later).
-    fn record(&self, event: AuditEvent) -> Result<Option<AuditRecord>, StoreError>;
-    fn registration(&self, id: &str) -> Result<Option<RegistrationRecord>, StoreError>;
-    fn active_registration_for(&self, ees_id: &str) -> Result<Option<String>, StoreError>;
-    fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError>;
-    fn cert_by_fingerprint(&self, fingerprint: &str) -> Result<Option<CertRecord>, StoreError>;
-    fn token_spent(&self, iss: &str, jti: &str) -> Result<bool, StoreError>;
+    async fn record(&self, event: AuditEvent) -> Result<Option<AuditRecord>, StoreError>;
+    async fn registration(&self, id: &str) -> Result<Option<RegistrationRecord>, StoreError>;
+    async fn active_registration_for(&self, ees_id: &str) -> Result<Option<String>, StoreError>;
+    async fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError>;
+    async fn cert_by_fingerprint(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<CertRecord>, StoreError>;
+    async fn token_spent(&self, iss: &str, jti: &str) -> Result<bool, StoreError>;
     /// Active registrations whose `exp_time` is at or before `now`, at most `limit`.
-    fn due_expiries(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError>;
+    async fn due_expiries(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError>;
     /// (serial, revocation) of every revoked certificate of `backend`, for its CRL.
-    fn revoked(&self, backend: &str) -> Result<Vec<(String, Revocation)>, StoreError>;
+    async fn revoked(&self, backend: &str) -> Result<Vec<(String, Revocation)>, StoreError>;
     /// Forgets spent token IDs whose tokens expired before `before`.
-    fn purge_spent_tokens(&self, before: i64) -> Result<usize, StoreError>;
+    async fn purge_spent_tokens(&self, before: i64) -> Result<usize, StoreError>;
     /// The next CRL number of `backend` (strictly increasing, durable).
-    fn next_crl_number(&self, backend: &str) -> Result<u64, StoreError>;
-    /// Audit records with `seq >= from`, in order.
-    fn audit_records(&self, from: u64) -> Result<Vec<AuditRecord>, StoreError>;
+    async fn next_crl_number(&self, backend: &str) -> Result<u64, StoreError>;
+    /// Audit records with `seq >= from`, in order, at most `limit`.
+    async fn audit_records(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
     /// The hash of the newest audit record.
-    fn audit_head(&self) -> Result<(u64, String), StoreError>;
-    fn counts(&self) -> Result<StoreCounts, StoreError>;
+    async fn audit_head(&self) -> Result<(u64, String), StoreError>;
+    async fn counts(&self) -> Result<StoreCounts, StoreError>;
     /// Makes everything written so far durable.
-    fn flush(&self) -> Result<(), StoreError>;
-    /// Every active registration with its current certificate.
-    fn active_registrations(&self) -> Result<Vec<(RegistrationRecord, CertRecord)>, StoreError>;
+    async fn flush(&self) -> Result<(), StoreError>;
+    /// Active registrations with their current certificates, in registration ID order,
+    /// starting after `after`, at most `limit`.
+    async fn active_registrations(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(RegistrationRecord, CertRecord)>, StoreError>;
 }
 
 /// Sizes, for metrics and the admin API.
@@ -204,14 +212,47 @@ pub struct StoreCounts {
     pub audit_records: u64,
 }
 
+/// Every audit record, page by page (for `audit verify` and `export`).
+pub async fn all_audit_records(store: &dyn Store) -> Result<Vec<AuditRecord>, StoreError> {
+    let mut out: Vec<AuditRecord> = Vec::new();
+    loop {
+        let from = out.last().map_or(1, |r| r.seq + 1);
+        let page = store.audit_records(from, PAGE).await?;
+        let last = page.len() < PAGE;
+        out.extend(page);
+        if last {
+            return Ok(out);
+        }
+    }
+}
+
+/// Every active registration with its current certificate, page by page.
+pub async fn all_active_registrations(
+    store: &dyn Store,
+) -> Result<Vec<(RegistrationRecord, CertRecord)>, StoreError> {
+    let mut out: Vec<(RegistrationRecord, CertRecord)> = Vec::new();
+    loop {
+        let after = out.last().map(|(r, _)| r.id.clone()).unwrap_or_default();
+        let page = store.active_registrations(&after, PAGE).await?;
+        let last = page.len() < PAGE;
+        out.extend(page);
+        if last {
+            return Ok(out);
+        }
+    }
+}
+
+/// How many records one read of a dump takes.
+const PAGE: usize = 1000;
+
 /// Opens the store that `[storage]` names. Fails when another process holds an embedded
 /// store.
 pub fn open(cfg: &StorageConfig) -> Result<Arc<dyn Store>, StoreError> {
     match cfg.kind {
-        StorageKind::Sled => Ok(Arc::new(SledStore::open_with_cache(
+        StorageKind::Sled => Ok(Arc::new(OffReactor::new(SledStore::open_with_cache(
             &cfg.path,
             cfg.cache_mib,
-        )?)),
+        )?))),
     }
 }
 

@@ -1,5 +1,6 @@
 //! sled 0.34: one tree with prefixed keys, so that a commit is one single-tree transaction.
 
+use super::blocking::BlockingStore;
 use super::*;
 use crate::audit::{GENESIS_HASH, chain_hash};
 use std::path::Path;
@@ -261,7 +262,7 @@ fn tx_get<T: for<'de> Deserialize<'de>>(
     }
 }
 
-impl Store for SledStore {
+impl BlockingStore for SledStore {
     fn commit(&self, c: Commit) -> Result<Option<AuditRecord>, StoreError> {
         let written = self.apply(&c)?;
         // Durable before the caller answers, in a flush shared with concurrent commits.
@@ -376,10 +377,10 @@ impl Store for SledStore {
         Ok(u64::from_be_bytes(bytes))
     }
 
-    fn audit_records(&self, from: u64) -> Result<Vec<AuditRecord>, StoreError> {
+    fn audit_records(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         let start = format!("audit/{from:020}").into_bytes();
         let mut out = Vec::new();
-        for item in self.tree.range(start..b"audit0".to_vec()) {
+        for item in self.tree.range(start..b"audit0".to_vec()).take(limit) {
             let (key, v) = item.map_err(io)?;
             out.push(decode(&key, &v)?);
         }
@@ -405,11 +406,22 @@ impl Store for SledStore {
         self.db.flush().map(|_| ()).map_err(io)
     }
 
-    fn active_registrations(&self) -> Result<Vec<(RegistrationRecord, CertRecord)>, StoreError> {
+    fn active_registrations(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(RegistrationRecord, CertRecord)>, StoreError> {
+        // In registration ID order: the `reg/` keys, skipping those no longer active.
+        let mut start = k("reg/", after);
+        start.push(0);
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix(b"ees/") {
-            let (_, id) = item.map_err(io)?;
-            if let Some(reg) = self.registration(&String::from_utf8_lossy(&id))?
+        for item in self.tree.range(start..b"reg0".to_vec()) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, v) = item.map_err(io)?;
+            let reg: RegistrationRecord = decode(&key, &v)?;
+            if reg.state == RegState::Active
                 && let Some(cert) = self.cert(&reg.current_cert)?
             {
                 out.push((reg, cert));
