@@ -250,11 +250,14 @@ fn default_cache_mib() -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageKind {
+    /// The embedded default: one SQLite database file.
     #[default]
+    Sqlite,
+    /// sled 0.34, a folder: kept for stores made before SQLite was the default.
     Sled,
 }
 fn default_storage_path() -> PathBuf {
-    PathBuf::from("data/ecs.sled")
+    PathBuf::from("data/ecs.db")
 }
 
 impl Default for StorageConfig {
@@ -1005,8 +1008,8 @@ listen = "127.0.0.1:8443"
 public_url = "https://127.0.0.1:8443"
 admin_listen = "127.0.0.1:9443"
 [storage]
-kind = "sled"
-path = "data/ecs.sled"
+kind = "sqlite"
+path = "data/ecs.db"
 [backends.soft]
 kind = "software"
 key = "keys/issuing-ca.key"
@@ -1034,7 +1037,8 @@ secret_token = "on_request"
     fn the_contract_example_loads_with_paths_resolved() {
         let (dir, p) = write(SAMPLE);
         let (cfg, _) = Config::load_with_env(&p, HashMap::new()).unwrap();
-        assert_eq!(cfg.storage.path, dir.path().join("data/ecs.sled"));
+        assert_eq!(cfg.storage.path, dir.path().join("data/ecs.db"));
+        assert_eq!(cfg.storage.kind, StorageKind::Sqlite);
         assert_eq!(cfg.domain_backend(&cfg.domains["ecsp-a"]), "soft");
     }
 

@@ -842,41 +842,40 @@ async fn a_cut_or_injected_audit_log_fails_verification() {
     assert!(out.contains("signed checkpoints"), "{out}");
 
     // The insider's edit: the last record removed and the head moved back one.
-    let store = ecs.dir.path().join("data/ecs.sled");
-    let original = {
-        let db = sled::open(&store).unwrap().open_tree("ecs").unwrap();
-        let (key, last) = db.scan_prefix("audit/").last().unwrap().unwrap();
-        let last: serde_json::Value = serde_json::from_slice(&last).unwrap();
-        let seq = last["seq"].as_u64().unwrap();
-        let prev = db.get(format!("audit/{:020}", seq - 1)).unwrap().unwrap();
-        let prev: serde_json::Value = serde_json::from_slice(&prev).unwrap();
-        let head = db.get("meta/audit_head").unwrap().unwrap();
-        db.remove(&key).unwrap();
-        db.insert(
-            "meta/audit_head",
-            serde_json::to_vec(&json!({ "seq": seq - 1, "hash": prev["hash"] })).unwrap(),
+    let store = ecs.dir.path().join("data/ecs.db");
+    let db = rusqlite::Connection::open(&store).unwrap();
+    let (last_seq, last_hash, last_record): (i64, String, String) = db
+        .query_row(
+            "SELECT seq, hash, record FROM audit_log ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap();
-        db.flush().unwrap();
-        (key, last, head)
-    };
+    db.execute("DELETE FROM audit_log WHERE seq = ?1", [last_seq])
+        .unwrap();
     let (ok, out) = audit_verify(&ecs);
     assert!(!ok, "a cut log verified: {out}");
     assert!(out.contains("checkpoint") && out.contains("cut"), "{out}");
 
     // Put it back, then inject a field into a record in the middle.
-    {
-        let db = sled::open(&store).unwrap().open_tree("ecs").unwrap();
-        db.insert(&original.0, serde_json::to_vec(&original.1).unwrap())
-            .unwrap();
-        db.insert("meta/audit_head", original.2).unwrap();
-        let key = "audit/00000000000000000002";
-        let mut rec: serde_json::Value =
-            serde_json::from_slice(&db.get(key).unwrap().unwrap()).unwrap();
-        rec["approved_by"] = json!("the insider");
-        db.insert(key, serde_json::to_vec(&rec).unwrap()).unwrap();
-        db.flush().unwrap();
-    }
+    db.execute(
+        "INSERT INTO audit_log (seq, hash, record) VALUES (?1, ?2, ?3)",
+        rusqlite::params![last_seq, last_hash, last_record],
+    )
+    .unwrap();
+    let record: String = db
+        .query_row("SELECT record FROM audit_log WHERE seq = 2", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let mut rec: serde_json::Value = serde_json::from_str(&record).unwrap();
+    rec["approved_by"] = json!("the insider");
+    db.execute(
+        "UPDATE audit_log SET record = ?1 WHERE seq = 2",
+        [rec.to_string()],
+    )
+    .unwrap();
+    drop(db);
     let (ok, out) = audit_verify(&ecs);
     assert!(!ok, "an injected field verified: {out}");
     assert!(

@@ -435,6 +435,7 @@ pub async fn prefill(
                 jti: id.clone(),
                 exp: now + 600,
             }),
+            raise_crl_numbers: Vec::new(),
             audit: Some(AuditEvent {
                 time: crate::clock::format_time(now),
                 client: "ecsd bench --prefill".into(),

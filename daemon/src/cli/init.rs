@@ -139,8 +139,10 @@ tls_backend = "soft"
 admin_listen = "{admin_listen}"
 
 [storage]
-kind = "sled"
-path = "data/ecs.sled"
+# The embedded engine: one SQLite database file (its WAL beside it). For several replicas
+# use kind = "postgres"; stores made with kind = "sled" still open with that kind.
+kind = "sqlite"
+path = "data/ecs.db"
 
 # The issuing CA, a software key under a development root (root.pem, whose key was
 # discarded after signing). For production keys, use a pkcs11 backend.

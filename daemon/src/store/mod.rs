@@ -9,10 +9,13 @@
 //! engine type leaves the folder; adding an engine is one file and one arm of [`open`].
 
 mod blocking;
+pub mod schema;
 mod sled;
+mod sqlite;
 
 use self::blocking::OffReactor;
 use self::sled::SledStore;
+use self::sqlite::SqliteStore;
 
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::config::{StorageConfig, StorageKind};
@@ -139,11 +142,13 @@ pub struct Commit {
     /// (serial, revocation) of certificates to revoke.
     pub revocations: Vec<(String, Revocation)>,
     pub spend_token: Option<SpentToken>,
+    /// (backend, number): a CRL number raised to at least this (a restore), never lowered.
+    pub raise_crl_numbers: Vec<(String, u64)>,
     pub audit: Option<AuditEvent>,
 }
 
 /// Why a commit was refused or failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("the token ID was already used")]
     TokenReplayed,
@@ -157,6 +162,9 @@ pub enum StoreError {
     Locked(String),
     #[error("corrupt record {key}: {detail}")]
     Corrupt { key: String, detail: String },
+    /// The store cannot be opened as it is (damaged, another engine's, a newer schema).
+    #[error("{0}")]
+    Unusable(String),
 }
 
 /// What the daemon needs from storage. Async, so that no engine blocks the reactor's
@@ -249,6 +257,7 @@ const PAGE: usize = 1000;
 /// store.
 pub fn open(cfg: &StorageConfig) -> Result<Arc<dyn Store>, StoreError> {
     match cfg.kind {
+        StorageKind::Sqlite => Ok(Arc::new(SqliteStore::open(&cfg.path, cfg.cache_mib)?)),
         StorageKind::Sled => Ok(Arc::new(OffReactor::new(SledStore::open_with_cache(
             &cfg.path,
             cfg.cache_mib,
@@ -257,25 +266,4 @@ pub fn open(cfg: &StorageConfig) -> Result<Arc<dyn Store>, StoreError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_corrupt_certificate_record_says_so_instead_of_an_empty_certificate() {
-        let cert = CertRecord {
-            serial: "01".into(),
-            registration_id: "r".into(),
-            backend: "soft".into(),
-            der_hex: "not hex".into(),
-            fingerprint: String::new(),
-            not_before: 0,
-            not_after: 0,
-            revoked: None,
-            chain_hex: Vec::new(),
-        };
-        match cert.der() {
-            Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "cert/01"),
-            other => panic!("{other:?}"),
-        }
-    }
-}
+mod tests;

@@ -113,12 +113,6 @@ struct Head {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store at `path` with a small cache (tests).
-    #[cfg(test)]
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with_cache(path, 32)
-    }
-
     /// Opens (or creates) the store with a page cache of `cache_mib` MiB.
     pub fn open_with_cache(path: &Path, cache_mib: u64) -> Result<Self, StoreError> {
         let db = ::sled::Config::new()
@@ -209,6 +203,17 @@ impl SledStore {
                 cert.revoked = Some(rev.clone());
                 tx.insert(key, encode(&cert))?;
                 tx.insert(k(&format!("rev/{}/", cert.backend), serial), encode(rev))?;
+            }
+            for (backend, number) in &c.raise_crl_numbers {
+                let key = k("meta/crl_number/", backend);
+                let old = tx
+                    .get(&key)?
+                    .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                if *number > old {
+                    tx.insert(key, number.to_be_bytes().to_vec())?;
+                }
             }
             let mut written = None;
             if let Some(event) = &c.audit {
@@ -428,121 +433,5 @@ impl BlockingStore for SledStore {
             }
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn reg(id: &str, ees: &str, exp: i64) -> RegistrationRecord {
-        RegistrationRecord {
-            id: id.into(),
-            state: RegState::Active,
-            ees_id: ees.into(),
-            prov_id: None,
-            domain: "default".into(),
-            backend: "soft".into(),
-            profile: serde_json::json!({}),
-            exp_time: exp,
-            supp_feat: None,
-            created_at: 0,
-            updated_at: 0,
-            cert_source: crate::store::CertSource::EcsIssued,
-            current_cert: "01".into(),
-            certs: vec!["01".into()],
-            secret_token_hash: None,
-            token_issuer: "dev".into(),
-        }
-    }
-
-    fn cert(serial: &str, reg: &str) -> CertRecord {
-        CertRecord {
-            serial: serial.into(),
-            registration_id: reg.into(),
-            backend: "soft".into(),
-            der_hex: "00".into(),
-            fingerprint: format!("fp{serial}"),
-            not_before: 0,
-            not_after: 10,
-            revoked: None,
-            chain_hex: Vec::new(),
-        }
-    }
-
-    fn create(id: &str, ees: &str, jti: &str, serial: &str) -> Commit {
-        Commit {
-            registration: Some(reg(id, ees, 100)),
-            claim_ees_id: true,
-            new_certs: vec![cert(serial, id)],
-            spend_token: Some(SpentToken {
-                iss: "iss".into(),
-                jti: jti.into(),
-                exp: 50,
-            }),
-            audit: Some(AuditEvent::test("register")),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_refused_commit_writes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
-        s.commit(create("r1", "ees1", "j1", "01")).unwrap();
-        // Same token: refused, and neither the registration nor the certificate appears.
-        let err = s.commit(create("r2", "ees2", "j1", "02")).unwrap_err();
-        assert!(matches!(err, StoreError::TokenReplayed));
-        assert!(s.registration("r2").unwrap().is_none());
-        assert!(s.cert("02").unwrap().is_none());
-        // Same EES ID with another token: refused.
-        let err = s.commit(create("r3", "EES1", "j3", "03")).unwrap_err();
-        assert!(matches!(err, StoreError::EesAlreadyRegistered));
-        assert!(!s.token_spent("iss", "j3").unwrap());
-        assert_eq!(s.audit_head().unwrap().0, 1);
-    }
-
-    #[test]
-    fn expiry_index_and_revocation() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
-        s.commit(create("r1", "ees1", "j1", "01")).unwrap();
-        assert_eq!(s.counts().unwrap().active_registrations, 1);
-        assert_eq!(s.due_expiries(99, 10).unwrap(), Vec::<String>::new());
-        assert_eq!(s.due_expiries(100, 10).unwrap(), vec!["r1".to_string()]);
-        let mut r = s.registration("r1").unwrap().unwrap();
-        r.state = RegState::Deregistered;
-        s.commit(Commit {
-            registration: Some(r),
-            revocations: vec![(
-                "01".into(),
-                Revocation {
-                    at: 5,
-                    reason: ecs_ca_backends::RevocationReason::CessationOfOperation,
-                },
-            )],
-            ..Default::default()
-        })
-        .unwrap();
-        assert!(s.due_expiries(1000, 10).unwrap().is_empty());
-        assert!(s.active_registration_for("ees1").unwrap().is_none());
-        assert_eq!(s.counts().unwrap().active_registrations, 0);
-        let revoked = s.revoked("soft").unwrap();
-        assert_eq!(revoked.len(), 1);
-        assert_eq!((revoked[0].0.as_str(), revoked[0].1.at), ("01", 5));
-        assert_eq!(s.next_crl_number("soft").unwrap(), 1);
-        assert_eq!(s.next_crl_number("soft").unwrap(), 2);
-        assert_eq!(s.purge_spent_tokens(51).unwrap(), 1);
-
-        // Bulk: applied in order, durable together; the count follows.
-        s.commit_all(vec![
-            create("r2", "ees2", "j2", "02"),
-            create("r3", "ees3", "j3", "03"),
-        ])
-        .unwrap();
-        assert_eq!(s.counts().unwrap().active_registrations, 2);
-        drop(s);
-        let s = SledStore::open(dir.path()).unwrap();
-        assert_eq!(s.counts().unwrap().active_registrations, 2);
     }
 }

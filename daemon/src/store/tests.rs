@@ -1,0 +1,267 @@
+//! One set of store tests, run on every engine.
+
+use super::*;
+use crate::config::{StorageConfig, StorageKind};
+
+/// Every engine, each in its own temporary folder.
+fn engines() -> Vec<(StorageKind, tempfile::TempDir, StorageConfig)> {
+    [StorageKind::Sqlite, StorageKind::Sled]
+        .into_iter()
+        .map(|kind| {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = StorageConfig {
+                kind,
+                path: dir.path().join("store"),
+                cache_mib: 8,
+            };
+            (kind, dir, cfg)
+        })
+        .collect()
+}
+
+fn reg(id: &str, ees: &str, exp: i64) -> RegistrationRecord {
+    RegistrationRecord {
+        id: id.into(),
+        state: RegState::Active,
+        ees_id: ees.into(),
+        prov_id: None,
+        domain: "default".into(),
+        backend: "soft".into(),
+        profile: serde_json::json!({"eesId": ees}),
+        exp_time: exp,
+        supp_feat: None,
+        created_at: 0,
+        updated_at: 0,
+        cert_source: CertSource::EcsIssued,
+        current_cert: format!("s-{id}"),
+        certs: vec![format!("s-{id}")],
+        secret_token_hash: None,
+        token_issuer: "dev".into(),
+    }
+}
+
+fn cert(serial: &str, reg: &str) -> CertRecord {
+    CertRecord {
+        serial: serial.into(),
+        registration_id: reg.into(),
+        backend: "soft".into(),
+        der_hex: "3003020101".into(),
+        fingerprint: format!("fp{serial}"),
+        not_before: 0,
+        not_after: 10,
+        revoked: None,
+        chain_hex: Vec::new(),
+    }
+}
+
+fn create(id: &str, ees: &str, jti: &str) -> Commit {
+    Commit {
+        registration: Some(reg(id, ees, 100)),
+        claim_ees_id: true,
+        new_certs: vec![cert(&format!("s-{id}"), id)],
+        spend_token: Some(SpentToken {
+            iss: "iss".into(),
+            jti: jti.into(),
+            exp: 50,
+        }),
+        audit: Some(AuditEvent::test("register")),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_refused_commit_writes_nothing() {
+    for (kind, _dir, cfg) in engines() {
+        let s = open(&cfg).unwrap();
+        s.commit(create("r1", "ees1", "j1")).await.unwrap();
+        // Same token: refused, and neither the registration nor the certificate appears.
+        let err = s.commit(create("r2", "ees2", "j1")).await.unwrap_err();
+        assert!(matches!(err, StoreError::TokenReplayed), "{kind:?}: {err}");
+        assert!(s.registration("r2").await.unwrap().is_none(), "{kind:?}");
+        assert!(s.cert("s-r2").await.unwrap().is_none(), "{kind:?}");
+        // Same EES ID (another case) with another token: refused.
+        let err = s.commit(create("r3", "EES1", "j3")).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::EesAlreadyRegistered),
+            "{kind:?}: {err}"
+        );
+        assert!(!s.token_spent("iss", "j3").await.unwrap(), "{kind:?}");
+        // A serial used twice: refused.
+        let mut c = create("r4", "ees4", "j4");
+        c.new_certs[0].serial = "s-r1".into();
+        let err = s.commit(c).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::SerialCollision),
+            "{kind:?}: {err}"
+        );
+        assert!(s.registration("r4").await.unwrap().is_none(), "{kind:?}");
+        assert_eq!(s.audit_head().await.unwrap().0, 1, "{kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn records_read_back_as_written_and_survive_a_reopen() {
+    for (kind, _dir, cfg) in engines() {
+        let s = open(&cfg).unwrap();
+        let mut c = create("r1", "ees1", "j1");
+        c.new_certs[0].chain_hex = vec!["3003020102".into(), "3003020103".into()];
+        c.registration.as_mut().unwrap().cert_source = CertSource::ThirdParty;
+        let written = s.commit(c).await.unwrap().unwrap();
+        assert_eq!(written.seq, 1);
+        let r = s.registration("r1").await.unwrap().unwrap();
+        assert_eq!(r, reg_with(&reg("r1", "ees1", 100), CertSource::ThirdParty));
+        let got = s.cert("s-r1").await.unwrap().unwrap();
+        assert_eq!(got.chain_hex, vec!["3003020102", "3003020103"], "{kind:?}");
+        assert_eq!(got.der().unwrap(), vec![0x30, 0x03, 0x02, 0x01, 0x01]);
+        assert_eq!(
+            s.cert_by_fingerprint("fps-r1")
+                .await
+                .unwrap()
+                .unwrap()
+                .serial,
+            "s-r1"
+        );
+        assert_eq!(
+            s.active_registration_for("EES1").await.unwrap().as_deref(),
+            Some("r1"),
+            "{kind:?}"
+        );
+        drop(s);
+        let s = open(&cfg).unwrap();
+        assert_eq!(
+            s.audit_records(1, 10).await.unwrap(),
+            vec![written],
+            "{kind:?}"
+        );
+        assert_eq!(s.counts().await.unwrap().active_registrations, 1);
+    }
+}
+
+fn reg_with(r: &RegistrationRecord, source: CertSource) -> RegistrationRecord {
+    RegistrationRecord {
+        cert_source: source,
+        ..r.clone()
+    }
+}
+
+#[tokio::test]
+async fn expiry_index_revocation_and_crl_numbers() {
+    for (kind, _dir, cfg) in engines() {
+        let s = open(&cfg).unwrap();
+        s.commit(create("r1", "ees1", "j1")).await.unwrap();
+        assert_eq!(s.counts().await.unwrap().active_registrations, 1);
+        assert!(s.due_expiries(99, 10).await.unwrap().is_empty(), "{kind:?}");
+        assert_eq!(s.due_expiries(100, 10).await.unwrap(), vec!["r1"]);
+        let mut r = s.registration("r1").await.unwrap().unwrap();
+        r.state = RegState::Deregistered;
+        s.commit(Commit {
+            registration: Some(r),
+            revocations: vec![(
+                "s-r1".into(),
+                Revocation {
+                    at: 5,
+                    reason: ecs_ca_backends::RevocationReason::CessationOfOperation,
+                },
+            )],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert!(s.due_expiries(1000, 10).await.unwrap().is_empty());
+        assert!(s.active_registration_for("ees1").await.unwrap().is_none());
+        assert_eq!(s.counts().await.unwrap().active_registrations, 0);
+        let revoked = s.revoked("soft").await.unwrap();
+        assert_eq!(revoked.len(), 1, "{kind:?}");
+        assert_eq!((revoked[0].0.as_str(), revoked[0].1.at), ("s-r1", 5));
+        // The EES ID is free again once its registration ended.
+        s.commit(create("r1b", "ees1", "j1b")).await.unwrap();
+
+        assert_eq!(s.next_crl_number("soft").await.unwrap(), 1);
+        assert_eq!(s.next_crl_number("soft").await.unwrap(), 2);
+        for n in [7, 3] {
+            s.commit(Commit {
+                raise_crl_numbers: vec![("soft".into(), n)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        assert_eq!(s.next_crl_number("soft").await.unwrap(), 8, "{kind:?}");
+        assert_eq!(s.purge_spent_tokens(51).await.unwrap(), 2, "{kind:?}");
+        assert!(!s.token_spent("iss", "j1").await.unwrap());
+
+        // Bulk: applied in order, durable together; the count follows.
+        s.commit_all(vec![create("r2", "ees2", "j2"), create("r3", "ees3", "j3")])
+            .await
+            .unwrap();
+        assert_eq!(s.counts().await.unwrap().active_registrations, 3);
+        drop(s);
+        let s = open(&cfg).unwrap();
+        assert_eq!(
+            s.counts().await.unwrap().active_registrations,
+            3,
+            "{kind:?}"
+        );
+        assert_eq!(s.next_crl_number("soft").await.unwrap(), 9, "{kind:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commits_keep_every_rule_and_one_chain() {
+    for (kind, _dir, cfg) in engines() {
+        let s = open(&cfg).unwrap();
+        // 40 registrations at once, two per EES ID, each with its own token: one of each
+        // pair wins, and the chain holds exactly the winners, in one sequence.
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    s.commit(create(
+                        &format!("r{i}"),
+                        &format!("ees{}", i / 2),
+                        &format!("j{i}"),
+                    ))
+                    .await
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => won += 1,
+                Err(StoreError::EesAlreadyRegistered) => {}
+                Err(e) => panic!("{kind:?}: {e}"),
+            }
+        }
+        assert_eq!(won, 20, "{kind:?}");
+        let records = all_audit_records(s.as_ref()).await.unwrap();
+        assert_eq!(records.len(), 20, "{kind:?}");
+        let head = s.audit_head().await.unwrap();
+        crate::audit::verify_chain(&records, (head.0, &head.1)).unwrap();
+        assert_eq!(
+            all_active_registrations(s.as_ref()).await.unwrap().len(),
+            20
+        );
+    }
+}
+
+#[tokio::test]
+async fn dumps_come_in_pages_in_order() {
+    for (kind, _dir, cfg) in engines() {
+        let s = open(&cfg).unwrap();
+        let commits = (0..25)
+            .map(|i| create(&format!("r{i:02}"), &format!("ees{i}"), &format!("j{i}")))
+            .collect();
+        s.commit_all(commits).await.unwrap();
+        let page = s.active_registrations("r09", 5).await.unwrap();
+        let ids: Vec<&str> = page.iter().map(|(r, _)| r.id.as_str()).collect();
+        assert_eq!(ids, ["r10", "r11", "r12", "r13", "r14"], "{kind:?}");
+        let records = s.audit_records(20, 100).await.unwrap();
+        let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [20, 21, 22, 23, 24, 25], "{kind:?}");
+        assert_eq!(
+            all_active_registrations(s.as_ref()).await.unwrap().len(),
+            25
+        );
+    }
+}
