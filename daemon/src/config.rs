@@ -256,6 +256,16 @@ pub enum StorageKind {
     /// sled 0.34, a folder: kept for stores made before SQLite was the default.
     Sled,
 }
+
+impl StorageKind {
+    /// The name `[storage] kind` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            StorageKind::Sqlite => "sqlite",
+            StorageKind::Sled => "sled",
+        }
+    }
+}
 fn default_storage_path() -> PathBuf {
     PathBuf::from("data/ecs.db")
 }

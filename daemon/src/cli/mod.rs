@@ -12,6 +12,7 @@ mod diff;
 mod ees;
 mod explain;
 mod init;
+mod store_cmd;
 
 use crate::{serve, token};
 use ecs_policy::{PolicyDuration, Severity};
@@ -100,6 +101,9 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         prefill_revoked: usize,
     },
+    /// Backup and restore of the store.
+    #[command(subcommand)]
+    Store(store_cmd::StoreCmd),
     /// A PKCS#11 key ceremony: one reviewed file in, verified artefacts and a transcript out.
     Ceremony {
         #[arg(long)]
@@ -453,6 +457,7 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
             Ok(())
         }
         Command::Audit(cmd) => run_audit(cmd).await,
+        Command::Store(cmd) => store_cmd::run(cmd).await,
         Command::Policy(PolicyCmd::Diff {
             config,
             proposed,
@@ -697,16 +702,18 @@ enum StoreAccess {
 }
 
 impl StoreAccess {
-    fn open(cfg: &Config) -> Self {
+    fn open(cfg: &Config) -> Result<Self, Fail> {
         if !cfg.storage.path.exists() {
-            return StoreAccess::Empty;
+            return Ok(StoreAccess::Empty);
         }
         match store::open(&cfg.storage) {
-            Ok(s) => StoreAccess::Direct(s),
-            Err(e) => StoreAccess::Daemon {
+            Ok(s) => Ok(StoreAccess::Direct(s)),
+            Err(e @ store::StoreError::Locked(_)) => Ok(StoreAccess::Daemon {
                 socket: cfg.admin_socket_path(),
                 open_err: e.to_string(),
-            },
+            }),
+            // A damaged store, or another engine's: asking a daemon would not help.
+            Err(e) => Err(other(format!("storage.path: {e}"))),
         }
     }
 
@@ -817,19 +824,21 @@ impl StoreAccess {
 
 /// Reads the audit log, wherever it is.
 async fn audit_log(cfg: &Config) -> Result<(Vec<AuditRecord>, (u64, String)), Fail> {
-    StoreAccess::open(cfg).audit_log().await
+    StoreAccess::open(cfg)?.audit_log().await
 }
 
 /// Active registrations with their certificates, wherever they are.
 async fn active_registrations(
     cfg: &Config,
 ) -> Result<Vec<(crate::store::RegistrationRecord, crate::store::CertRecord)>, Fail> {
-    StoreAccess::open(cfg).active_registrations().await
+    StoreAccess::open(cfg)?.active_registrations().await
 }
 
-/// A GET on the daemon's control socket, answered as JSON.
-async fn control_get(socket: &Path, path: &str) -> Result<Value, String> {
-    use http_body_util::BodyExt;
+/// A GET on the daemon's control socket: the response, its body still to be read.
+async fn control_request(
+    socket: &Path,
+    path: &str,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| e.to_string())?;
@@ -843,13 +852,41 @@ async fn control_get(socket: &Path, path: &str) -> Result<Value, String> {
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| e.to_string())?;
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-    let body = resp
+    if !resp.status().is_success() {
+        return Err(format!("{path}: HTTP {}", resp.status()));
+    }
+    Ok(resp)
+}
+
+/// A GET on the daemon's control socket, answered as JSON.
+async fn control_get(socket: &Path, path: &str) -> Result<Value, String> {
+    use http_body_util::BodyExt;
+    let body = control_request(socket, path)
+        .await?
         .into_body()
         .collect()
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
     serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
+/// A GET on the daemon's control socket whose body is streamed into `out`.
+async fn control_download(
+    socket: &Path,
+    path: &str,
+    out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    let mut body = control_request(socket, path).await?.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Some(data) = frame.data_ref() {
+            out.write_all(data).await.map_err(|e| e.to_string())?;
+        }
+    }
+    out.flush().await.map_err(|e| e.to_string())
 }
 
 async fn run_audit(cmd: AuditCmd) -> Result<(), Fail> {

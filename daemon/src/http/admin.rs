@@ -4,6 +4,9 @@
 
 use super::{Body, response};
 use crate::app::App;
+use bytes::Bytes;
+use http_body_util::Either;
+use http_body_util::channel::Channel;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
@@ -29,20 +32,81 @@ where
     tokio::spawn(async move {
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let app = app.clone();
-            async move { Ok::<_, std::convert::Infallible>(admin(app, surface, req).await) }
+            async move {
+                let streamed = surface == Surface::Control
+                    && req.method() == Method::GET
+                    && req.uri().path() == "/admin/v1/store/backup";
+                Ok::<_, std::convert::Infallible>(if streamed {
+                    backup(app)
+                } else {
+                    admin(app, surface, req).await.map(Either::Left)
+                })
+            }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(ADMIN_HEADER_TIMEOUT)
             .serve_connection(TokioIo::new(io), svc);
-        // A reload or a page of records takes well under this; a connection that holds on
-        // longer is cut.
-        let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, conn).await;
+        // A probe or a page of records takes well under this; a connection that holds on
+        // longer is cut. A backup over the private control socket may take its time.
+        let lifetime = match surface {
+            Surface::Probes => ADMIN_CONNECTION_LIFETIME,
+            Surface::Control => CONTROL_CONNECTION_LIFETIME,
+        };
+        let _ = tokio::time::timeout(lifetime, conn).await;
     });
 }
 
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+const CONTROL_CONNECTION_LIFETIME: Duration = Duration::from_secs(6 * 3600);
+
+type Streamed = Either<Body, Channel<Bytes>>;
+
+/// `GET /admin/v1/store/backup`: the backup file of the store this daemon holds, streamed
+/// as it is written (`ecsd store backup` asks for it when it cannot open the store itself).
+fn backup(app: Arc<App>) -> Response<Streamed> {
+    let (mut tx, body) = Channel::<Bytes>::new(8);
+    tokio::spawn(async move {
+        let (mut writer, mut reader) = tokio::io::duplex(1 << 16);
+        let engine = app.cfg.storage.kind.name();
+        let write = async {
+            let r = crate::store::backup::write(app.store.as_ref(), engine, &mut writer).await;
+            drop(writer);
+            r
+        };
+        let forward = async {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if tx
+                            .send_data(Bytes::copy_from_slice(&buf[..n]))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        let (written, ()) = tokio::join!(write, forward);
+        match written {
+            Ok(counts) => tracing::info!(%counts, "backup streamed over the control socket"),
+            // The file then lacks its end record: the reader sees a cut backup.
+            Err(e) => tracing::error!(error = %e, "backup failed"),
+        }
+    });
+    let mut r = Response::new(Either::Right(body));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
 
 /// Backs off after a failed accept (out of file descriptors, say) instead of spinning.
 async fn accept_failed(e: std::io::Error) {

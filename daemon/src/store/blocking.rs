@@ -22,6 +22,8 @@ pub trait BlockingStore: Send + Sync + 'static {
     fn audit_head(&self) -> Result<(u64, String), StoreError>;
     fn counts(&self) -> Result<StoreCounts, StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
+    /// Calls `each` with every item of a snapshot; stops when it answers false.
+    fn backup(&self, each: &mut dyn FnMut(BackupItem) -> bool) -> Result<(), StoreError>;
     fn active_registrations(
         &self,
         after: &str,
@@ -107,6 +109,10 @@ impl<T: BlockingStore> Store for OffReactor<T> {
     }
     async fn flush(&self) -> Result<(), StoreError> {
         self.run(|s| s.flush()).await
+    }
+    async fn backup(&self, sink: BackupSink) -> Result<(), StoreError> {
+        self.run(move |s| s.backup(&mut |item| sink.blocking_send(item).is_ok()))
+            .await
     }
     async fn active_registrations(
         &self,

@@ -8,6 +8,7 @@
 //! engine beside it, and [`open`], the one place that turns `[storage]` into a store. No
 //! engine type leaves the folder; adding an engine is one file and one arm of [`open`].
 
+pub mod backup;
 mod blocking;
 pub mod schema;
 mod sled;
@@ -204,6 +205,9 @@ pub trait Store: Send + Sync {
     async fn counts(&self) -> Result<StoreCounts, StoreError>;
     /// Makes everything written so far durable.
     async fn flush(&self) -> Result<(), StoreError>;
+    /// Sends every item of the store to `sink`, as of one moment (a snapshot: commits made
+    /// meanwhile are either wholly in it or not at all).
+    async fn backup(&self, sink: BackupSink) -> Result<(), StoreError>;
     /// Active registrations with their current certificates, in registration ID order,
     /// starting after `after`, at most `limit`.
     async fn active_registrations(
@@ -212,6 +216,27 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> Result<Vec<(RegistrationRecord, CertRecord)>, StoreError>;
 }
+
+/// One item of a backup: everything a store holds, engine-neutral.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum BackupItem {
+    /// A registration (any state) with every certificate issued for it, oldest first.
+    Registration {
+        registration: RegistrationRecord,
+        certificates: Vec<CertRecord>,
+    },
+    SpentToken(SpentToken),
+    CrlNumber {
+        backend: String,
+        number: u64,
+    },
+    /// Audit records come last, in sequence order.
+    Audit(AuditRecord),
+}
+
+/// Where a backup's items go; false from the sink stops the dump (the reader went away).
+pub type BackupSink = tokio::sync::mpsc::Sender<BackupItem>;
 
 /// Sizes, for metrics and the admin API.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -262,6 +287,75 @@ pub fn open(cfg: &StorageConfig) -> Result<Arc<dyn Store>, StoreError> {
             &cfg.path,
             cfg.cache_mib,
         )?))),
+    }
+}
+
+/// `ecsd store restore`: loads the backup at `from` into the (empty or absent) store that
+/// `cfg` names. An embedded store is built beside its path and moved into place only when
+/// complete, so a restore that fails half way leaves no half store behind.
+pub async fn restore_into(
+    cfg: &StorageConfig,
+    from: &std::path::Path,
+) -> Result<backup::Counts, String> {
+    if cfg.path.exists() {
+        // Refuses a store that holds anything (and one that a daemon holds).
+        let existing = open(cfg).map_err(|e| e.to_string())?;
+        let (seq, _) = existing.audit_head().await.map_err(|e| e.to_string())?;
+        let any = existing
+            .active_registrations("", 1)
+            .await
+            .map_err(|e| e.to_string())?;
+        if seq > 0 || !any.is_empty() {
+            return Err(format!(
+                "{}: the store is not empty ({seq} audit records): restore only into an \
+                 empty store",
+                cfg.path.display()
+            ));
+        }
+    }
+    let mut staging = cfg.clone();
+    let mut name = cfg.path.file_name().unwrap_or_default().to_os_string();
+    name.push(".restoring");
+    staging.path = cfg.path.with_file_name(name);
+    remove_embedded(&staging.path);
+    let counts = {
+        let store = open(&staging).map_err(|e| e.to_string())?;
+        let loaded = backup::restore(store.as_ref(), from).await;
+        drop(store);
+        match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                remove_embedded(&staging.path);
+                return Err(e);
+            }
+        }
+    };
+    remove_embedded(&cfg.path);
+    // A database and its WAL move together (the WAL is normally folded in at close).
+    for suffix in ["-wal", ""] {
+        let (mut from, mut to) = (
+            staging.path.clone().into_os_string(),
+            cfg.path.clone().into_os_string(),
+        );
+        from.push(suffix);
+        to.push(suffix);
+        if suffix.is_empty() || std::path::Path::new(&from).exists() {
+            std::fs::rename(&from, &to).map_err(|e| format!("{}: {e}", cfg.path.display()))?;
+        }
+    }
+    Ok(counts)
+}
+
+/// Removes an embedded store's files: a folder (sled) or a database with its WAL (SQLite).
+fn remove_embedded(path: &std::path::Path) {
+    if path.is_dir() {
+        let _ = std::fs::remove_dir_all(path);
+        return;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
     }
 }
 

@@ -110,11 +110,6 @@ CREATE TABLE metadata (
 ",
 ];
 
-/// The columns of a registration, in the order [`UPSERT_REGISTRATION`] binds them.
-pub const REGISTRATION_COLUMNS: &str = "id, state, ees_id, ees_key, prov_id, domain, backend, \
-     profile, exp_time, supp_feat, created_at, updated_at, cert_source, current_cert, \
-     secret_token_hash, token_issuer";
-
 pub const UPSERT_REGISTRATION: &str = "INSERT INTO registrations (id, state, ees_id, ees_key, \
      prov_id, domain, backend, profile, exp_time, supp_feat, created_at, updated_at, \
      cert_source, current_cert, secret_token_hash, token_issuer) \
@@ -125,10 +120,6 @@ pub const UPSERT_REGISTRATION: &str = "INSERT INTO registrations (id, state, ees
      supp_feat = excluded.supp_feat, updated_at = excluded.updated_at, \
      cert_source = excluded.cert_source, current_cert = excluded.current_cert, \
      secret_token_hash = excluded.secret_token_hash, token_issuer = excluded.token_issuer";
-
-/// The columns of a certificate, in the order [`INSERT_CERTIFICATE`] binds them.
-pub const CERTIFICATE_COLUMNS: &str = "serial, registration_id, backend, der, fingerprint, \
-     not_before, not_after, revoked_at, revocation_reason, chain";
 
 pub const INSERT_CERTIFICATE: &str = "INSERT INTO certificates (serial, registration_id, \
      backend, der, fingerprint, not_before, not_after, revoked_at, revocation_reason, chain) \
@@ -170,9 +161,6 @@ pub const AUDIT_RECORDS: &str =
     "SELECT record FROM audit_log WHERE seq >= $1 ORDER BY seq LIMIT $2";
 
 pub const COUNT_ACTIVE: &str = "SELECT count(*) FROM registrations WHERE state = 'active'";
-
-pub const SPENT_TOKENS_PAGE: &str = "SELECT iss, jti, exp FROM spent_tokens \
-     WHERE iss > $1 OR (iss = $1 AND jti > $2) ORDER BY iss, jti LIMIT $3";
 
 pub const CRL_NUMBERS: &str = "SELECT backend, number FROM crl_numbers ORDER BY backend";
 

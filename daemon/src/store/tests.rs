@@ -265,3 +265,127 @@ async fn dumps_come_in_pages_in_order() {
         );
     }
 }
+
+/// A store with a bit of everything: active, ended and revoked registrations, spent
+/// tokens, a CRL number, a third-party chain and the audit chain.
+async fn filled(s: &dyn Store) {
+    for i in 0..30 {
+        let mut c = create(&format!("r{i:02}"), &format!("ees{i}"), &format!("j{i}"));
+        if i == 3 {
+            c.new_certs[0].chain_hex = vec!["3003020102".into()];
+        }
+        s.commit(c).await.unwrap();
+    }
+    let mut r = s.registration("r05").await.unwrap().unwrap();
+    r.state = RegState::Deregistered;
+    s.commit(Commit {
+        registration: Some(r),
+        revocations: vec![(
+            "s-r05".into(),
+            Revocation {
+                at: 9,
+                reason: ecs_ca_backends::RevocationReason::KeyCompromise,
+            },
+        )],
+        audit: Some(AuditEvent::test("deregister")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    s.next_crl_number("soft").await.unwrap();
+    s.next_crl_number("soft").await.unwrap();
+}
+
+async fn backup_to(s: &dyn Store, path: &std::path::Path) -> backup::Counts {
+    let mut f = tokio::fs::File::create(path).await.unwrap();
+    backup::write(s, "test", &mut f).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_backup_restores_into_every_engine_as_it_was() {
+    for (from_kind, _d1, from_cfg) in engines() {
+        let source = open(&from_cfg).unwrap();
+        filled(source.as_ref()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("backup.jsonl");
+        let counts = backup_to(source.as_ref(), &file).await;
+        assert_eq!(
+            (
+                counts.registrations,
+                counts.audit_records,
+                counts.crl_numbers
+            ),
+            (30, 31, 1)
+        );
+        for (to_kind, _d2, to_cfg) in engines() {
+            let restored = restore_into(&to_cfg, &file).await.unwrap();
+            assert_eq!(restored, counts, "{from_kind:?} -> {to_kind:?}");
+            let target = open(&to_cfg).unwrap();
+            assert_eq!(
+                target.audit_head().await.unwrap(),
+                source.audit_head().await.unwrap()
+            );
+            for id in ["r00", "r03", "r05", "r29"] {
+                assert_eq!(
+                    target.registration(id).await.unwrap(),
+                    source.registration(id).await.unwrap(),
+                    "{from_kind:?} -> {to_kind:?}: {id}"
+                );
+            }
+            assert_eq!(
+                target.cert("s-r03").await.unwrap(),
+                source.cert("s-r03").await.unwrap()
+            );
+            assert_eq!(
+                target.revoked("soft").await.unwrap(),
+                source.revoked("soft").await.unwrap()
+            );
+            assert!(target.token_spent("iss", "j7").await.unwrap());
+            assert_eq!(target.next_crl_number("soft").await.unwrap(), 3);
+            // A restored store is a store: the next registration extends the same chain.
+            target.commit(create("r99", "ees99", "j99")).await.unwrap();
+            assert_eq!(target.audit_head().await.unwrap().0, 32);
+            // And it is not empty any more: a second restore is refused.
+            drop(target);
+            let err = restore_into(&to_cfg, &file).await.unwrap_err();
+            assert!(err.contains("not empty"), "{err}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_backup_is_refused_at_the_line_at_fault_and_writes_nothing() {
+    let (_, _d, cfg) = engines().remove(0);
+    let source = open(&cfg).unwrap();
+    filled(source.as_ref()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.jsonl");
+    backup_to(source.as_ref(), &good).await;
+    let text = std::fs::read_to_string(&good).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+
+    let edited = text.replacen("\"ees_id\":\"ees7\"", "\"ees_id\":\"evil7\"", 1);
+    let cut = lines[..lines.len() - 5].join("\n") + "\n";
+    let mut swapped = lines.clone();
+    swapped.swap(4, 5);
+    let swapped = swapped.join("\n") + "\n";
+    let appended = format!("{text}{}\n", lines[3]);
+    for (case, body, expect) in [
+        (
+            "edited",
+            edited,
+            "registration r07 does not match its digest",
+        ),
+        ("cut", cut, "cut short"),
+        ("swapped", swapped, "line 5"),
+        ("appended", appended, "appended"),
+    ] {
+        let bad = dir.path().join(format!("{case}.jsonl"));
+        std::fs::write(&bad, body).unwrap();
+        for (kind, _d2, to_cfg) in engines() {
+            let err = restore_into(&to_cfg, &bad).await.unwrap_err();
+            assert!(err.contains(expect), "{case} into {kind:?}: {err}");
+            assert!(!to_cfg.path.exists(), "{case} into {kind:?} left a store");
+        }
+    }
+}
