@@ -119,22 +119,79 @@ pub struct OutputsSection {
     pub transcript: PathBuf,
 }
 
-/// The ceremony file; its keys are fixed because ceremony scripts are reviewed and archived.
+/// The ceremony file as written; its keys are fixed because ceremony scripts are reviewed
+/// and archived. Every section is optional here so that a missing or an extra one is named
+/// in the file's own words ("type root needs [key]") when it becomes a [`CeremonyConfig`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CeremonyConfig {
+struct CeremonyFile {
     #[serde(rename = "type")]
-    pub kind: CeremonyType,
-    pub hsm: HsmSection,
+    kind: CeremonyType,
+    hsm: HsmSection,
     #[serde(default)]
-    pub key: Option<KeySection>,
+    key: Option<KeySection>,
     #[serde(default)]
-    pub certificate: Option<CertificateSection>,
+    certificate: Option<CertificateSection>,
     #[serde(default)]
-    pub issuer: Option<IssuerSection>,
+    issuer: Option<IssuerSection>,
     #[serde(default)]
-    pub crl: Option<CrlSection>,
-    pub outputs: OutputsSection,
+    crl: Option<CrlSection>,
+    outputs: OutputsSection,
+}
+
+/// A checked ceremony: each kind holds exactly the sections it uses.
+#[derive(Debug, Clone)]
+pub struct CeremonyConfig {
+    /// The PKCS#11 module.
+    pub module: PathBuf,
+    pub transcript: PathBuf,
+    pub ceremony: Ceremony,
+}
+
+#[derive(Debug, Clone)]
+pub enum Ceremony {
+    /// A self-signed root on a key generated for it.
+    Root {
+        generate: Generate,
+        certificate: CertificateSection,
+        certificate_out: PathBuf,
+    },
+    /// A CA certificate signed by `issuer` on a key generated for it.
+    Intermediate {
+        generate: Generate,
+        certificate: CertificateSection,
+        certificate_out: PathBuf,
+        issuer: IssuerSection,
+    },
+    /// A key pair alone.
+    Key { generate: Generate },
+    /// A CRL signed by `issuer`.
+    Crl {
+        issuer: IssuerSection,
+        crl: CrlSection,
+        crl_out: PathBuf,
+    },
+}
+
+/// A key pair generated on a token, and where its public key is written.
+#[derive(Debug, Clone)]
+pub struct Generate {
+    pub token: String,
+    /// `env:NAME` or `file:PATH`.
+    pub pin: String,
+    pub key: KeySection,
+    pub public_key_out: PathBuf,
+}
+
+impl Ceremony {
+    fn kind(&self) -> CeremonyType {
+        match self {
+            Ceremony::Root { .. } => CeremonyType::Root,
+            Ceremony::Intermediate { .. } => CeremonyType::Intermediate,
+            Ceremony::Key { .. } => CeremonyType::Key,
+            Ceremony::Crl { .. } => CeremonyType::Crl,
+        }
+    }
 }
 
 /// PINs, resolved by the caller from the file's `env:`/`file:` references.
@@ -239,90 +296,180 @@ impl CeremonyConfig {
     /// Parses and checks a ceremony file without touching the HSM. Paths are resolved
     /// against `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self, Error> {
-        let mut c: CeremonyConfig =
+        let mut f: CeremonyFile =
             toml::from_str(text).map_err(|e| config_err(e.to_string().replace('\n', " ")))?;
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         };
-        fix(&mut c.hsm.module);
-        if let Some(i) = c.issuer.as_mut() {
+        fix(&mut f.hsm.module);
+        if let Some(i) = f.issuer.as_mut() {
             fix(&mut i.cert);
         }
         for p in [
-            c.outputs.public_key.as_mut(),
-            c.outputs.certificate.as_mut(),
-            c.outputs.crl.as_mut(),
+            f.outputs.public_key.as_mut(),
+            f.outputs.certificate.as_mut(),
+            f.outputs.crl.as_mut(),
         ]
         .into_iter()
         .flatten()
         {
             fix(p);
         }
-        fix(&mut c.outputs.transcript);
+        fix(&mut f.outputs.transcript);
+        let c = Self::from_file(f)?;
         c.check()?;
         Ok(c)
     }
 
+    /// Each kind takes the sections it needs and refuses the others.
+    fn from_file(f: CeremonyFile) -> Result<Self, Error> {
+        let kind = f.kind;
+        let need = |what: &str| config_err(format!("type {kind:?} needs {what}"));
+        let refuse = |present: bool, what: &str| {
+            if present {
+                Err(config_err(format!("type {kind:?} takes no {what}")))
+            } else {
+                Ok(())
+            }
+        };
+        let CeremonyFile {
+            kind: _,
+            hsm,
+            key,
+            certificate,
+            issuer,
+            crl,
+            outputs,
+        } = f;
+        let generates = matches!(
+            kind,
+            CeremonyType::Root | CeremonyType::Intermediate | CeremonyType::Key
+        );
+        let generate = if generates {
+            Some(Generate {
+                token: hsm.token.clone().ok_or_else(|| need("hsm.token"))?,
+                pin: hsm.pin.clone().ok_or_else(|| need("hsm.pin"))?,
+                key: key.ok_or_else(|| need("[key]"))?,
+                public_key_out: outputs
+                    .public_key
+                    .clone()
+                    .ok_or_else(|| need("outputs.public_key"))?,
+            })
+        } else {
+            refuse(key.is_some(), "[key]")?;
+            None
+        };
+        let certifies = matches!(kind, CeremonyType::Root | CeremonyType::Intermediate);
+        let certificate = if certifies {
+            Some(certificate.ok_or_else(|| need("[certificate]"))?)
+        } else {
+            refuse(certificate.is_some(), "[certificate]")?;
+            None
+        };
+        let issued = matches!(kind, CeremonyType::Intermediate | CeremonyType::Crl);
+        let issuer = if issued {
+            Some(issuer.ok_or_else(|| need("[issuer]"))?)
+        } else {
+            refuse(issuer.is_some(), "[issuer]")?;
+            None
+        };
+        let crl = if kind == CeremonyType::Crl {
+            Some(crl.ok_or_else(|| need("[crl]"))?)
+        } else {
+            refuse(crl.is_some(), "[crl]")?;
+            None
+        };
+        let certificate_out = if certifies {
+            Some(
+                outputs
+                    .certificate
+                    .clone()
+                    .ok_or_else(|| need("outputs.certificate"))?,
+            )
+        } else {
+            refuse(outputs.certificate.is_some(), "outputs.certificate")?;
+            None
+        };
+        let crl_out = if kind == CeremonyType::Crl {
+            Some(outputs.crl.clone().ok_or_else(|| need("outputs.crl"))?)
+        } else {
+            refuse(outputs.crl.is_some(), "outputs.crl")?;
+            None
+        };
+        if !generates {
+            refuse(outputs.public_key.is_some(), "outputs.public_key")?;
+        }
+        // Every kind took what it needs above; the tuple below cannot miss.
+        let ceremony = match (
+            kind,
+            generate,
+            certificate,
+            certificate_out,
+            issuer,
+            crl,
+            crl_out,
+        ) {
+            (
+                CeremonyType::Root,
+                Some(generate),
+                Some(certificate),
+                Some(certificate_out),
+                None,
+                None,
+                None,
+            ) => Ceremony::Root {
+                generate,
+                certificate,
+                certificate_out,
+            },
+            (
+                CeremonyType::Intermediate,
+                Some(generate),
+                Some(certificate),
+                Some(certificate_out),
+                Some(issuer),
+                None,
+                None,
+            ) => Ceremony::Intermediate {
+                generate,
+                certificate,
+                certificate_out,
+                issuer,
+            },
+            (CeremonyType::Key, Some(generate), None, None, None, None, None) => {
+                Ceremony::Key { generate }
+            }
+            (CeremonyType::Crl, None, None, None, Some(issuer), Some(crl), Some(crl_out)) => {
+                Ceremony::Crl {
+                    issuer,
+                    crl,
+                    crl_out,
+                }
+            }
+            _ => return Err(config_err(format!("type {kind:?}: inconsistent sections"))),
+        };
+        Ok(CeremonyConfig {
+            module: hsm.module,
+            transcript: outputs.transcript,
+            ceremony,
+        })
+    }
+
+    /// The values inside the sections.
     fn check(&self) -> Result<(), Error> {
-        use CeremonyType::*;
-        let need = |present: bool, what: &str| {
-            if present {
-                Ok(())
-            } else {
-                Err(config_err(format!("type {:?} needs {what}", self.kind)))
-            }
-        };
-        let forbid = |present: bool, what: &str| {
-            if present {
-                Err(config_err(format!("type {:?} takes no {what}", self.kind)))
-            } else {
-                Ok(())
-            }
-        };
-        let generates = matches!(self.kind, Root | Intermediate | Key);
-        need(!generates || self.hsm.token.is_some(), "hsm.token")?;
-        need(!generates || self.hsm.pin.is_some(), "hsm.pin")?;
-        need(!generates || self.key.is_some(), "[key]")?;
-        forbid(!generates && self.key.is_some(), "[key]")?;
-        let certifies = matches!(self.kind, Root | Intermediate);
-        need(!certifies || self.certificate.is_some(), "[certificate]")?;
-        forbid(!certifies && self.certificate.is_some(), "[certificate]")?;
-        let issued = matches!(self.kind, Intermediate | Crl);
-        need(!issued || self.issuer.is_some(), "[issuer]")?;
-        forbid(!issued && self.issuer.is_some(), "[issuer]")?;
-        need(self.kind != Crl || self.crl.is_some(), "[crl]")?;
-        forbid(self.kind != Crl && self.crl.is_some(), "[crl]")?;
-        need(
-            !generates || self.outputs.public_key.is_some(),
-            "outputs.public_key",
-        )?;
-        need(
-            !certifies || self.outputs.certificate.is_some(),
-            "outputs.certificate",
-        )?;
-        forbid(
-            !certifies && self.outputs.certificate.is_some(),
-            "outputs.certificate",
-        )?;
-        need(
-            self.kind != Crl || self.outputs.crl.is_some(),
-            "outputs.crl",
-        )?;
-        forbid(
-            self.kind != Crl && self.outputs.crl.is_some(),
-            "outputs.crl",
-        )?;
-        if let Some(k) = &self.key {
-            if k.label.is_empty() {
+        if let Some(g) = self.generate() {
+            if g.key.label.is_empty() {
                 return Err(config_err("key.label: empty"));
             }
-            if let Some(id) = &k.id {
+            if let Some(id) = &g.key.id {
                 hex::decode(id).map_err(|_| config_err("key.id: not hex"))?;
             }
         }
-        if let Some(c) = &self.certificate {
+        if let Ceremony::Root { certificate: c, .. }
+        | Ceremony::Intermediate { certificate: c, .. } = &self.ceremony
+        {
             let nb = parse_time("certificate.not_before", &c.not_before)?;
             let na = parse_time("certificate.not_after", &c.not_after)?;
             if na <= nb {
@@ -332,7 +479,7 @@ impl CeremonyConfig {
                 return Err(config_err("certificate.subject: empty"));
             }
         }
-        if let Some(c) = &self.crl {
+        if let Ceremony::Crl { crl: c, .. } = &self.ceremony {
             let tu = parse_time("crl.this_update", &c.this_update)?;
             let nu = parse_time("crl.next_update", &c.next_update)?;
             if nu <= tu {
@@ -350,16 +497,42 @@ impl CeremonyConfig {
         Ok(())
     }
 
+    /// The key this ceremony generates, if it generates one.
+    pub fn generate(&self) -> Option<&Generate> {
+        match &self.ceremony {
+            Ceremony::Root { generate, .. }
+            | Ceremony::Intermediate { generate, .. }
+            | Ceremony::Key { generate } => Some(generate),
+            Ceremony::Crl { .. } => None,
+        }
+    }
+
+    /// The key that signs for this ceremony, if another key does.
+    pub fn issuer(&self) -> Option<&IssuerSection> {
+        match &self.ceremony {
+            Ceremony::Intermediate { issuer, .. } | Ceremony::Crl { issuer, .. } => Some(issuer),
+            Ceremony::Root { .. } | Ceremony::Key { .. } => None,
+        }
+    }
+
     fn outputs(&self) -> Vec<&PathBuf> {
-        [
-            self.outputs.public_key.as_ref(),
-            self.outputs.certificate.as_ref(),
-            self.outputs.crl.as_ref(),
-            Some(&self.outputs.transcript),
-        ]
-        .into_iter()
-        .flatten()
-        .collect()
+        let mut out: Vec<&PathBuf> = self
+            .generate()
+            .map(|g| &g.public_key_out)
+            .into_iter()
+            .collect();
+        match &self.ceremony {
+            Ceremony::Root {
+                certificate_out, ..
+            }
+            | Ceremony::Intermediate {
+                certificate_out, ..
+            } => out.push(certificate_out),
+            Ceremony::Crl { crl_out, .. } => out.push(crl_out),
+            Ceremony::Key { .. } => {}
+        }
+        out.push(&self.transcript);
+        out
     }
 }
 
@@ -427,10 +600,10 @@ fn ck(e: cryptoki::error::Error) -> Error {
 /// Runs a ceremony. `config_sha256` is the hash of the file as reviewed.
 pub fn run(cfg: &CeremonyConfig, pins: &Pins, config_sha256: &str) -> Result<Transcript, Error> {
     let mut t = Transcript {
-        ceremony: format!("{:?}", cfg.kind).to_lowercase(),
+        ceremony: format!("{:?}", cfg.ceremony.kind()).to_lowercase(),
         config_sha256: config_sha256.to_string(),
         started: now_rfc3339(),
-        module: cfg.hsm.module.display().to_string(),
+        module: cfg.module.display().to_string(),
         ..Default::default()
     };
     // Nothing is overwritten: refuse before the HSM is touched.
@@ -442,164 +615,63 @@ pub fn run(cfg: &CeremonyConfig, pins: &Pins, config_sha256: &str) -> Result<Tra
             )));
         }
     }
-    let ctx = module(&cfg.hsm.module)?;
+    let ctx = module(&cfg.module)?;
     let mut written: Vec<(PathBuf, Vec<u8>)> = Vec::new();
-
-    // The issuer's key, for intermediate and crl: found by label and checked against its
-    // certificate (LocalIssuer::new refuses a mismatch).
-    let issuer = match &cfg.issuer {
-        Some(i) => {
-            let pin = pins
-                .issuer
-                .as_ref()
-                .ok_or_else(|| config_err("issuer.pin: not resolved"))?;
-            let (session, _) = open_session(&ctx, &i.token, pin, false)?;
-            let key = find_private_key(&session, Some(&i.key_label), None)?.ok_or_else(|| {
-                config_err(format!(
-                    "issuer.key_label: no key {:?} in token {:?}",
-                    i.key_label, i.token
-                ))
-            })?;
-            let public = session
-                .find_objects(&[
-                    Attribute::Class(cryptoki::object::ObjectClass::PUBLIC_KEY),
-                    Attribute::Label(i.key_label.as_bytes().to_vec()),
-                ])
-                .map_err(ck)?;
-            let spki = public_key_spki(&session, *public.first().unwrap_or(&key))?;
-            let pem = std::fs::read_to_string(&i.cert)
-                .map_err(|e| config_err(format!("issuer.cert: {}: {e}", i.cert.display())))?;
-            let chain = pem_chain_to_der(&pem)?;
-            let signer = Arc::new(SessionSigner {
-                alg: alg_of(&spki)?,
-                session: Mutex::new(session),
-                key,
-                spki,
-            });
-            t.issuer_key_label = Some(i.key_label.clone());
-            Some(LocalIssuer::new(signer, chain).map_err(|e| match e {
-                Error::KeyMismatch(_) => {
-                    config_err("issuer: the key found by key_label does not belong to issuer.cert")
-                }
-                other => other,
-            })?)
-        }
-        None => None,
+    let hsm_pin = || {
+        pins.hsm
+            .as_ref()
+            .ok_or_else(|| config_err("hsm.pin: not resolved"))
+    };
+    let issuer_pin = || {
+        pins.issuer
+            .as_ref()
+            .ok_or_else(|| config_err("issuer.pin: not resolved"))
     };
 
-    // The certificate profile, linted before any key is generated: a throwaway subject
-    // key stands in for the one the HSM will make.
-    if let Some(c) = &cfg.certificate {
-        let stand_in = SoftwareKey::from_pkcs8_pem(&generate_p256_pkcs8_pem()?)?;
-        let params = ca_params(c, stand_in.public_key_der().to_vec(), vec![1; 20])?;
-        let prepared = match &issuer {
-            None => prepare_root(&stand_in, &params)?,
-            Some(iss) => iss.prepare_ca(&params)?,
-        };
-        let lint = lint_ca(
-            &prepared,
-            &params,
-            issuer.as_ref().map(|i| i.ca_certificate()),
-        )?;
-        if let Some(bad) = lint.iter().find(|l| !l.passed) {
-            return Err(config_err(format!(
-                "lint {}: {}; no key was generated and nothing was signed",
-                bad.check, bad.detail
-            )));
+    match &cfg.ceremony {
+        Ceremony::Root {
+            generate,
+            certificate,
+            certificate_out,
+        } => {
+            prelint(certificate, None)?;
+            let own = generate_key(&ctx, generate, hsm_pin()?, &mut t, &mut written)?;
+            certify(
+                certificate,
+                certificate_out,
+                &own,
+                None,
+                &mut t,
+                &mut written,
+            )?;
         }
-    }
-
-    // The key pair, for root, intermediate and key.
-    let mut subject_spki = None;
-    let mut own_signer = None;
-    if let Some(k) = &cfg.key {
-        let token = cfg.hsm.token.as_deref().unwrap_or_default();
-        let pin = pins
-            .hsm
-            .as_ref()
-            .ok_or_else(|| config_err("hsm.pin: not resolved"))?;
-        let (session, serial) = open_session(&ctx, token, pin, true)?;
-        t.token_label = Some(token.to_string());
-        t.token_serial = Some(serial);
-        let existing = session
-            .find_objects(&[Attribute::Label(k.label.as_bytes().to_vec())])
-            .map_err(ck)?;
-        if !existing.is_empty() {
-            return Err(config_err(format!(
-                "key.label: {:?} already exists in token {token:?}; a ceremony never reuses a label",
-                k.label
-            )));
+        Ceremony::Intermediate {
+            generate,
+            certificate,
+            certificate_out,
+            issuer,
+        } => {
+            let issuer = load_issuer(&ctx, issuer, issuer_pin()?, &mut t)?;
+            prelint(certificate, Some(&issuer))?;
+            let own = generate_key(&ctx, generate, hsm_pin()?, &mut t, &mut written)?;
+            certify(
+                certificate,
+                certificate_out,
+                &own,
+                Some(&issuer),
+                &mut t,
+                &mut written,
+            )?;
         }
-        let id = match &k.id {
-            Some(h) => hex::decode(h).map_err(|_| config_err("key.id: not hex"))?,
-            None => session.generate_random_vec(8).map_err(ck)?,
-        };
-        let (private, public) = generate(&session, k, &id)?;
-        t.key_attributes = check_private_attributes(&session, private)?;
-        let spki = public_key_spki(&session, public)?;
-        t.key_label = Some(k.label.clone());
-        t.key_id = Some(hex::encode(&id));
-        t.key_type = Some(format!("{:?}", k.key_type).to_lowercase());
-        t.public_key_sha256 = Some(sha256_hex(&spki));
-        if let Some(p) = &cfg.outputs.public_key {
-            written.push((p.clone(), der_to_pem(&spki, "PUBLIC KEY").into_bytes()));
+        Ceremony::Key { generate } => {
+            generate_key(&ctx, generate, hsm_pin()?, &mut t, &mut written)?;
         }
-        subject_spki = Some(spki.clone());
-        own_signer = Some(Arc::new(SessionSigner {
-            alg: alg_of(&spki)?,
-            session: Mutex::new(session),
-            key: private,
-            spki,
-        }));
-    }
-
-    match cfg.kind {
-        CeremonyType::Root | CeremonyType::Intermediate => {
-            let c = cfg.certificate.as_ref().expect("checked");
-            let signer_for_serial = own_signer.as_ref().expect("checked");
-            let serial = {
-                let s = signer_for_serial
-                    .session
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                s.generate_random_vec(20).map_err(ck)?
-            };
-            let params = ca_params(c, subject_spki.clone().expect("checked"), serial)?;
-            let (prepared, signer, issuer_cert): (
-                PreparedCert,
-                &dyn KeySigner,
-                Option<&x509_cert::Certificate>,
-            ) = match &issuer {
-                None => {
-                    let s = own_signer.as_ref().expect("checked");
-                    (prepare_root(s.as_ref(), &params)?, s.as_ref(), None)
-                }
-                Some(iss) => (
-                    iss.prepare_ca(&params)?,
-                    iss.signer(),
-                    Some(iss.ca_certificate()),
-                ),
-            };
-            t.lint = lint_ca(&prepared, &params, issuer_cert)?;
-            if let Some(bad) = t.lint.iter().find(|l| !l.passed) {
-                return Err(config_err(format!(
-                    "lint {}: {}; nothing was signed",
-                    bad.check, bad.detail
-                )));
-            }
-            let issuer_spki = signer.public_key_der().to_vec();
-            let cert = sign_prepared(signer, &issuer_spki, prepared)?;
-            t.certificate_sha256 = Some(sha256_hex(&cert.der));
-            t.certificate_serial = Some(cert.serial_hex.clone());
-            let out = cfg.outputs.certificate.as_ref().expect("checked");
-            written.push((
-                out.clone(),
-                der_to_pem(&cert.der, "CERTIFICATE").into_bytes(),
-            ));
-        }
-        CeremonyType::Crl => {
-            let c = cfg.crl.as_ref().expect("checked");
-            let iss = issuer.as_ref().expect("checked");
+        Ceremony::Crl {
+            issuer,
+            crl: c,
+            crl_out,
+        } => {
+            let issuer = load_issuer(&ctx, issuer, issuer_pin()?, &mut t)?;
             let revoked: Vec<RevokedEntry> = c
                 .revoked
                 .iter()
@@ -611,17 +683,15 @@ pub fn run(cfg: &CeremonyConfig, pins: &Pins, config_sha256: &str) -> Result<Tra
                     })
                 })
                 .collect::<Result<_, Error>>()?;
-            let crl = iss.sign_crl(
+            let crl = issuer.sign_crl(
                 c.number,
                 parse_time("crl.this_update", &c.this_update)?,
                 parse_time("crl.next_update", &c.next_update)?,
                 &revoked,
             )?;
             t.crl_sha256 = Some(sha256_hex(&crl));
-            let out = cfg.outputs.crl.as_ref().expect("checked");
-            written.push((out.clone(), crl));
+            written.push((crl_out.clone(), crl));
         }
-        CeremonyType::Key => {}
     }
 
     for (path, data) in &written {
@@ -629,10 +699,161 @@ pub fn run(cfg: &CeremonyConfig, pins: &Pins, config_sha256: &str) -> Result<Tra
         t.outputs.push(path.display().to_string());
     }
     t.finished = now_rfc3339();
-    t.outputs.push(cfg.outputs.transcript.display().to_string());
+    t.outputs.push(cfg.transcript.display().to_string());
     let json = serde_json::to_vec_pretty(&t).map_err(|e| Error::Encoding(e.to_string()))?;
-    write_new(&cfg.outputs.transcript, &json)?;
+    write_new(&cfg.transcript, &json)?;
     Ok(t)
+}
+
+/// The issuer's key, found by label and checked against its certificate
+/// (`LocalIssuer::new` refuses a mismatch).
+fn load_issuer(
+    ctx: &cryptoki::context::Pkcs11,
+    i: &IssuerSection,
+    pin: &AuthPin,
+    t: &mut Transcript,
+) -> Result<LocalIssuer, Error> {
+    let (session, _) = open_session(ctx, &i.token, pin, false)?;
+    let key = find_private_key(&session, Some(&i.key_label), None)?.ok_or_else(|| {
+        config_err(format!(
+            "issuer.key_label: no key {:?} in token {:?}",
+            i.key_label, i.token
+        ))
+    })?;
+    let public = session
+        .find_objects(&[
+            Attribute::Class(cryptoki::object::ObjectClass::PUBLIC_KEY),
+            Attribute::Label(i.key_label.as_bytes().to_vec()),
+        ])
+        .map_err(ck)?;
+    let spki = public_key_spki(&session, *public.first().unwrap_or(&key))?;
+    let pem = std::fs::read_to_string(&i.cert)
+        .map_err(|e| config_err(format!("issuer.cert: {}: {e}", i.cert.display())))?;
+    let chain = pem_chain_to_der(&pem)?;
+    let signer = Arc::new(SessionSigner {
+        alg: alg_of(&spki)?,
+        session: Mutex::new(session),
+        key,
+        spki,
+    });
+    t.issuer_key_label = Some(i.key_label.clone());
+    LocalIssuer::new(signer, chain).map_err(|e| match e {
+        Error::KeyMismatch(_) => {
+            config_err("issuer: the key found by key_label does not belong to issuer.cert")
+        }
+        other => other,
+    })
+}
+
+/// The certificate profile, linted before any key is generated: a throwaway subject key
+/// stands in for the one the HSM will make.
+fn prelint(c: &CertificateSection, issuer: Option<&LocalIssuer>) -> Result<(), Error> {
+    let stand_in = SoftwareKey::from_pkcs8_pem(&generate_p256_pkcs8_pem()?)?;
+    let params = ca_params(c, stand_in.public_key_der().to_vec(), vec![1; 20])?;
+    let prepared = match issuer {
+        None => prepare_root(&stand_in, &params)?,
+        Some(iss) => iss.prepare_ca(&params)?,
+    };
+    let lint = lint_ca(&prepared, &params, issuer.map(|i| i.ca_certificate()))?;
+    if let Some(bad) = lint.iter().find(|l| !l.passed) {
+        return Err(config_err(format!(
+            "lint {}: {}; no key was generated and nothing was signed",
+            bad.check, bad.detail
+        )));
+    }
+    Ok(())
+}
+
+/// Generates the key pair on the token, checks its attributes, and keeps a signer over it
+/// for the rest of the ceremony.
+fn generate_key(
+    ctx: &cryptoki::context::Pkcs11,
+    g: &Generate,
+    pin: &AuthPin,
+    t: &mut Transcript,
+    written: &mut Vec<(PathBuf, Vec<u8>)>,
+) -> Result<SessionSigner, Error> {
+    let k = &g.key;
+    let (session, serial) = open_session(ctx, &g.token, pin, true)?;
+    t.token_label = Some(g.token.clone());
+    t.token_serial = Some(serial);
+    let existing = session
+        .find_objects(&[Attribute::Label(k.label.as_bytes().to_vec())])
+        .map_err(ck)?;
+    if !existing.is_empty() {
+        return Err(config_err(format!(
+            "key.label: {:?} already exists in token {:?}; a ceremony never reuses a label",
+            k.label, g.token
+        )));
+    }
+    let id = match &k.id {
+        Some(h) => hex::decode(h).map_err(|_| config_err("key.id: not hex"))?,
+        None => session.generate_random_vec(8).map_err(ck)?,
+    };
+    let (private, public) = generate(&session, k, &id)?;
+    t.key_attributes = check_private_attributes(&session, private)?;
+    let spki = public_key_spki(&session, public)?;
+    t.key_label = Some(k.label.clone());
+    t.key_id = Some(hex::encode(&id));
+    t.key_type = Some(format!("{:?}", k.key_type).to_lowercase());
+    t.public_key_sha256 = Some(sha256_hex(&spki));
+    written.push((
+        g.public_key_out.clone(),
+        der_to_pem(&spki, "PUBLIC KEY").into_bytes(),
+    ));
+    Ok(SessionSigner {
+        alg: alg_of(&spki)?,
+        session: Mutex::new(session),
+        key: private,
+        spki,
+    })
+}
+
+/// The CA certificate for `own`'s key: self-signed without an issuer. Linted again with the
+/// real key and serial before it is signed.
+fn certify(
+    c: &CertificateSection,
+    out: &Path,
+    own: &SessionSigner,
+    issuer: Option<&LocalIssuer>,
+    t: &mut Transcript,
+    written: &mut Vec<(PathBuf, Vec<u8>)>,
+) -> Result<(), Error> {
+    let serial = own
+        .session
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .generate_random_vec(20)
+        .map_err(ck)?;
+    let params = ca_params(c, own.spki.clone(), serial)?;
+    let (prepared, signer, issuer_cert): (
+        PreparedCert,
+        &dyn KeySigner,
+        Option<&x509_cert::Certificate>,
+    ) = match issuer {
+        None => (prepare_root(own, &params)?, own, None),
+        Some(iss) => (
+            iss.prepare_ca(&params)?,
+            iss.signer(),
+            Some(iss.ca_certificate()),
+        ),
+    };
+    t.lint = lint_ca(&prepared, &params, issuer_cert)?;
+    if let Some(bad) = t.lint.iter().find(|l| !l.passed) {
+        return Err(config_err(format!(
+            "lint {}: {}; nothing was signed",
+            bad.check, bad.detail
+        )));
+    }
+    let issuer_spki = signer.public_key_der().to_vec();
+    let cert = sign_prepared(signer, &issuer_spki, prepared)?;
+    t.certificate_sha256 = Some(sha256_hex(&cert.der));
+    t.certificate_serial = Some(cert.serial_hex.clone());
+    written.push((
+        out.to_path_buf(),
+        der_to_pem(&cert.der, "CERTIFICATE").into_bytes(),
+    ));
+    Ok(())
 }
 
 fn ca_params(

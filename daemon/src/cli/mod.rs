@@ -585,8 +585,8 @@ fn ceremony(path: &Path) -> Result<(), Fail> {
         }
     };
     let pins = Pins {
-        hsm: resolve(&cfg.hsm.pin, "hsm.pin")?,
-        issuer: resolve(&cfg.issuer.as_ref().map(|i| i.pin.clone()), "issuer.pin")?,
+        hsm: resolve(&cfg.generate().map(|g| g.pin.clone()), "hsm.pin")?,
+        issuer: resolve(&cfg.issuer().map(|i| i.pin.clone()), "issuer.pin")?,
     };
     match ceremony::run(&cfg, &pins, &hash) {
         Ok(t) => {
