@@ -1,5 +1,7 @@
-//! A small HTTPS client (rustls + hyper): the reference EES client, the `jwks_url` fetcher
-//! and the tests all speak to servers through it.
+//! The one HTTP client (rustls + hyper): the reference EES client, the `jwks_url` and CRL
+//! fetchers, the load generator, the CLI's control-socket requests and the tests all speak
+//! to servers through it. A [`Connection`] runs over any byte stream (TLS, plain TCP, a
+//! Unix socket) and carries one request after another; [`HttpsClient`] opens them.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -142,38 +144,109 @@ impl HttpsClient {
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Result<Response, ClientError> {
-        tokio::time::timeout(self.timeout, self.request_inner(method, url, headers, body))
+        // Trust material (JWKS, CRLs) and the EES API are fetched over TLS only.
+        if split_url(url)?.scheme != Scheme::Https {
+            return Err(ClientError(format!("{url:?} is not an https:// URL")));
+        }
+        let exchange = async {
+            let (mut conn, path) = self.connect(url).await?;
+            conn.send(method, &path, headers, body).await
+        };
+        tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| ClientError(format!("{method} {url}: timed out")))?
     }
 
-    async fn request_inner(
-        &self,
-        method: &str,
-        url: &str,
-        headers: &[(&str, &str)],
-        body: Option<Vec<u8>>,
-    ) -> Result<Response, ClientError> {
-        let (host, port, path) = split_url(url)?;
+    /// Opens a connection to the URL's server (TLS for `https://`, plain TCP for
+    /// `http://`); returns it and the URL's path.
+    pub async fn connect(&self, url: &str) -> Result<(Connection, String), ClientError> {
+        let target = split_url(url)?;
+        let (host, port) = (&target.host, target.port);
         let tcp = TcpStream::connect((host.as_str(), port))
             .await
             .map_err(|e| ClientError(format!("connect {host}:{port}: {e}")))?;
-        let name = ServerName::try_from(host.clone()).map_err(err)?;
-        let tls = TlsConnector::from(self.config.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| ClientError(format!("TLS with {host}:{port}: {e}")))?;
-        let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
-        let io = TokioIo::new(tls);
-        let authority = if port == 443 {
+        let _ = tcp.set_nodelay(true);
+        let authority = if port == target.scheme.default_port() {
             host.clone()
         } else {
             format!("{host}:{port}")
         };
+        let conn = match target.scheme {
+            Scheme::Http => Connection::over(tcp, HttpVersion::Http1, authority, None).await?,
+            Scheme::Https => {
+                let name = ServerName::try_from(host.clone()).map_err(err)?;
+                let tls = TlsConnector::from(self.config.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| ClientError(format!("TLS with {host}:{port}: {e}")))?;
+                let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+                Connection::over(tls, self.version, authority, alpn).await?
+            }
+        };
+        Ok((conn, target.path))
+    }
+}
+
+/// One HTTP connection: requests go one after another (HTTP/1.1 keep-alive) or side by side
+/// (HTTP/2) until it closes.
+pub struct Connection {
+    send: Sender,
+    authority: String,
+    alpn: Option<Vec<u8>>,
+}
+
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Connection {
+    /// Speaks `version` over `io`; `authority` names the server in each request.
+    pub async fn over<IO>(
+        io: IO,
+        version: HttpVersion,
+        authority: String,
+        alpn: Option<Vec<u8>>,
+    ) -> Result<Self, ClientError>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
+        let send = match version {
+            HttpVersion::Http1 => {
+                let (send, conn) = hyper::client::conn::http1::handshake(io)
+                    .await
+                    .map_err(err)?;
+                tokio::spawn(conn);
+                Sender::Http1(send)
+            }
+            HttpVersion::Http2 => {
+                let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(err)?;
+                tokio::spawn(conn);
+                Sender::Http2(send)
+            }
+        };
+        Ok(Connection {
+            send,
+            authority,
+            alpn,
+        })
+    }
+
+    /// Sends one request; the answer comes with its body still to be read (a stream).
+    pub async fn send_streamed(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let mut req = Request::builder().method(method);
-        req = match self.version {
-            HttpVersion::Http1 => req.uri(&path).header("host", &authority),
-            HttpVersion::Http2 => req.uri(format!("https://{authority}{path}")),
+        req = match self.send {
+            Sender::Http1(_) => req.uri(path).header("host", &self.authority),
+            Sender::Http2(_) => req.uri(format!("https://{}{path}", self.authority)),
         };
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -181,23 +254,27 @@ impl HttpsClient {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(err)?;
-        let resp = match self.version {
-            HttpVersion::Http1 => {
-                let (mut send, conn) = hyper::client::conn::http1::handshake(io)
-                    .await
-                    .map_err(err)?;
-                tokio::spawn(conn);
-                send.send_request(req).await.map_err(err)?
+        match &mut self.send {
+            Sender::Http1(send) => {
+                send.ready().await.map_err(err)?;
+                send.send_request(req).await.map_err(err)
             }
-            HttpVersion::Http2 => {
-                let (mut send, conn) =
-                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                        .await
-                        .map_err(err)?;
-                tokio::spawn(conn);
-                send.send_request(req).await.map_err(err)?
+            Sender::Http2(send) => {
+                send.ready().await.map_err(err)?;
+                send.send_request(req).await.map_err(err)
             }
-        };
+        }
+    }
+
+    /// Sends one request and reads the whole answer.
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Response, ClientError> {
+        let resp = self.send_streamed(method, path, headers, body).await?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp
@@ -211,16 +288,45 @@ impl HttpsClient {
             status,
             headers,
             body,
-            alpn,
+            alpn: self.alpn.clone(),
         })
     }
 }
 
-/// `https://host[:port]/path` → (host, port, path).
-pub fn split_url(url: &str) -> Result<(String, u16, String), ClientError> {
-    let rest = url
-        .strip_prefix("https://")
-        .ok_or_else(|| ClientError(format!("{url:?} is not an https:// URL")))?;
+/// The URL schemes the client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+}
+
+/// A URL taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub scheme: Scheme,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+/// `http[s]://host[:port]/path` → its parts.
+pub fn split_url(url: &str) -> Result<Target, ClientError> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("https://") {
+        (Scheme::Https, rest)
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        (Scheme::Http, rest)
+    } else {
+        return Err(ClientError(format!("{url:?} is not an http(s):// URL")));
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], rest[i..].to_string()),
         None => (rest, "/".to_string()),
@@ -240,7 +346,12 @@ pub fn split_url(url: &str) -> Result<(String, u16, String), ClientError> {
         Some(p) => p
             .parse()
             .map_err(|_| ClientError(format!("{url:?}: bad port")))?,
-        None => 443,
+        None => scheme.default_port(),
     };
-    Ok((host, port, path))
+    Ok(Target {
+        scheme,
+        host,
+        port,
+        path,
+    })
 }

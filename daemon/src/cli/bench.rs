@@ -2,19 +2,13 @@
 //! `/api/v1/cfssl/sign` endpoint) with full registrations, and prints what an operator needs
 //! to size a deployment. Everything is prepared before the clock starts.
 
-use crate::client::{provider, root_store};
-use bytes::Bytes;
+use crate::client::{Connection, HttpVersion, HttpsClient};
 use ecs_ca_backends::{SoftwareKey, build_csr, generate_p256_pkcs8_pem};
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 
 /// What to drive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,57 +64,17 @@ struct Sample {
     cause: String,
 }
 
-enum Conn {
-    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
-}
-
-async fn connect(url: &str, tls: &Option<tokio_rustls::TlsConnector>) -> Result<Conn, String> {
-    let (scheme, rest) = url.split_once("://").ok_or("bad url")?;
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let (host, port) = authority.rsplit_once(':').ok_or("url needs a port")?;
-    let tcp = TcpStream::connect((host, port.parse::<u16>().map_err(|_| "bad port")?))
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = tcp.set_nodelay(true);
-    let send = if scheme == "https" {
-        let tls = tls.as_ref().ok_or("https needs roots")?;
-        let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
-        let stream = tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        send
-    } else {
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        send
-    };
-    Ok(Conn::Http1(send))
-}
-
-fn request(args: &BenchArgs, i: usize) -> Request<Full<Bytes>> {
-    let authority = args
-        .url
-        .split("://")
-        .nth(1)
-        .unwrap_or("")
-        .split('/')
-        .next()
-        .unwrap_or("");
-    let (path, body, auth) = match args.target {
+/// The request for registration `i`: (path, headers, body).
+fn request(args: &BenchArgs, i: usize) -> (&'static str, Vec<(&'static str, String)>, Vec<u8>) {
+    let mut headers = vec![("content-type", "application/json".to_string())];
+    let (path, body) = match args.target {
         Target::Ecs => {
+            headers.push(("authorization", format!("Bearer {}", args.tokens[i])));
             let body = json!({
                 "eesProf": { "eesId": args.ees_ids[i], "endPt": { "fqdn": args.ees_ids[i] }, "eecRegConf": false },
                 "onboarding": { "csr": args.csrs[i] }
             });
-            (
-                "/eecs-eesregistration/v1/registrations",
-                body,
-                Some(format!("Bearer {}", args.tokens[i])),
-            )
+            ("/eecs-eesregistration/v1/registrations", body)
         }
         Target::Cfssl => {
             let mut body = json!({
@@ -131,33 +85,17 @@ fn request(args: &BenchArgs, i: usize) -> Request<Full<Bytes>> {
             if let Some(p) = &args.cfssl_profile {
                 body["profile"] = json!(p);
             }
-            ("/api/v1/cfssl/sign", body, None)
+            ("/api/v1/cfssl/sign", body)
         }
     };
-    let mut b = Request::post(path)
-        .header("host", authority)
-        .header("content-type", "application/json");
-    if let Some(a) = auth {
-        b = b.header("authorization", a);
-    }
-    b.body(Full::new(Bytes::from(body.to_string())))
-        .expect("valid request")
+    (path, headers, body.to_string().into_bytes())
 }
 
 /// Runs the load and returns the report.
 pub async fn run(args: BenchArgs) -> Result<Value, String> {
     let args = Arc::new(args);
-    let tls = if args.url.starts_with("https://") {
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(root_store(&args.roots_pem).map_err(|e| e.to_string())?)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
-    } else {
-        None
-    };
+    let client =
+        HttpsClient::new(&args.roots_pem, None, HttpVersion::Http1).map_err(|e| e.to_string())?;
     let total = args.csrs.len();
     let next = Arc::new(AtomicUsize::new(0));
     let cpu_before = args.server_pid.and_then(cpu_seconds);
@@ -165,10 +103,10 @@ pub async fn run(args: BenchArgs) -> Result<Value, String> {
     let deadline = args.duration.map(|d| started + d);
     let mut workers = Vec::new();
     for _ in 0..args.concurrency {
-        let (args, next, tls) = (args.clone(), next.clone(), tls.clone());
+        let (args, next, client) = (args.clone(), next.clone(), client.clone());
         workers.push(tokio::spawn(async move {
             let mut samples = Vec::new();
-            let mut conn: Option<Conn> = None;
+            let mut conn: Option<Connection> = None;
             loop {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
@@ -179,8 +117,8 @@ pub async fn run(args: BenchArgs) -> Result<Value, String> {
                 }
                 let t0 = Instant::now();
                 if conn.is_none() || args.connections == Connections::New {
-                    conn = match connect(&args.url, &tls).await {
-                        Ok(c) => Some(c),
+                    conn = match client.connect(&args.url).await {
+                        Ok((c, _)) => Some(c),
                         Err(e) => {
                             samples.push(Sample {
                                 latency: t0.elapsed(),
@@ -191,25 +129,17 @@ pub async fn run(args: BenchArgs) -> Result<Value, String> {
                         }
                     };
                 }
-                let Some(Conn::Http1(send)) = conn.as_mut() else {
+                let Some(c) = conn.as_mut() else {
                     continue;
                 };
-                let result = async {
-                    send.ready().await.map_err(|e| e.to_string())?;
-                    let resp = send
-                        .send_request(request(&args, i))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let status = resp.status().as_u16();
-                    let body = resp
-                        .into_body()
-                        .collect()
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .to_bytes();
-                    Ok::<_, String>((status, body))
-                }
-                .await;
+                let (path, headers, body) = request(&args, i);
+                let headers: Vec<(&str, &str)> =
+                    headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let result = c
+                    .send("POST", path, &headers, Some(body))
+                    .await
+                    .map(|r| (r.status, r.body))
+                    .map_err(|e| e.to_string());
                 match result {
                     Ok((status, body)) => {
                         let cause = if (200..300).contains(&status) {

@@ -842,16 +842,18 @@ async fn control_request(
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| e.to_string())?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", "ecsd")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let mut conn = crate::client::Connection::over(
+        stream,
+        crate::client::HttpVersion::Http1,
+        "ecsd".into(),
+        None,
+    )
+    .await
+    .map_err(|e| e.0)?;
+    let resp = conn
+        .send_streamed("GET", path, &[], None)
+        .await
+        .map_err(|e| e.0)?;
     if !resp.status().is_success() {
         return Err(format!("{path}: HTTP {}", resp.status()));
     }
