@@ -34,5 +34,9 @@ pub mod registration;
 pub mod secrets;
 pub mod serve;
 pub mod store;
+/// The harness that starts a real `ecsd` for tests: not in a production build.
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing;
 pub mod token;
 pub mod trust;

@@ -5,10 +5,10 @@
 //! Tokens are made with the real `softhsm2-util`, keys with `ecsd ceremony`, and the daemon
 //! is the real `ecsd` binary.
 
+use ecs_daemon::testing::{Daemon, Until, admin_get};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 /// Debian's SoftHSM2 module (`apt-get install softhsm2`; `./scripts/test` installs it).
 pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -244,105 +244,64 @@ pub fn hsm_with_ca() -> SoftHsm {
     hsm
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// An `ecsd` whose domain `default` signs with the intermediate in the SoftHSM token: the
+/// one harness's [`Daemon`], with the token's configuration and PIN.
+pub struct Ecsd {
+    d: Daemon,
+    pub hsm_dir: PathBuf,
+    conf: PathBuf,
+    /// The PIN `ecsd serve` is given (`ECS_HSM_PIN`); a test may change it before `start`.
+    pub pin: String,
 }
 
-/// An `ecsd` whose domain `default` signs with the intermediate in the SoftHSM token.
-pub struct Ecsd {
-    pub hsm_dir: PathBuf,
-    pub dir: tempfile::TempDir,
-    pub port: u16,
-    pub admin_port: u16,
-    pub child: Option<std::process::Child>,
-    conf: PathBuf,
-    pub pin: String,
+impl std::ops::Deref for Ecsd {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.d
+    }
+}
+
+impl std::ops::DerefMut for Ecsd {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.d
+    }
 }
 
 impl Ecsd {
     /// Writes the configuration; `tls_from_hsm` makes the HSM backend the default one (it
     /// then also signs the server certificate and the CRL).
     pub fn configure(hsm: &SoftHsm, tls_from_hsm: bool, extra: &str) -> Ecsd {
-        let dir = tempfile::tempdir().unwrap();
-        let (port, admin_port) = (free_port(), free_port());
-        let status = Command::new(ecsd_path())
-            .args(["init", "--dir"])
-            .arg(dir.path())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        let d = Daemon::init(ecsd_path(), None);
         let chain = format!(
             "{}{}",
             std::fs::read_to_string(hsm.path().join("out/ca.pem")).unwrap(),
             std::fs::read_to_string(hsm.path().join("out/root.pem")).unwrap()
         );
-        std::fs::write(dir.path().join("keys/hsm-chain.pem"), chain).unwrap();
-        let path = dir.path().join("ecs.toml");
-        let mut text = std::fs::read_to_string(&path).unwrap();
-        text = text.replace("backend = \"soft\"", "backend = \"hsm\"");
-        if !tls_from_hsm {
-            text = text.replace("tls_backend = \"hsm\"", "tls_backend = \"soft\"");
-        }
-        text.push_str(&format!(
-            "\n[backends.hsm]\nkind = \"pkcs11\"\nmodule = \"{MODULE}\"\nkey = \"pkcs11:token=ecs-ca;object=issuing-key\"\npin = \"env:ECS_HSM_PIN\"\ncert = \"keys/hsm-chain.pem\"\n{extra}"
-        ));
-        std::fs::write(&path, text).unwrap();
+        std::fs::write(d.dir.path().join("keys/hsm-chain.pem"), chain).unwrap();
+        d.edit_config(|text| {
+            *text = text.replace("backend = \"soft\"", "backend = \"hsm\"");
+            if !tls_from_hsm {
+                *text = text.replace("tls_backend = \"hsm\"", "tls_backend = \"soft\"");
+            }
+            text.push_str(&format!(
+                "\n[backends.hsm]\nkind = \"pkcs11\"\nmodule = \"{MODULE}\"\nkey = \"pkcs11:token=ecs-ca;object=issuing-key\"\npin = \"env:ECS_HSM_PIN\"\ncert = \"keys/hsm-chain.pem\"\n{extra}"
+            ));
+        });
         Ecsd {
+            d,
             hsm_dir: hsm.path().to_path_buf(),
-            dir,
-            port,
-            admin_port,
-            child: None,
             conf: hsm.conf(),
             pin: HSM_PIN.into(),
         }
     }
 
-    pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("ecs.toml")
-    }
-
-    /// Starts `ecsd serve`; returns false if it exited (its stderr is in [`Ecsd::log`]).
+    /// Starts `ecsd serve` against the token; returns false if it exited (its stderr is in
+    /// [`Daemon::log`]). Waits for the listener only: a test may start it with the token away.
     pub fn start(&mut self) -> bool {
-        let log = std::fs::File::create(self.dir.path().join("ecsd.log")).unwrap();
-        let child = Command::new(ecsd_path())
-            .args(["serve", "--config"])
-            .arg(self.config_path())
-            .env("SOFTHSM2_CONF", &self.conf)
-            .env("ECS_HSM_PIN", &self.pin)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(_status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                return false;
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("ecsd did not listen within 30 s:\n{}", self.log());
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("ecsd.log")).unwrap_or_default()
-    }
-
-    pub fn base(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        let (conf, pin) = (self.conf.clone(), self.pin.clone());
+        self.d.set_env("SOFTHSM2_CONF", &conf);
+        self.d.set_env("ECS_HSM_PIN", &pin);
+        self.d.spawn(Until::Listening)
     }
 
     /// The root the EES trusts for the server certificate.
@@ -356,54 +315,12 @@ impl Ecsd {
 
     /// GET on the admin listener: (status, body).
     pub fn admin(&self, path: &str) -> (u16, String) {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let status = out.split(' ').nth(1).unwrap().parse().unwrap();
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|x| x.1.to_string())
-            .unwrap_or_default();
-        (status, body)
+        admin_get(self.admin_port, path).expect("the admin listener answers")
     }
 
     /// A valid onboarding token from the development issuer.
     pub fn token(&self, ees_id: &str) -> String {
-        let cfg =
-            ecs_daemon::config::Config::load_with_env(&self.config_path(), Default::default())
-                .unwrap()
-                .0;
-        ecs_daemon::token::mint(
-            &cfg,
-            "dev",
-            &ecs_daemon::token::MintRequest {
-                ees_id,
-                prov_id: None,
-                ttl_secs: 600,
-                now: ecs_daemon::clock::now(),
-            },
-        )
-        .unwrap()
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Ecsd {
-    fn drop(&mut self) {
-        self.kill();
+        self.token_with(ees_id, None)
     }
 }
 

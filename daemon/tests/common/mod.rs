@@ -4,13 +4,13 @@
 
 use ecs_ca_backends::{SoftwareKey, build_csr, generate_p256_pkcs8_pem};
 use ecs_daemon::client::{HttpVersion, HttpsClient, Response};
-use ecs_daemon::config::Config;
+#[allow(unused_imports)]
+pub use ecs_daemon::testing::{Daemon, Until, admin_get, free_port};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Command, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 pub const API: &str = "/eecs-eesregistration/v1/registrations";
 
@@ -21,43 +21,28 @@ pub fn now() -> i64 {
         .as_secs() as i64
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The `ecsd` binary built by cargo for these tests.
 pub fn ecsd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ecsd"))
 }
 
-/// `ecsd`, run as user and group `uid` when given.
-fn ecsd_as(uid: Option<u32>) -> Command {
-    match uid {
-        None => ecsd(),
-        Some(uid) => {
-            let mut c = Command::new("setpriv");
-            c.arg(format!("--reuid={uid}"))
-                .arg(format!("--regid={uid}"))
-                .arg("--clear-groups")
-                .arg(env!("CARGO_BIN_EXE_ecsd"));
-            c
-        }
+/// A running ECS: the one harness's [`Daemon`], with what the contract tests add.
+pub struct Ecs {
+    d: Daemon,
+    pub root_pem: Vec<u8>,
+}
+
+impl std::ops::Deref for Ecs {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.d
     }
 }
 
-/// A running ECS.
-pub struct Ecs {
-    pub dir: tempfile::TempDir,
-    pub port: u16,
-    pub admin_port: u16,
-    child: Option<Child>,
-    pub root_pem: Vec<u8>,
-    /// The user `ecsd init` and `ecsd serve` run as (through `setpriv`), when not ours.
-    run_as: Option<u32>,
+impl std::ops::DerefMut for Ecs {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.d
+    }
 }
 
 impl Ecs {
@@ -89,115 +74,22 @@ impl Ecs {
         run_as: Option<u32>,
     ) -> Ecs {
         for _attempt in 0..5 {
-            let dir = tempfile::tempdir().unwrap();
-            if let Some(uid) = run_as {
-                let owner = format!("{uid}:{uid}");
-                let chown = Command::new("chown").arg(&owner).arg(dir.path()).status();
-                assert!(chown.unwrap().success(), "chown {owner}");
-            }
-            let (port, admin_port) = (free_port(), free_port());
-            let status = ecsd_as(run_as)
-                .args(["init", "--dir"])
-                .arg(dir.path())
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-                .status()
-                .unwrap();
-            assert!(status.success(), "ecsd init failed");
-            let cfg_path = dir.path().join("ecs.toml");
-            let mut text = std::fs::read_to_string(&cfg_path).unwrap();
-            edit(&mut text);
-            std::fs::write(&cfg_path, text).unwrap();
+            let mut d = Daemon::init(env!("CARGO_BIN_EXE_ecsd"), run_as);
+            d.edit_config(&edit);
             for (name, content) in files {
-                std::fs::write(dir.path().join(name), content).unwrap();
+                std::fs::write(d.dir.path().join(name), content).unwrap();
             }
-            let root_pem = std::fs::read(dir.path().join("root.pem")).unwrap();
-            let mut ecs = Ecs {
-                dir,
-                port,
-                admin_port,
-                child: None,
-                root_pem,
-                run_as,
-            };
-            if ecs.spawn() {
-                return ecs;
+            let root_pem = std::fs::read(d.dir.path().join("root.pem")).unwrap();
+            // A port taken between init and serve: try again on new ones.
+            if d.spawn(Until::Ready) {
+                return Ecs { d, root_pem };
             }
         }
         panic!("ecsd did not start in 5 attempts (see its log above)");
     }
 
-    pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("ecs.toml")
-    }
-
-    pub fn config(&self) -> Config {
-        Config::load_with_env(&self.config_path(), Default::default())
-            .unwrap()
-            .0
-    }
-
-    /// Starts the process and waits until `/readyz` answers; false if it exited.
-    fn spawn(&mut self) -> bool {
-        let log = std::fs::File::create(self.dir.path().join("ecsd.log")).unwrap();
-        let child = ecsd_as(self.run_as)
-            .args(["serve", "--config"])
-            .arg(self.config_path())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                eprintln!("ecsd exited with {status}:\n{}", self.log());
-                self.child = None;
-                return false;
-            }
-            if admin_get(self.admin_port, "/readyz").is_some_and(|(s, _)| s == 200) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("ecsd not ready within 30 s:\n{}", self.log());
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("ecsd.log")).unwrap_or_default()
-    }
-
-    /// SIGKILL: no chance to flush or finish anything.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-
-    /// SIGTERM, and wait for the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("running");
-        Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .unwrap();
-        c.wait().unwrap()
-    }
-
-    /// The daemon's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "stop it first");
-        assert!(self.spawn(), "ecsd did not restart");
-    }
-
-    pub fn base(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        assert!(self.d.spawn(Until::Ready), "ecsd did not restart");
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -222,20 +114,6 @@ impl Ecs {
     /// A valid onboarding token from the development issuer.
     pub fn token(&self, ees_id: &str) -> String {
         self.token_with(ees_id, None)
-    }
-
-    pub fn token_with(&self, ees_id: &str, prov_id: Option<&str>) -> String {
-        ecs_daemon::token::mint(
-            &self.config(),
-            "dev",
-            &ecs_daemon::token::MintRequest {
-                ees_id,
-                prov_id,
-                ttl_secs: 600,
-                now: now(),
-            },
-        )
-        .unwrap()
     }
 
     /// A token with arbitrary header and claims, signed with the development issuer's key.
@@ -326,33 +204,6 @@ impl Ecs {
             .collect();
         (verify.status.success(), records)
     }
-}
-
-impl Drop for Ecs {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// GET on the admin listener (plain HTTP/1.1, by hand: it must not depend on the code
-/// under test).
-pub fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.split(' ').nth(1)?.parse().ok()?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    Some((status, body))
 }
 
 /// An EES key pair.
