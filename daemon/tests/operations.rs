@@ -800,18 +800,10 @@ async fn silent_connections_are_closed_and_one_address_cannot_hold_them_all() {
 
 /// `ecsd audit verify --config` as a process: (success, stdout + stderr).
 fn audit_verify(ecs: &Ecs) -> (bool, String) {
-    let out = ecsd()
-        .args(["audit", "verify", "--config"])
-        .arg(ecs.config_path())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+    output(
+        ecsd()
+            .args(["audit", "verify", "--config"])
+            .arg(ecs.config_path()),
     )
 }
 

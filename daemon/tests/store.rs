@@ -7,20 +7,7 @@ use common::*;
 use std::path::Path;
 
 fn run(args: &[&str], config: &Path) -> (bool, String) {
-    let out = ecsd()
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    output(ecsd().args(args).arg("--config").arg(config))
 }
 
 fn backup(config: &Path, out: &Path) -> (bool, String) {

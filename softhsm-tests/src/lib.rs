@@ -5,7 +5,7 @@
 //! Tokens are made with the real `softhsm2-util`, keys with `ecsd ceremony`, and the daemon
 //! is the real `ecsd` binary.
 
-use ecs_daemon::testing::{Daemon, Until, admin_get};
+use ecs_daemon::testing::{Daemon, Until, admin_get, output};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -340,17 +340,5 @@ pub fn registration(ees_id: &str) -> (serde_json::Value, String) {
 
 /// Runs `openssl` in `dir`; (success, output).
 pub fn openssl(args: &[&str], dir: &Path) -> (bool, String) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    output(Command::new("openssl").args(args).current_dir(dir))
 }

@@ -150,6 +150,20 @@ pub struct AuditRecord {
     pub unchained: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
+impl AuditRecord {
+    /// The record that follows `prev_hash` as number `seq`.
+    pub fn chained(seq: u64, prev_hash: String, event: AuditEvent) -> AuditRecord {
+        let hash = chain_hash(&prev_hash, &event);
+        AuditRecord {
+            seq,
+            prev_hash,
+            event,
+            hash,
+            unchained: Default::default(),
+        }
+    }
+}
+
 /// SHA-256 over the previous hash and the event's canonical JSON.
 pub fn chain_hash(prev: &str, event: &AuditEvent) -> String {
     let json = serde_json::to_string(event).expect("events serialise");

@@ -255,22 +255,7 @@ impl ChainCheck {
 /// Loads a verified backup into `store`, which must be empty. Checks the whole file before
 /// the first write, so a damaged backup leaves the store as it was.
 pub async fn restore(store: &dyn Store, path: &Path) -> Result<Counts, String> {
-    let (seq, _) = store.audit_head().await.map_err(|e| e.to_string())?;
-    let any = store
-        .active_registrations("", 1)
-        .await
-        .map_err(|e| e.to_string())?;
-    if seq > 0 || !any.is_empty() {
-        return Err(format!(
-            "the target store is not empty ({seq} audit records{}): restore only into an \
-             empty store",
-            if any.is_empty() {
-                ""
-            } else {
-                ", active registrations"
-            }
-        ));
-    }
+    super::must_be_empty(store).await?;
     let (counts, head) = verify(path)?;
     // The file was read once to check it; it is read again to load it, in batches, on a
     // blocking thread that hands each batch over.

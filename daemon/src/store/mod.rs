@@ -300,18 +300,9 @@ pub async fn restore_into(
     if cfg.path.exists() {
         // Refuses a store that holds anything (and one that a daemon holds).
         let existing = open(cfg).map_err(|e| e.to_string())?;
-        let (seq, _) = existing.audit_head().await.map_err(|e| e.to_string())?;
-        let any = existing
-            .active_registrations("", 1)
+        must_be_empty(existing.as_ref())
             .await
-            .map_err(|e| e.to_string())?;
-        if seq > 0 || !any.is_empty() {
-            return Err(format!(
-                "{}: the store is not empty ({seq} audit records): restore only into an \
-                 empty store",
-                cfg.path.display()
-            ));
-        }
+            .map_err(|e| format!("{}: {e}", cfg.path.display()))?;
     }
     let mut staging = cfg.clone();
     let mut name = cfg.path.file_name().unwrap_or_default().to_os_string();
@@ -344,6 +335,28 @@ pub async fn restore_into(
         }
     }
     Ok(counts)
+}
+
+/// Refuses a store that holds an audit record or an active registration: a restore goes
+/// only into an empty store.
+pub async fn must_be_empty(store: &dyn Store) -> Result<(), String> {
+    let (records, _) = store.audit_head().await.map_err(|e| e.to_string())?;
+    let active = store
+        .active_registrations("", 1)
+        .await
+        .map_err(|e| e.to_string())?;
+    if records > 0 || !active.is_empty() {
+        return Err(format!(
+            "the store is not empty ({records} audit records{}): restore only into an empty \
+             store",
+            if active.is_empty() {
+                ""
+            } else {
+                ", active registrations"
+            }
+        ));
+    }
+    Ok(())
 }
 
 /// Removes an embedded store's files: a folder (sled) or a database with its WAL (SQLite).

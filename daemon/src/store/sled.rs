@@ -2,7 +2,7 @@
 
 use super::blocking::BlockingStore;
 use super::*;
-use crate::audit::{GENESIS_HASH, chain_hash};
+use crate::audit::GENESIS_HASH;
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
 
@@ -222,14 +222,8 @@ impl SledStore {
                     Some(h) => (h.seq + 1, h.hash),
                     None => (1, GENESIS_HASH.to_string()),
                 };
-                let hash = chain_hash(&prev, event);
-                let rec = AuditRecord {
-                    seq,
-                    prev_hash: prev,
-                    event: event.clone(),
-                    hash: hash.clone(),
-                    unchained: Default::default(),
-                };
+                let rec = AuditRecord::chained(seq, prev, event.clone());
+                let hash = rec.hash.clone();
                 tx.insert(format!("audit/{seq:020}").into_bytes(), encode(&rec))?;
                 tx.insert(AUDIT_HEAD, encode(&Head { seq, hash }))?;
                 written = Some(rec);

@@ -9,7 +9,7 @@
 
 use super::schema::{self, Dialect};
 use super::*;
-use crate::audit::{GENESIS_HASH, chain_hash};
+use crate::audit::GENESIS_HASH;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -438,21 +438,13 @@ impl Writer {
         let Some(event) = &c.audit else {
             return Ok(None);
         };
-        let (seq, prev) = (self.head.0 + 1, self.head.1.clone());
-        let hash = chain_hash(&prev, event);
-        let rec = AuditRecord {
-            seq,
-            prev_hash: prev,
-            event: event.clone(),
-            hash: hash.clone(),
-            unchained: Default::default(),
-        };
+        let rec = AuditRecord::chained(self.head.0 + 1, self.head.1.clone(), event.clone());
         let json = serde_json::to_string(&rec).expect("records serialise");
         self.conn
             .prepare_cached(schema::APPEND_AUDIT)
-            .and_then(|mut s| s.execute(params![seq as i64, hash, json]))
+            .and_then(|mut s| s.execute(params![rec.seq as i64, rec.hash, json]))
             .map_err(|e| self.fault(e))?;
-        self.head = (seq, hash);
+        self.head = (rec.seq, rec.hash.clone());
         Ok(Some(rec))
     }
 }

@@ -5,11 +5,11 @@
 use ecs_ca_backends::{SoftwareKey, build_csr, generate_p256_pkcs8_pem};
 use ecs_daemon::client::{HttpVersion, HttpsClient, Response};
 #[allow(unused_imports)]
-pub use ecs_daemon::testing::{Daemon, Until, admin_get, free_port};
+pub use ecs_daemon::testing::{Daemon, Until, admin_get, free_port, output};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub const API: &str = "/eecs-eesregistration/v1/registrations";
@@ -272,18 +272,7 @@ impl Ees {
 
 /// Runs `openssl` with `args`; returns (success, stdout+stderr).
 pub fn openssl(args: &[&str], cwd: &Path) -> (bool, String) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .output()
-        .expect("openssl is installed (./scripts/test installs it)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    output(Command::new("openssl").args(args).current_dir(cwd))
 }
 
 /// Asserts a problem answer: status, cause, content type.
