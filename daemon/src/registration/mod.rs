@@ -476,26 +476,10 @@ async fn create_inner(
         ));
     }
     let (domain_name, domain) = domain_of(app, profile.prov_id.as_deref())?;
-    // A replayed token is named as such even when the registration it created is what
-    // now holds the EES ID (it may have been committed between the two reads).
-    let replayed = || app.store.token_spent(&token.iss, &token.jti);
-
-    if replayed().await? {
-        return Err(crate::store::StoreError::TokenReplayed.into());
-    }
-    if app
-        .store
-        .active_registration_for(&profile.ees_id)
-        .await?
-        .is_some()
-    {
-        return Err(if replayed().await? {
-            crate::store::StoreError::TokenReplayed
-        } else {
-            crate::store::StoreError::EesAlreadyRegistered
-        }
-        .into());
-    }
+    // A spent token, or an EES ID another registration holds: refused before any work.
+    app.store
+        .check_claims(&token.iss, &token.jti, &profile.ees_id)
+        .await?;
     // What becomes the EES certificate: a third-party chain from this handshake, or a
     // certificate issued for the CSR's key. Both are decided before anything is reserved.
     let (approval, material) = if onboarding.third_party_cert {
@@ -548,17 +532,9 @@ async fn create_inner(
     })?;
 
     // A request that held the reservation before us may have committed since our reads.
-    if replayed().await? {
-        return Err(crate::store::StoreError::TokenReplayed.into());
-    }
-    if app
-        .store
-        .active_registration_for(&profile.ees_id)
-        .await?
-        .is_some()
-    {
-        return Err(crate::store::StoreError::EesAlreadyRegistered.into());
-    }
+    app.store
+        .check_claims(&token.iss, &token.jti, &profile.ees_id)
+        .await?;
     if let Material::ThirdParty(c) = &material {
         third_party_cert_free(app, &c.fingerprint).await?;
     }

@@ -84,6 +84,14 @@ impl<T: BlockingStore> Store for OffReactor<T> {
         let (iss, jti) = (iss.to_owned(), jti.to_owned());
         self.run(move |s| s.token_spent(&iss, &jti)).await
     }
+    async fn check_claims(&self, iss: &str, jti: &str, ees_id: &str) -> Result<(), StoreError> {
+        let (iss, jti, ees_id) = (iss.to_owned(), jti.to_owned(), ees_id.to_owned());
+        self.run(move |s| {
+            let held = s.active_registration_for(&ees_id)?.is_some();
+            judge_claims(held, s.token_spent(&iss, &jti)?)
+        })
+        .await
+    }
     async fn due_expiries(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
         self.run(move |s| s.due_expiries(now, limit)).await
     }

@@ -190,6 +190,9 @@ pub trait Store: Send + Sync {
         fingerprint: &str,
     ) -> Result<Option<CertRecord>, StoreError>;
     async fn token_spent(&self, iss: &str, jti: &str) -> Result<bool, StoreError>;
+    /// Whether a new registration may claim this token ID and this EES ID, in one call:
+    /// see [`judge_claims`].
+    async fn check_claims(&self, iss: &str, jti: &str, ees_id: &str) -> Result<(), StoreError>;
     /// Active registrations whose `exp_time` is at or before `now`, at most `limit`.
     async fn due_expiries(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError>;
     /// (serial, revocation) of every revoked certificate of `backend`, for its CRL.
@@ -243,6 +246,21 @@ pub type BackupSink = tokio::sync::mpsc::Sender<BackupItem>;
 pub struct StoreCounts {
     pub active_registrations: usize,
     pub audit_records: u64,
+}
+
+/// The answer of [`Store::check_claims`] from what an engine read, the EES ID first and the
+/// token second: a spent token is `TokenReplayed` (even when the registration it made is
+/// what holds the EES ID now), else an EES ID held by an active registration is
+/// `EesAlreadyRegistered`. Reading in that order names a replay right even when its
+/// registration commits between the two reads.
+pub fn judge_claims(ees_id_held: bool, token_spent: bool) -> Result<(), StoreError> {
+    if token_spent {
+        Err(StoreError::TokenReplayed)
+    } else if ees_id_held {
+        Err(StoreError::EesAlreadyRegistered)
+    } else {
+        Ok(())
+    }
 }
 
 /// Every audit record, page by page (for `audit verify` and `export`).

@@ -662,6 +662,22 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn check_claims(&self, iss: &str, jti: &str, ees_id: &str) -> Result<(), StoreError> {
+        let (iss, jti, key) = (iss.to_owned(), jti.to_owned(), ees_id.to_ascii_lowercase());
+        let (held, spent) = self
+            .read(move |c| {
+                let held = c
+                    .prepare_cached(schema::ACTIVE_FOR_EES)?
+                    .exists(params![key])?;
+                let spent = c
+                    .prepare_cached(schema::TOKEN_SPENT)?
+                    .exists(params![iss, jti])?;
+                Ok((held, spent))
+            })
+            .await?;
+        judge_claims(held, spent)
+    }
+
     async fn due_expiries(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
         self.read(move |c| {
             c.prepare_cached(schema::DUE_EXPIRIES)?
