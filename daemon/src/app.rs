@@ -281,26 +281,32 @@ impl Drop for Reservation<'_> {
 }
 
 impl App {
-    /// Builds the ECS from a loaded configuration: opens the store, loads and checks every
-    /// backend's key against its certificate, loads the token issuers' keys.
-    pub async fn build(cfg: Config) -> Result<Arc<App>, String> {
-        let store = crate::store::open(&cfg.storage).map_err(|e| format!("storage.path: {e}"))?;
-        let (backends, roots) = crate::backends::load_all(&cfg)?;
-        let tokens = TokenVerifier::from_config(&cfg).await?;
-        let policy = Policy::load(&cfg, &roots)?;
+    /// Builds the ECS from a loaded configuration: loads and checks every backend's key
+    /// against its certificate, loads the token issuers' keys and the policy, and only then
+    /// opens the store, so that a configuration at fault leaves nothing behind.
+    pub async fn build(cfg: Config) -> Result<Arc<App>, crate::serve::StartError> {
+        use crate::serve::StartError::Config as Fault;
+        let (backends, roots) = crate::backends::load_all(&cfg).map_err(Fault)?;
+        let tokens = TokenVerifier::from_config(&cfg).await.map_err(Fault)?;
+        let policy = Policy::load(&cfg, &roots).map_err(Fault)?;
         let limiters = Limiters::new(&cfg.limits);
         let signing = SigningQueue::new(&cfg.limits);
-        let own_names = own_names(&cfg)?;
+        let own_names = own_names(&cfg).map_err(Fault)?;
         let checkpoints = match &cfg.audit.checkpoint_key {
             Some(key) => Some((
-                Arc::new(crate::audit::checkpoint::CheckpointSigner::load(
-                    key,
-                    &cfg.audit.checkpoint_log,
-                )?),
+                Arc::new(
+                    crate::audit::checkpoint::CheckpointSigner::load(
+                        key,
+                        &cfg.audit.checkpoint_log,
+                    )
+                    .map_err(Fault)?,
+                ),
                 tokio::sync::Mutex::new(0),
             )),
             None => None,
         };
+        let store = crate::store::open(&cfg.storage)
+            .map_err(|e| crate::serve::StartError::Other(format!("storage.path: {e}")))?;
         Ok(Arc::new(App {
             own_names,
             third_party_verdicts: VerdictCache::default(),

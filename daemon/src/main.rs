@@ -1,19 +1,25 @@
 //! `ecsd`: process set-up (arguments, logging, hardening, runtime), then `cli::run`.
 
 use clap::Parser;
-use ecs_daemon::cli::{Cli, Command, Fail, run};
+use ecs_daemon::cli::{Cli, Command, Fail, LogFormat, run};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve { .. });
-    tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| if serving { "info" } else { "warn" }.into());
+    // Colour only for a person at a terminal: never into files, pipes or journald.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| if serving { "info" } else { "warn" }.into()),
-        )
-        .init();
+        .with_env_filter(filter)
+        .with_ansi(colour);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     // Before any key, PIN or token is read: none of them may reach a core dump.
     if let Err(e) = ecs_daemon::hardening::forbid_core_dumps() {
         eprintln!("ecsd: {e}");

@@ -9,25 +9,37 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// Why `ecsd serve` stopped before it served.
+#[derive(Debug)]
+pub enum StartError {
+    /// The configuration, or a file it names, is at fault (exit status 2).
+    Config(String),
+    /// Anything else: the store, a port in use, the system (exit status 1).
+    Other(String),
+}
+
 /// Runs the daemon on a loaded configuration.
-pub async fn serve(cfg: Config) -> Result<(), String> {
+pub async fn serve(cfg: Config) -> Result<(), StartError> {
     let app = App::build(cfg).await?;
-    let identity = tls::server_identity(&app).await?;
-    let tls_config = tls::server_config(identity)?;
+    let identity = tls::server_identity(&app)
+        .await
+        .map_err(StartError::Config)?;
+    let tls_config = tls::server_config(identity).map_err(StartError::Config)?;
     let listen = app.cfg.server.listen.clone();
     let listener = TcpListener::bind(&listen)
         .await
-        .map_err(|e| format!("server.listen: {listen}: {e}"))?;
+        .map_err(|e| StartError::Other(format!("server.listen: {listen}: {e}")))?;
     let admin = match &app.cfg.server.admin_listen {
         Some(a) => Some(
             TcpListener::bind(a)
                 .await
-                .map_err(|e| format!("server.admin_listen: {a}: {e}"))?,
+                .map_err(|e| StartError::Other(format!("server.admin_listen: {a}: {e}")))?,
         ),
         None => None,
     };
     let control_path = app.cfg.admin_socket_path();
-    let control = bind_control_socket(&control_path, app.cfg.server.admin_group.as_deref())?;
+    let control = bind_control_socket(&control_path, app.cfg.server.admin_group.as_deref())
+        .map_err(StartError::Other)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or(listen),

@@ -325,11 +325,10 @@ fn configuration_faults_stop_the_start_with_one_line_naming_the_key() {
         let (code, stderr) = refused(&good.replacen(from, to, 1));
         let last = stderr.lines().last().unwrap_or("");
         assert!(last.contains(expect), "{to}: {stderr}");
-        assert_eq!(
-            code,
-            Some(if expect == "backends.soft.key" { 1 } else { 2 }),
-            "{to}: {stderr}"
-        );
+        // Every one of them is the configuration's fault: exit status 2, and nothing was
+        // created (the store is opened only once the configuration has loaded).
+        assert_eq!(code, Some(2), "{to}: {stderr}");
+        assert!(!dir.path().join("data").exists(), "{to}: created the store");
     }
     // A private key that others may read is refused, naming the file.
     let key = dir.path().join("keys/issuing-ca.key");
@@ -385,13 +384,123 @@ fn configuration_faults_stop_the_start_with_one_line_naming_the_key() {
     assert!(out.status.success());
     let findings: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(findings["findings"], json!([]));
-    // init never overwrites.
+    // init never overwrites: the --dir given is at fault.
     let out = ecsd()
         .args(["init", "--dir"])
         .arg(dir.path())
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dir"));
+}
+
+/// Issue "operating it for real", item 5: what scripts meet. A command that reads a store
+/// refuses one that is not there (it used to say "intact: 0 records"); a reader that goes
+/// away is no panic; logs carry no colour codes into files, and come as JSON when asked; the
+/// reference client never overwrites an EES's key.
+#[tokio::test]
+async fn the_cli_behaves_as_scripts_expect() {
+    let mut ecs = Ecs::start();
+    for i in 0..30 {
+        ecs.register(&format!("ees-cli-{i}.ecsp.example")).await;
+    }
+    // Logs into a file: no ANSI escape anywhere.
+    assert!(
+        !ecs.log().contains('\u{1b}'),
+        "colour codes in the log file"
+    );
+
+    // `audit export | head -1`: the pipe closes after one line.
+    let mut child = ecsd()
+        .args(["audit", "export", "--config"])
+        .arg(ecs.config_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let stdout = child.stdout.take().unwrap();
+        let mut first = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .unwrap();
+        assert!(!first.is_empty());
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+
+    // A wrong storage.path is refused, not reported as an intact empty log.
+    let (ok, text) = output(
+        ecsd()
+            .args(["audit", "verify", "--config"])
+            .arg(ecs.config_path())
+            .env("ECS__STORAGE__PATH", "data/elsewhere.db"),
+    );
+    assert!(
+        !ok && text.contains("storage.path") && !text.contains("intact"),
+        "{text}"
+    );
+    let code = ecsd()
+        .args(["audit", "verify", "--config"])
+        .arg(ecs.config_path())
+        .env("ECS__STORAGE__PATH", "data/elsewhere.db")
+        .output()
+        .unwrap()
+        .status
+        .code();
+    assert_eq!(code, Some(2));
+
+    // --log-format json: one JSON object per line.
+    let (_, text) = output(
+        ecsd()
+            .args(["--log-format", "json", "policy", "lint", "--config"])
+            .arg(ecs.config_path())
+            .env("RUST_LOG", "info"),
+    );
+    for line in text.lines().filter(|l| l.starts_with('{')) {
+        serde_json::from_str::<serde_json::Value>(line).unwrap();
+    }
+
+    // The reference client keeps an EES's key unless told otherwise.
+    let folder = ecs.dir.path().join("ees-kept");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("key.pem"), "the live EES's key").unwrap();
+    let token = ecs.dir.path().join("token");
+    std::fs::write(&token, ecs.token("ees-kept.ecsp.example")).unwrap();
+    let register = |force: bool| {
+        let mut c = ecsd();
+        c.args(["ees", "register", "--url", &ecs.base(), "--ca"])
+            .arg(ecs.dir.path().join("root.pem"))
+            .arg("--token-file")
+            .arg(&token)
+            .args(["--ees-id", "ees-kept.ecsp.example", "--out"])
+            .arg(&folder);
+        if force {
+            c.arg("--force");
+        }
+        c.output().unwrap()
+    };
+    let out = register(false);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(
+        std::fs::read_to_string(folder.join("key.pem")).unwrap(),
+        "the live EES's key"
+    );
+    let out = register(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(
+        std::fs::read_to_string(folder.join("key.pem")).unwrap(),
+        "the live EES's key"
+    );
+    assert!(ecs.terminate().success());
 }
 
 /// 500 idle TCP connections and 100 TLS connections that send one header byte per second

@@ -41,17 +41,22 @@ pub struct Diff {
 
 /// Computes the diff from the current configuration, its store's contents, and the
 /// proposed configuration, at time `now`.
+/// The names the proposed ECS would call its own (never an EES's). One it cannot read is
+/// said, not taken as none (which would approve every name); read before the store, so an
+/// error in the proposal is named first.
+pub fn proposed_own_names(proposed: &Config) -> Result<ecs_policy::OwnNames, String> {
+    crate::app::own_names(proposed).map_err(|e| format!("--proposed: {e}"))
+}
+
 pub fn diff(
     current: &Config,
     proposed: &Config,
+    own: &ecs_policy::OwnNames,
     registrations: &[(RegistrationRecord, CertRecord)],
     audit: &[AuditRecord],
     now: i64,
 ) -> Result<Diff, String> {
     let rules = ecs_policy::diff_domains(&current.domains, &proposed.domains);
-    // The names the proposed ECS would call its own; one it cannot read is said, not
-    // taken as none (which would approve every name).
-    let own = crate::app::own_names(proposed).map_err(|e| format!("--proposed: {e}"))?;
     let mut no_longer_admitted = Vec::new();
     for (reg, cert) in registrations {
         let refuse = |rule: String, reason: String| NoLongerAdmitted {
@@ -94,7 +99,7 @@ pub fn diff(
         let endpoint = ecs_policy::EndpointFacts {
             requested: &requested,
             ees_id_is_fqdn,
-            own: &own,
+            own,
         };
         let decision = if reg.cert_source == CertSource::ThirdParty {
             let mut chain = vec![der.clone()];
@@ -187,7 +192,7 @@ pub fn diff(
                 endpoint: ecs_policy::EndpointFacts {
                     requested: &[],
                     ees_id_is_fqdn: ecs_policy::is_fqdn(ees_id),
-                    own: &own,
+                    own,
                 },
                 key_type: e.key_type,
                 key_description: &description,

@@ -42,15 +42,20 @@ fn write_file(path: &Path, data: &[u8], secret: bool) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Writes `DIR/ecs.toml` and the material it names. Refuses to overwrite a configuration.
-pub fn init(dir: &Path, opts: &InitOptions) -> Result<(), String> {
+/// Writes `DIR/ecs.toml` and the material it names. Refuses to overwrite a configuration
+/// (a usage error: the `--dir` given is at fault).
+pub fn init(dir: &Path, opts: &InitOptions) -> Result<(), super::Fail> {
     let config = dir.join("ecs.toml");
     if config.exists() {
-        return Err(format!(
-            "{}: a configuration already exists; init never overwrites one",
-            config.display()
-        ));
+        return Err(super::usage(format!(
+            "--dir {}: a configuration already exists; init never overwrites one",
+            dir.display()
+        )));
     }
+    write_all(dir, opts).map_err(super::other)
+}
+
+fn write_all(dir: &Path, opts: &InitOptions) -> Result<(), String> {
     fs::create_dir_all(dir.join("keys")).map_err(|e| format!("{}: {e}", dir.display()))?;
     let now = now_unix();
     let e = |e: ecs_ca_backends::Error| e.to_string();
@@ -182,7 +187,7 @@ secret_token = "on_request"
         public_url = opts.public_url,
         admin_listen = opts.admin_listen,
     );
-    write_file(&config, text.as_bytes(), false)?;
+    write_file(&dir.join("ecs.toml"), text.as_bytes(), false)?;
     Ok(())
 }
 
@@ -194,12 +199,15 @@ mod tests {
     #[test]
     fn init_writes_a_configuration_that_loads_and_never_overwrites() {
         let dir = tempfile::tempdir().unwrap();
-        init(dir.path(), &InitOptions::default()).unwrap();
+        assert!(init(dir.path(), &InitOptions::default()).is_ok());
         let (cfg, warnings) =
             Config::load_with_env(&dir.path().join("ecs.toml"), Default::default()).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(cfg.domains["default"].ees_ids, ["*"]);
-        let err = init(dir.path(), &InitOptions::default()).unwrap_err();
+        let Err(crate::cli::Fail(code, err)) = init(dir.path(), &InitOptions::default()) else {
+            panic!("init overwrote a configuration");
+        };
+        assert_eq!(code, 2, "a usage error");
         assert!(err.contains("already exists"), "{err}");
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(dir.path().join("keys/issuing-ca.key"))

@@ -26,9 +26,41 @@ use std::path::{Path, PathBuf};
     about = "ECS registration authority and CA for Edge Enabler Servers"
 )]
 pub struct Cli {
+    /// How logs are written to stderr: `text` for people, `json` (one object per line) for
+    /// journald and log pipelines.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Writes one line to stdout. A reader that went away (`ecsd audit export | head`) ends
+/// the command quietly and successfully, as for any Unix filter; it is not a panic.
+pub fn emit(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(line).and_then(|_| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("ecsd: stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` for command output, through [`emit`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::emit(format_args!($($arg)*))
+    };
+}
+pub(crate) use out;
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -179,6 +211,10 @@ pub enum EesCmd {
         /// Where to save the EES's state.
         #[arg(long)]
         out: PathBuf,
+        /// Register even though --out holds another EES's key (which is then replaced and
+        /// lost).
+        #[arg(long)]
+        force: bool,
     },
     /// Show the registration as the ECS has it.
     Show(EesDir),
@@ -224,7 +260,12 @@ pub enum AuditCmd {
 pub enum PolicyCmd {
     /// Everything `serve` would refuse (errors) and what an auditor should look at (warnings).
     Lint {
-        config: PathBuf,
+        /// The configuration to audit.
+        #[arg(long, value_name = "CONFIG", conflicts_with = "positional")]
+        config: Option<PathBuf>,
+        /// The configuration given without --config (the older form, kept).
+        #[arg(value_name = "CONFIG", id = "positional", hide = true)]
+        positional: Option<PathBuf>,
         #[arg(long, default_value = "text")]
         format: Format,
     },
@@ -318,14 +359,17 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
                         .map(|mut d| d.next().is_none())
                         .unwrap_or(true);
                     if empty {
-                        init::init(&dir, &init::InitOptions::default()).map_err(other)?;
+                        init::init(&dir, &init::InitOptions::default())?;
                         tracing::info!("initialised ./ecs-data (root CA: ecs-data/root.pem)");
                     }
                     dir.join("ecs.toml")
                 }
             };
             let cfg = load(&path)?;
-            serve::serve(cfg).await.map_err(other)
+            serve::serve(cfg).await.map_err(|e| match e {
+                serve::StartError::Config(m) => usage(m),
+                serve::StartError::Other(m) => other(m),
+            })
         }
         Command::Init {
             dir,
@@ -343,9 +387,8 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
                     admin_listen,
                     ecs_id,
                 },
-            )
-            .map_err(other)?;
-            println!("wrote {}", dir.join("ecs.toml").display());
+            )?;
+            out!("wrote {}", dir.join("ecs.toml").display());
             Ok(())
         }
         Command::Token(TokenCmd::Mint {
@@ -368,7 +411,7 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
                 },
             )
             .map_err(usage)?;
-            println!("{t}");
+            out!("{t}");
             Ok(())
         }
         Command::Ees(cmd) => run_ees(cmd).await,
@@ -393,7 +436,7 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
                 let report = bench::prefill(&cfg, n, prefill_revoked)
                     .await
                     .map_err(other)?;
-                println!("{report}");
+                out!("{report}");
                 return Ok(());
             }
             let prefix = format!(
@@ -450,9 +493,9 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
             .await
             .map_err(other)?;
             if format == Format::Json {
-                println!("{report}");
+                out!("{report}");
             } else {
-                print!("{}", bench::render_text(&report));
+                out!("{}", bench::render_text(&report).trim_end());
             }
             Ok(())
         }
@@ -465,14 +508,15 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
         }) => {
             let current = load(&config)?;
             let (new, _) = Config::load(&proposed).map_err(|e| usage(e.0))?;
+            let own = diff::proposed_own_names(&new).map_err(usage)?;
             let (audit, _) = audit_log(&current).await?;
             let registrations = active_registrations(&current).await?;
-            let d = diff::diff(&current, &new, &registrations, &audit, crate::clock::now())
-                .map_err(usage)?;
+            let now = crate::clock::now();
+            let d = diff::diff(&current, &new, &own, &registrations, &audit, now).map_err(usage)?;
             if format == Format::Json {
-                println!("{}", serde_json::to_string(&d).unwrap_or_default());
+                out!("{}", serde_json::to_string(&d).unwrap_or_default());
             } else {
-                print!("{}", diff::render_text(&d));
+                out!("{}", diff::render_text(&d).trim_end());
             }
             Ok(())
         }
@@ -523,13 +567,20 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
             )
             .map_err(usage)?;
             if format == Format::Json {
-                println!("{v}");
+                out!("{v}");
             } else {
-                print!("{}", explain::render_text(&v));
+                out!("{}", explain::render_text(&v).trim_end());
             }
             Ok(())
         }
-        Command::Policy(PolicyCmd::Lint { config, format }) => {
+        Command::Policy(PolicyCmd::Lint {
+            config,
+            positional,
+            format,
+        }) => {
+            let config = config
+                .or(positional)
+                .ok_or_else(|| usage("policy lint: give --config CONFIG"))?;
             let (cfg_result, findings) = match Config::parse(&config) {
                 Ok(cfg) => (Ok(()), cfg.validate(crate::clock::now())),
                 Err(e) => (Err(e.0), Vec::new()),
@@ -544,16 +595,16 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
                 if let Err(e) = &cfg_result {
                     items.push(json!({"severity": "error", "key": null, "message": e}));
                 }
-                println!("{}", json!({"findings": items}));
+                out!("{}", json!({"findings": items}));
             } else {
                 if let Err(e) = &cfg_result {
-                    println!("error: {e}");
+                    out!("error: {e}");
                 }
                 for f in &findings {
-                    println!("{f}");
+                    out!("{f}");
                 }
                 if findings.is_empty() && cfg_result.is_ok() {
-                    println!("clean");
+                    out!("clean");
                 }
             }
             if errors {
@@ -590,7 +641,7 @@ fn ceremony(path: &Path) -> Result<(), Fail> {
     };
     match ceremony::run(&cfg, &pins, &hash) {
         Ok(t) => {
-            print!("{}", t.summary());
+            out!("{}", t.summary().trim_end());
             Ok(())
         }
         Err(ecs_ca_backends::Error::Config(m)) => Err(usage(format!("{}: {m}", path.display()))),
@@ -599,7 +650,7 @@ fn ceremony(path: &Path) -> Result<(), Fail> {
 }
 
 async fn run_ees(cmd: EesCmd) -> Result<(), Fail> {
-    let print = |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    let print = |v: &Value| out!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     match cmd {
         EesCmd::Register {
             url,
@@ -615,7 +666,16 @@ async fn run_ees(cmd: EesCmd) -> Result<(), Fail> {
             exp_time,
             secret_token,
             out,
+            force,
         } => {
+            // A live registration's key is never overwritten by accident.
+            if !force && out.join("key.pem").exists() {
+                return Err(usage(format!(
+                    "--out {}: holds an EES key (key.pem); choose another folder, or --force \
+                     to replace it",
+                    out.display()
+                )));
+            }
             let token = match (token, token_file) {
                 (Some(t), _) => t,
                 (None, Some(f)) => std::fs::read_to_string(&f)
@@ -652,13 +712,13 @@ async fn run_ees(cmd: EesCmd) -> Result<(), Fail> {
             })
             .await
             .map_err(other)?;
-            println!(
+            out!(
                 "registered {}",
                 state["registrationId"].as_str().unwrap_or("")
             );
-            println!("location   {}", state["location"].as_str().unwrap_or(""));
-            println!("expires    {}", state["expTime"].as_str().unwrap_or(""));
-            println!(
+            out!("location   {}", state["location"].as_str().unwrap_or(""));
+            out!("expires    {}", state["expTime"].as_str().unwrap_or(""));
+            out!(
                 "saved      {}/{{key,cert,chain,ca}}.pem, registration.json",
                 out.display()
             );
@@ -683,16 +743,15 @@ async fn run_ees(cmd: EesCmd) -> Result<(), Fail> {
             .map_err(other),
         EesCmd::Deregister(d) => ees::deregister(&d.dir)
             .await
-            .map(|_| println!("deregistered"))
+            .map(|_| out!("deregistered"))
             .map_err(other),
     }
 }
 
 /// Where a command reads the store: the store itself when no daemon holds it, the running
-/// daemon's control socket when one does (an embedded store admits one process), or nothing
-/// when no daemon ever ran with this configuration.
+/// daemon's control socket when one does (an embedded store admits one process). A store
+/// that does not exist is refused.
 enum StoreAccess {
-    Empty,
     Direct(std::sync::Arc<dyn crate::store::Store>),
     Daemon {
         socket: PathBuf,
@@ -703,8 +762,14 @@ enum StoreAccess {
 
 impl StoreAccess {
     fn open(cfg: &Config) -> Result<Self, Fail> {
+        // A wrong storage.path is not an empty store: saying "0 records, intact" there
+        // would vouch for nothing.
         if !cfg.storage.path.exists() {
-            return Ok(StoreAccess::Empty);
+            return Err(usage(format!(
+                "storage.path {}: no store there; give the daemon's configuration (a new ECS \
+                 has its store once it has started)",
+                cfg.storage.path.display()
+            )));
         }
         match store::open(&cfg.storage) {
             Ok(s) => Ok(StoreAccess::Direct(s)),
@@ -748,7 +813,6 @@ impl StoreAccess {
     /// The audit log and its head.
     async fn audit_log(&self) -> Result<(Vec<AuditRecord>, (u64, String)), Fail> {
         match self {
-            StoreAccess::Empty => Ok((Vec::new(), (0, crate::audit::GENESIS_HASH.to_string()))),
             StoreAccess::Direct(s) => {
                 let records = store::all_audit_records(s.as_ref())
                     .await
@@ -789,7 +853,6 @@ impl StoreAccess {
         &self,
     ) -> Result<Vec<(crate::store::RegistrationRecord, crate::store::CertRecord)>, Fail> {
         match self {
-            StoreAccess::Empty => Ok(Vec::new()),
             StoreAccess::Direct(s) => store::all_active_registrations(s.as_ref())
                 .await
                 .map_err(|e| other(e.to_string())),
@@ -914,7 +977,7 @@ async fn run_audit(cmd: AuditCmd) -> Result<(), Fail> {
                 }
                 None => ", no checkpoints configured (audit.checkpoint_key)".into(),
             };
-            println!(
+            out!(
                 "audit log intact: {n} records, head {}{checkpoints}",
                 head.1
             );
@@ -945,10 +1008,10 @@ async fn run_audit(cmd: AuditCmd) -> Result<(), Fail> {
                     }
                 }
                 if format == Format::Json {
-                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    out!("{}", serde_json::to_string(&r).unwrap_or_default());
                 } else {
                     let e = &r.event;
-                    println!(
+                    out!(
                         "{:>6} {} {:<10} {:<8} {:>3} {:<24} ees={} reg={} client={}",
                         r.seq,
                         e.time,

@@ -1,5 +1,6 @@
 //! `ecsd store backup` and `ecsd store restore`.
 
+use super::out;
 use super::{Fail, StoreAccess, load, other, usage};
 use crate::store::backup;
 use clap::Subcommand;
@@ -44,7 +45,7 @@ pub async fn run(cmd: StoreCmd) -> Result<(), Fail> {
                 Ok((counts, _)) => {
                     std::fs::rename(&partial, &out)
                         .map_err(|e| other(format!("{}: {e}", out.display())))?;
-                    println!("backup {}: {counts}", out.display());
+                    out!("backup {}: {counts}", out.display());
                     Ok(())
                 }
                 Err(e) => {
@@ -61,7 +62,7 @@ pub async fn run(cmd: StoreCmd) -> Result<(), Fail> {
             let counts = crate::store::restore_into(&cfg.storage, &from)
                 .await
                 .map_err(other)?;
-            println!(
+            out!(
                 "restored into {} ({}): {counts}",
                 cfg.storage.path.display(),
                 cfg.storage.kind.name()
@@ -86,10 +87,6 @@ async fn write_backup(cfg: &crate::config::Config, to: &Path) -> Result<(), Fail
         .await
         .map_err(|e| other(format!("{}: {e}", to.display())))?;
     match StoreAccess::open(cfg)? {
-        StoreAccess::Empty => Err(other(format!(
-            "storage.path {}: no store there; nothing to back up",
-            cfg.storage.path.display()
-        ))),
         StoreAccess::Direct(store) => {
             backup::write(store.as_ref(), cfg.storage.kind.name(), &mut file)
                 .await
