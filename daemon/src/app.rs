@@ -280,12 +280,21 @@ impl Drop for Reservation<'_> {
     }
 }
 
+/// Why `ecsd serve` stopped before it served.
+#[derive(Debug)]
+pub enum StartError {
+    /// The configuration, or a file it names, is at fault (exit status 2).
+    Config(String),
+    /// Anything else: the store, a port in use, the system (exit status 1).
+    Other(String),
+}
+
 impl App {
     /// Builds the ECS from a loaded configuration: loads and checks every backend's key
     /// against its certificate, loads the token issuers' keys and the policy, and only then
     /// opens the store, so that a configuration at fault leaves nothing behind.
-    pub async fn build(cfg: Config) -> Result<Arc<App>, crate::serve::StartError> {
-        use crate::serve::StartError::Config as Fault;
+    pub async fn build(cfg: Config) -> Result<Arc<App>, StartError> {
+        use StartError::Config as Fault;
         let (backends, roots) = crate::backends::load_all(&cfg).map_err(Fault)?;
         let tokens = TokenVerifier::from_config(&cfg).await.map_err(Fault)?;
         let policy = Policy::load(&cfg, &roots).map_err(Fault)?;
@@ -306,7 +315,7 @@ impl App {
             None => None,
         };
         let store = crate::store::open(&cfg.storage)
-            .map_err(|e| crate::serve::StartError::Other(format!("storage.path: {e}")))?;
+            .map_err(|e| StartError::Other(format!("storage.path: {e}")))?;
         Ok(Arc::new(App {
             own_names,
             third_party_verdicts: VerdictCache::default(),

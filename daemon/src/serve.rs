@@ -1,6 +1,7 @@
 //! `ecsd serve`: start everything, run until SIGTERM or SIGINT, stop cleanly.
 
 use crate::app::App;
+pub use crate::app::StartError;
 use crate::config::Config;
 use crate::http::{admin, api, tls};
 use crate::registration;
@@ -8,15 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-
-/// Why `ecsd serve` stopped before it served.
-#[derive(Debug)]
-pub enum StartError {
-    /// The configuration, or a file it names, is at fault (exit status 2).
-    Config(String),
-    /// Anything else: the store, a port in use, the system (exit status 1).
-    Other(String),
-}
 
 /// Runs the daemon on a loaded configuration.
 pub async fn serve(cfg: Config) -> Result<(), StartError> {
