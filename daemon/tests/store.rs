@@ -296,3 +296,38 @@ async fn a_full_disk_answers_503_and_recovers_when_space_is_freed() {
     );
     assert!(ecs.terminate().success());
 }
+
+/// A backup whose reader goes away mid-way gives its snapshot back. With sled the snapshot
+/// holds the commit lock, so a backup left hanging would stop every registration.
+#[tokio::test]
+async fn a_backup_reader_that_goes_away_releases_the_store() {
+    let mut ecs = Ecs::start_with(|text| {
+        *text = text.replace(
+            "kind = \"sqlite\"\npath = \"data/ecs.db\"",
+            "kind = \"sled\"\npath = \"data/ecs.sled\"",
+        );
+    });
+    assert!(ecs.terminate().success());
+    // Enough registrations that the backup outgrows every buffer between store and socket.
+    let (ok, out) = run(&["bench", "--prefill", "1500"], &ecs.config_path());
+    assert!(ok, "{out}");
+    ecs.restart();
+    {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(ecs.control_socket()).unwrap();
+        s.write_all(b"GET /admin/v1/store/backup HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut first = [0u8; 4096];
+        let n = s.read(&mut first).unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    }
+    let registered = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        ecs.register("ees-after-backup.ecsp.example"),
+    )
+    .await;
+    assert!(
+        registered.is_ok(),
+        "registrations wait on a backup that nobody reads"
+    );
+}

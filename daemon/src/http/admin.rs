@@ -70,12 +70,14 @@ fn backup(app: Arc<App>) -> Response<Streamed> {
     tokio::spawn(async move {
         let (mut writer, mut reader) = tokio::io::duplex(1 << 16);
         let engine = app.cfg.storage.kind.name();
-        let write = async {
+        let write = async move {
             let r = crate::store::backup::write(app.store.as_ref(), engine, &mut writer).await;
             drop(writer);
             r
         };
-        let forward = async {
+        // Owns the reading half: when the client goes away it is dropped, the writer's next
+        // write fails, and the snapshot (a read transaction, or sled's commit lock) ends.
+        let forward = async move {
             use tokio::io::AsyncReadExt;
             let mut buf = vec![0u8; 1 << 16];
             loop {

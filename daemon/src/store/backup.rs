@@ -95,7 +95,7 @@ pub async fn write(
     engine: &str,
     out: &mut (dyn AsyncWrite + Unpin + Send),
 ) -> Result<Counts, String> {
-    let (sink, mut items) = tokio::sync::mpsc::channel(256);
+    let (sink, items) = tokio::sync::mpsc::channel(256);
     let dump = store.backup(sink);
     let mut digest = Digest::new();
     let mut counts = Counts::default();
@@ -116,6 +116,9 @@ pub async fn write(
         },
     );
     let write_items = async {
+        // Owned here: if writing fails, the channel closes and the dump stops with it
+        // (instead of waiting on a full channel while it holds its snapshot).
+        let mut items = items;
         while let Some(item) = items.recv().await {
             counts.add(&item);
             line(&mut buf, &Line::Item(Box::new(item)));
