@@ -35,7 +35,7 @@ pub async fn serve(cfg: Config) -> Result<(), StartError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or(listen),
-        admin = ?app.cfg.server.admin_listen,
+        admin = app.cfg.server.admin_listen.as_deref().unwrap_or("(none)"),
         public_url = %app.cfg.server.public_url,
         "ecsd ready"
     );

@@ -453,6 +453,17 @@ async fn the_cli_behaves_as_scripts_expect() {
         .code();
     assert_eq!(code, Some(2));
 
+    // Every audit command speaks JSON for scripts.
+    let (ok, text) = output(
+        ecsd()
+            .args(["audit", "verify", "--format", "json", "--config"])
+            .arg(ecs.config_path()),
+    );
+    assert!(ok, "{text}");
+    let verdict: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(verdict["intact"], true);
+    assert!(verdict["records"].as_u64().unwrap() >= 30);
+
     // --log-format json: one JSON object per line.
     let (_, text) = output(
         ecsd()

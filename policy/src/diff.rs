@@ -26,7 +26,23 @@ pub struct RuleChange {
     pub detail: String,
 }
 
-fn set_change<T: PartialEq + fmt::Debug>(
+/// `a, b` for people; `none` for an empty list.
+fn listed<T: fmt::Display>(xs: &[&T]) -> String {
+    if xs.is_empty() {
+        return "none".into();
+    }
+    xs.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A value that may be absent, for people: the value, or `(none)`.
+fn shown<T: fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "(none)".into(), |v| v.to_string())
+}
+
+fn set_change<T: PartialEq + fmt::Display>(
     rule: String,
     old: &[T],
     new: &[T],
@@ -45,7 +61,7 @@ fn set_change<T: PartialEq + fmt::Debug>(
     Some(RuleChange {
         rule,
         change,
-        detail: format!("added {added:?}, removed {removed:?}"),
+        detail: format!("added {}; removed {}", listed(&added), listed(&removed)),
     })
 }
 
@@ -138,14 +154,18 @@ pub fn diff_domains(
             out.push(RuleChange {
                 rule: k("backend"),
                 change: ChangeKind::Changed,
-                detail: format!("{:?} → {:?}", o.backend, n.backend),
+                detail: format!(
+                    "{} → {}",
+                    shown(o.backend.as_ref()),
+                    shown(n.backend.as_ref())
+                ),
             });
         }
         if o.secret_token != n.secret_token {
             out.push(RuleChange {
                 rule: k("secret_token"),
                 change: ChangeKind::Changed,
-                detail: format!("{:?} → {:?}", o.secret_token, n.secret_token),
+                detail: format!("{} → {}", o.secret_token, n.secret_token),
             });
         }
         let (ot, nt) = (
@@ -196,11 +216,7 @@ pub fn diff_domains(
                 } else {
                     ChangeKind::Tightened
                 },
-                detail: format!(
-                    "{:?} → {:?}",
-                    ot.max_validity.map(|d| d.to_string()),
-                    nt.max_validity.map(|d| d.to_string())
-                ),
+                detail: format!("{} → {}", shown(ot.max_validity), shown(nt.max_validity)),
             });
         }
     }
@@ -242,5 +258,28 @@ mod diff_tests {
         assert_eq!(find("domains.a.key_types"), Some(ChangeKind::Tightened));
         assert_eq!(find("domains.b"), Some(ChangeKind::Removed));
         assert_eq!(find("domains.a.token_issuers"), None);
+    }
+
+    #[test]
+    fn details_are_written_for_people_not_as_rust_values() {
+        let old: std::collections::BTreeMap<String, DomainPolicy> = toml::from_str::<toml::Table>(
+            "[a]\nees_ids=[\"*.a\"]\n[a.third_party]\naccept=true\nmax_validity=\"398d\"\n",
+        )
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.try_into().unwrap()))
+        .collect();
+        let mut new = old.clone();
+        let a = new.get_mut("a").unwrap();
+        a.ees_ids = vec!["*.b".into()];
+        a.backend = Some("hsm".into());
+        a.secret_token = SecretTokenMode::Always;
+        a.third_party.as_mut().unwrap().max_validity = Some(PolicyDuration::from_secs(90 * 86_400));
+        let d = diff_domains(&old, &new);
+        let detail = |r: &str| d.iter().find(|c| c.rule == r).unwrap().detail.clone();
+        assert_eq!(detail("domains.a.ees_ids"), "added *.b; removed *.a");
+        assert_eq!(detail("domains.a.backend"), "(none) → hsm");
+        assert_eq!(detail("domains.a.secret_token"), "on_request → always");
+        assert_eq!(detail("domains.a.third_party.max_validity"), "398d → 90d");
     }
 }

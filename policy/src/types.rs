@@ -61,6 +61,16 @@ pub enum SecretTokenMode {
     Always,
 }
 
+impl fmt::Display for SecretTokenMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SecretTokenMode::Never => "never",
+            SecretTokenMode::OnRequest => "on_request",
+            SecretTokenMode::Always => "always",
+        })
+    }
+}
+
 /// Acceptance of third-party EES client certificates (`[domains.X.third_party]`).
 ///
 /// Parsed and validated here so that a configuration written for it is accepted; the

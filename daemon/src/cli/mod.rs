@@ -66,20 +66,25 @@ pub(crate) use out;
 pub enum Command {
     /// Run the daemon. Without --config: `init` ./ecs-data if it is empty, then serve from it.
     Serve {
+        /// The configuration file (TOML); default: ./ecs-data/ecs.toml, made on first start.
         #[arg(long)]
         config: Option<PathBuf>,
     },
     /// Write a complete, working configuration and its keys into DIR.
     Init {
+        /// The folder to write into; refused if it holds an ecs.toml.
         #[arg(long)]
         dir: PathBuf,
+        /// The EES-facing HTTPS listener (server.listen).
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: String,
         /// Defaults to https://LISTEN.
         #[arg(long)]
         public_url: Option<String>,
+        /// The probes-and-metrics listener (server.admin_listen).
         #[arg(long, default_value = "127.0.0.1:9443")]
         admin_listen: String,
+        /// The ECS's identifier: the audience onboarding tokens must name.
         #[arg(long, default_value = "ecs.mno.example")]
         ecs_id: String,
     },
@@ -101,6 +106,7 @@ pub enum Command {
         /// The ECS configuration whose development token issuer mints the tokens.
         #[arg(long)]
         config: PathBuf,
+        /// What to drive: the ECS's registration API, or cfssl's /api/v1/cfssl/sign.
         #[arg(long, default_value = "ecs")]
         target: BenchTarget,
         /// The ECS (https) or cfssl (http/https) base URL; default: the ECS's public_url.
@@ -109,12 +115,16 @@ pub enum Command {
         /// Trust roots for https; default: the configuration's root.pem.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// With --target cfssl: the signing profile to ask for.
         #[arg(long)]
         cfssl_profile: Option<String>,
+        /// How many registrations (each with its own EES ID, key and token).
         #[arg(long, default_value_t = 2000)]
         requests: usize,
+        /// How many clients send at once.
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+        /// `reuse`: one keep-alive connection per client; `new`: a TLS handshake per request.
         #[arg(long, default_value = "reuse")]
         connections: BenchConnections,
         /// Stop after this long even if requests remain.
@@ -123,6 +133,7 @@ pub enum Command {
         /// The server's pid, for its CPU seconds and peak RSS.
         #[arg(long)]
         pid: Option<u32>,
+        /// `text` for people, `json` for scripts.
         #[arg(long, default_value = "text")]
         format: Format,
         /// Instead of driving a running ECS: store this many registrations directly in the
@@ -138,6 +149,7 @@ pub enum Command {
     Store(store_cmd::StoreCmd),
     /// A PKCS#11 key ceremony: one reviewed file in, verified artefacts and a transcript out.
     Ceremony {
+        /// The configuration file (TOML).
         #[arg(long)]
         config: PathBuf,
     },
@@ -148,12 +160,16 @@ pub enum TokenCmd {
     /// Print an onboarding token signed by a token issuer whose private key the
     /// configuration holds (the development issuer).
     Mint {
+        /// The configuration whose development token issuer signs.
         #[arg(long)]
         config: PathBuf,
+        /// The EES ID the token is for (its `sub`).
         #[arg(long)]
         ees_id: String,
+        /// The ECSP domain (`provId`) the token names, if any.
         #[arg(long)]
         prov_id: Option<String>,
+        /// How long the token is valid.
         #[arg(long, default_value = "10m")]
         ttl: PolicyDuration,
         /// The [token_issuers.NAME] to sign as; default: the only one with a private_key.
@@ -184,10 +200,13 @@ pub enum EesCmd {
         /// The onboarding token (or --token-file).
         #[arg(long, conflicts_with = "token_file")]
         token: Option<String>,
+        /// A file holding the onboarding token (kept out of `ps`, unlike --token).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// The EES ID to register.
         #[arg(long)]
         ees_id: String,
+        /// The ECSP domain (`eesProf.provId`), if any.
         #[arg(long)]
         prov_id: Option<String>,
         /// The EES endpoint: an FQDN (default: the EES ID when it is one) ...
@@ -222,6 +241,7 @@ pub enum EesCmd {
     Update {
         #[command(flatten)]
         dir: EesDir,
+        /// A new expTime to propose (RFC 3339).
         #[arg(long)]
         exp_time: Option<String>,
     },
@@ -241,16 +261,22 @@ pub enum EesCmd {
 pub enum AuditCmd {
     /// Recompute the hash chain; exit 1 naming the first broken record.
     Verify {
+        /// The configuration file (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// `text` for people, `json` for scripts.
+        #[arg(long, default_value = "text")]
+        format: Format,
     },
     /// Print audit records.
     Export {
+        /// The configuration file (TOML).
         #[arg(long)]
         config: PathBuf,
         /// Only records at or after this RFC 3339 time.
         #[arg(long)]
         since: Option<String>,
+        /// `text` for people, `json` for scripts.
         #[arg(long, default_value = "text")]
         format: Format,
     },
@@ -266,25 +292,32 @@ pub enum PolicyCmd {
         /// The configuration given without --config (the older form, kept).
         #[arg(value_name = "CONFIG", id = "positional", hide = true)]
         positional: Option<PathBuf>,
+        /// `text` for people, `json` for scripts.
         #[arg(long, default_value = "text")]
         format: Format,
     },
     /// What a proposed policy changes: rules, and against CURRENT's store the registrations
     /// it would no longer admit and the recorded refusals it would now admit.
     Diff {
+        /// The configuration file (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// The proposed configuration, compared with --config.
         #[arg(long)]
         proposed: PathBuf,
+        /// `text` for people, `json` for scripts.
         #[arg(long, default_value = "text")]
         format: Format,
     },
     /// The decision for one case, with every rule evaluated in order.
     Explain {
+        /// The configuration file (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// The ECSP domain whose policy decides.
         #[arg(long)]
         domain: String,
+        /// The EES ID of the case.
         #[arg(long)]
         ees_id: Option<String>,
         /// An onboarding token (read for iss, sub and provId; not verified).
@@ -306,6 +339,7 @@ pub enum PolicyCmd {
         /// The decision time (RFC 3339); default now.
         #[arg(long)]
         at: Option<String>,
+        /// `text` for people, `json` for scripts.
         #[arg(long, default_value = "text")]
         format: Format,
     },
@@ -956,7 +990,7 @@ async fn control_download(
 
 async fn run_audit(cmd: AuditCmd) -> Result<(), Fail> {
     match cmd {
-        AuditCmd::Verify { config } => {
+        AuditCmd::Verify { config, format } => {
             let cfg = load(&config)?;
             let (records, head) = audit_log(&cfg).await?;
             let n = verify_chain(&records, (head.0, &head.1)).map_err(|b| {
@@ -973,14 +1007,25 @@ async fn run_audit(cmd: AuditCmd) -> Result<(), Fail> {
                     let log = checkpoint::read_log(&cfg.audit.checkpoint_log).map_err(other)?;
                     let k = checkpoint::verify(&records, &log, &spki)
                         .map_err(|e| other(format!("audit log broken at {e}")))?;
-                    format!(", extends {k} signed checkpoints")
+                    Some(k)
                 }
-                None => ", no checkpoints configured (audit.checkpoint_key)".into(),
+                None => None,
             };
-            out!(
-                "audit log intact: {n} records, head {}{checkpoints}",
-                head.1
-            );
+            if format == Format::Json {
+                out!(
+                    "{}",
+                    json!({"intact": true, "records": n, "head": head.1, "checkpoints": checkpoints})
+                );
+            } else {
+                let checkpoints = match checkpoints {
+                    Some(k) => format!(", extends {k} signed checkpoints"),
+                    None => ", no checkpoints configured (audit.checkpoint_key)".into(),
+                };
+                out!(
+                    "audit log intact: {n} records, head {}{checkpoints}",
+                    head.1
+                );
+            }
             Ok(())
         }
         AuditCmd::Export {
@@ -1027,5 +1072,37 @@ async fn run_audit(cmd: AuditCmd) -> Result<(), Fail> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn missing(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if id == "help" || id == "version" || a.is_hide_set() {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                out.push(format!("{path} --{id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            missing(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_has_help_text() {
+        let mut out = Vec::new();
+        missing(&Cli::command(), "ecsd", &mut out);
+        assert!(
+            out.is_empty(),
+            "flags without --help text:\n{}",
+            out.join("\n")
+        );
     }
 }

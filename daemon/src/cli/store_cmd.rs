@@ -11,6 +11,7 @@ pub enum StoreCmd {
     /// Write a consistent copy of the whole store (registrations, certificates, spent token
     /// IDs, CRL numbers, audit log) to a new file, whether the daemon runs or not.
     Backup {
+        /// The configuration file (TOML).
         #[arg(long)]
         config: PathBuf,
         /// The backup file to write; it must not exist yet.
@@ -20,6 +21,7 @@ pub enum StoreCmd {
     /// Load a backup into the empty store of CONFIG, of any kind (also the way from one
     /// engine to another); refuses a store that holds anything, and a damaged backup.
     Restore {
+        /// The configuration file (TOML).
         #[arg(long)]
         config: PathBuf,
         /// The backup file, as `store backup` wrote it.
