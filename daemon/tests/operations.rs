@@ -453,6 +453,23 @@ async fn the_cli_behaves_as_scripts_expect() {
         .code();
     assert_eq!(code, Some(2));
 
+    // A second daemon on the same store is told, in words, who holds it.
+    let (ok, text) = output(
+        ecsd()
+            .args(["serve", "--config"])
+            .arg(ecs.config_path())
+            .env("ECS__SERVER__LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env(
+                "ECS__SERVER__ADMIN_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+    );
+    assert!(
+        !ok && text.contains("another ecsd holds the store"),
+        "{text}"
+    );
+    assert!(!text.contains("WouldBlock"), "{text}");
+
     // Every audit command speaks JSON for scripts.
     let (ok, text) = output(
         ecsd()
