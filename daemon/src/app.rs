@@ -314,6 +314,19 @@ impl App {
             )),
             None => None,
         };
+        let metrics = Metrics::new();
+        let names: Vec<&str> = backends.keys().map(String::as_str).collect();
+        metrics.prime(&names);
+        for (name, b) in &backends {
+            if let Some(ca) = b.issuer.chain_der().first()
+                && let Ok(facts) = ecs_ca_backends::chain::leaf_facts(ca)
+            {
+                metrics
+                    .ca_not_after
+                    .with_label_values(&[name])
+                    .set(facts.not_after);
+            }
+        }
         let store = crate::store::open(&cfg.storage)
             .map_err(|e| StartError::Other(format!("storage.path: {e}")))?;
         Ok(Arc::new(App {
@@ -329,7 +342,7 @@ impl App {
             roots,
             limiters,
             signing,
-            metrics: Metrics::new(),
+            metrics,
             inflight: Mutex::new(HashSet::new()),
             registration_locks: Mutex::new(std::collections::HashMap::new()),
         }))
@@ -363,6 +376,18 @@ impl App {
         *last = seq;
         tracing::info!(seq, head = %head, "audit checkpoint signed");
         Ok(Some(c))
+    }
+
+    /// A backend's current CRL (signed again once half its validity has passed), its
+    /// nextUpdate kept in `ecs_crl_next_update_seconds`.
+    pub async fn crl(&self, b: &Backend) -> Result<Arc<Vec<u8>>, crate::problem::ApiError> {
+        let validity = self.cfg.server.crl_validity.as_secs() as i64;
+        let (der, next_update) = b.crl(&self.store, validity).await?;
+        self.metrics
+            .crl_next_update
+            .with_label_values(&[&b.name])
+            .set(next_update);
+        Ok(der)
     }
 
     pub fn backend(&self, name: &str) -> Option<&Arc<Backend>> {

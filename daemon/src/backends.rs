@@ -41,18 +41,19 @@ impl Backend {
         *self.crl.lock().await = None;
     }
 
-    /// The current CRL: cached, or freshly signed with the next CRL number.
+    /// The current CRL and its nextUpdate: cached, or freshly signed with the next CRL
+    /// number once half its validity has passed.
     pub async fn crl(
         &self,
         store: &Arc<dyn Store>,
         validity: i64,
-    ) -> Result<Arc<Vec<u8>>, crate::problem::ApiError> {
+    ) -> Result<(Arc<Vec<u8>>, i64), crate::problem::ApiError> {
         let mut cache = self.crl.lock().await;
         let now = now();
         if let Some(c) = cache.as_ref()
             && now < c.this_update + validity / 2
         {
-            return Ok(c.der.clone());
+            return Ok((c.der.clone(), c.this_update + validity));
         }
         let revoked: Vec<RevokedEntry> = store
             .revoked(&self.name)
@@ -78,7 +79,7 @@ impl Backend {
             der: der.clone(),
             this_update: now,
         });
-        Ok(der)
+        Ok((der, now + validity))
     }
 }
 

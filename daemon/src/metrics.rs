@@ -19,6 +19,14 @@ pub struct Metrics {
     pub audit_refusals_aggregated: prometheus::IntCounter,
     /// 1 when a backend can sign, 0 while it is probing or failed.
     pub backend_ready: IntGaugeVec,
+    /// Always 1; its label says which build runs.
+    pub build_info: IntGaugeVec,
+    /// When each backend's issuing CA certificate expires (Unix seconds).
+    pub ca_not_after: IntGaugeVec,
+    /// When each published CRL's nextUpdate falls (Unix seconds): alert well before it.
+    pub crl_next_update: IntGaugeVec,
+    /// When the server certificate in use expires (Unix seconds).
+    pub server_cert_not_after: IntGauge,
 }
 
 impl Metrics {
@@ -59,8 +67,41 @@ impl Metrics {
             &["backend"],
         )
         .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "ecs_build_info",
+                "Always 1; the labels name the running build",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        let ca_not_after = IntGaugeVec::new(
+            Opts::new(
+                "ecs_issuing_ca_not_after_seconds",
+                "When the backend's issuing CA certificate expires (Unix time)",
+            ),
+            &["backend"],
+        )
+        .expect("valid metric");
+        let crl_next_update = IntGaugeVec::new(
+            Opts::new(
+                "ecs_crl_next_update_seconds",
+                "The nextUpdate of the backend's published CRL (Unix time)",
+            ),
+            &["backend"],
+        )
+        .expect("valid metric");
+        let server_cert_not_after = IntGauge::new(
+            "ecs_server_certificate_not_after_seconds",
+            "When the TLS server certificate in use expires (Unix time)",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(backend_ready.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(build_info.clone()),
+            Box::new(ca_not_after.clone()),
+            Box::new(crl_next_update.clone()),
+            Box::new(server_cert_not_after.clone()),
             Box::new(requests.clone()),
             Box::new(issuance_seconds.clone()),
             Box::new(backend_errors.clone()),
@@ -77,6 +118,35 @@ impl Metrics {
             active_registrations,
             audit_refusals_aggregated,
             backend_ready,
+            build_info,
+            ca_not_after,
+            crl_next_update,
+            server_cert_not_after,
+        }
+    }
+
+    /// Gives every series with known labels its zero at start, so that `rate()` and
+    /// `absent()` alerts see the series before the first event: the build, each backend's
+    /// errors, issuance times and readiness, and each operation's accepted requests.
+    pub fn prime(&self, backends: &[&str]) {
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for b in backends {
+            self.backend_errors.with_label_values(&[b]);
+            self.issuance_seconds.with_label_values(&[b]);
+            self.backend_ready.with_label_values(&[b]);
+        }
+        use crate::audit::Action;
+        for a in [
+            Action::Register,
+            Action::Get,
+            Action::Update,
+            Action::Rekey,
+            Action::Patch,
+            Action::Deregister,
+        ] {
+            self.requests.with_label_values(&[a.name(), "accepted", ""]);
         }
     }
 

@@ -16,6 +16,11 @@ pub async fn serve(cfg: Config) -> Result<(), StartError> {
     let identity = tls::server_identity(&app)
         .await
         .map_err(StartError::Config)?;
+    if let Some(leaf) = identity.chain.first()
+        && let Ok(facts) = ecs_ca_backends::chain::leaf_facts(leaf)
+    {
+        app.metrics.server_cert_not_after.set(facts.not_after);
+    }
     let tls_config = tls::server_config(identity).map_err(StartError::Config)?;
     let listen = app.cfg.server.listen.clone();
     let listener = TcpListener::bind(&listen)
@@ -52,6 +57,7 @@ pub async fn serve(cfg: Config) -> Result<(), StartError> {
     let sweeper = tokio::spawn(sweep_loop(app.clone(), stop_rx.clone()));
     let checkpointer = tokio::spawn(checkpoint_loop(app.clone(), stop_rx.clone()));
     tokio::spawn(probe_loop(app.clone(), stop_rx.clone()));
+    tokio::spawn(crl_loop(app.clone(), stop_rx.clone()));
     tokio::spawn(reload_on_sighup(app.clone()));
 
     wait_for_signal().await;
@@ -160,6 +166,28 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             Ok(0) => {}
             Ok(n) => tracing::info!(expired = n, "sweep expired registrations"),
             Err(e) => tracing::warn!(cause = e.cause.code(), detail = %e.detail, "sweep failed"),
+        }
+    }
+}
+
+/// Publishes each backend's CRL at start and signs it again on a schedule, so that the
+/// published CRL never goes stale when nobody fetches it: every quarter of its validity,
+/// a CRL past half its validity is re-signed (`App::crl`).
+async fn crl_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_secs((app.cfg.server.crl_validity.as_secs() / 4).max(1));
+    loop {
+        for b in app.backends.values() {
+            if !b.issuer.revocation_published() {
+                continue;
+            }
+            if let Err(e) = app.crl(b).await {
+                tracing::warn!(backend = %b.name, cause = e.cause.code(), detail = %e.detail,
+                    "CRL not signed; the next attempt follows");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
         }
     }
 }

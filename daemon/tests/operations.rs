@@ -1086,3 +1086,67 @@ async fn the_admin_api_is_a_private_socket_and_tcp_serves_only_probes() {
         eprintln!("the socket as another user: skipped: it needs root");
     }
 }
+
+/// Issue "operating it for real", item 4: what an operator alerts on exists from the start,
+/// zero where nothing happened yet, and a re-key is counted as a re-key.
+#[tokio::test]
+async fn metrics_exist_from_the_start_and_name_what_happened() {
+    let ecs = Ecs::start();
+    let (status, text) = admin_get(ecs.admin_port, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for series in [
+        r#"ecs_backend_errors_total{backend="soft"} 0"#,
+        r#"ecs_backend_ready{backend="soft"}"#,
+        r#"ecs_registration_requests_total{action="rekey",cause="",outcome="accepted"} 0"#,
+        r#"ecs_build_info{version=""#,
+        r#"ecs_issuing_ca_not_after_seconds{backend="soft"}"#,
+        // Published at start, without anyone fetching it.
+        r#"ecs_crl_next_update_seconds{backend="soft"}"#,
+        "ecs_server_certificate_not_after_seconds",
+    ] {
+        assert!(text.contains(series), "missing {series}:\n{text}");
+    }
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    let now = now() as f64;
+    assert!(value(&text, "ecs_crl_next_update_seconds") > now);
+    assert!(value(&text, "ecs_issuing_ca_not_after_seconds") > now);
+    assert!(value(&text, "ecs_server_certificate_not_after_seconds") > now);
+
+    // A re-key (PUT with a CSR) is counted as `rekey`, not as `update`.
+    let ees = ecs.register("ees-metrics.ecsp.example").await;
+    let key = Key::new();
+    let body = serde_json::json!({
+        "eesProf": ees.body["eesProf"],
+        "onboarding": { "csr": key.csr("ees-metrics.ecsp.example") },
+    });
+    let r = ecs
+        .client_as(&ees)
+        .request(
+            "PUT",
+            &ees.location,
+            &[("content-type", "application/json")],
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let (_, text) = admin_get(ecs.admin_port, "/metrics").unwrap();
+    assert!(
+        text.contains(
+            r#"ecs_registration_requests_total{action="rekey",cause="",outcome="accepted"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"ecs_registration_requests_total{action="update",cause="",outcome="accepted"} 0"#
+        ),
+        "{text}"
+    );
+}

@@ -237,9 +237,7 @@ async fn route(
                 ),
             ));
         }
-        let crl = b
-            .crl(&app.store, app.cfg.server.crl_validity.as_secs() as i64)
-            .await?;
+        let crl = app.crl(&b).await?;
         let mut r = response(200, "application/pkix-crl", crl.to_vec());
         r.headers_mut().insert(
             hyper::header::CACHE_CONTROL,

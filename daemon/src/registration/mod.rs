@@ -138,6 +138,8 @@ where
     {
         let _ = g.check(&ip, Instant::now());
     }
+    // Counted as what it turned out to be (a PUT with a CSR is a re-key, not an update).
+    let action = facts.action;
     match &result {
         Ok(_) => {
             app.metrics
