@@ -280,13 +280,8 @@ async fn sigterm_stops_cleanly_and_state_survives() {
 
 #[test]
 fn configuration_faults_stop_the_start_with_one_line_naming_the_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let status = ecsd()
-        .args(["init", "--dir"])
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let init = initialised();
+    let dir = &init.dir;
     let cfg = dir.path().join("ecs.toml");
     let good = std::fs::read_to_string(&cfg).unwrap();
     let cases = [

@@ -131,16 +131,8 @@ fn the_example_configuration_lints_clean_and_explains_its_decisions() {
 
 #[test]
 fn lint_names_every_problem_an_auditor_wants() {
-    let dir = tempfile::tempdir().unwrap();
-    assert!(
-        ecsd()
-            .args(["init", "--dir"])
-            .arg(dir.path())
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    let init = initialised();
+    let dir = &init.dir;
     let leaf = dir.path().join("leaf.pem");
     let (ok, out) = openssl(
         &[
@@ -431,13 +423,8 @@ async fn a_reload_is_applied_whole_or_refused_and_changes_apply_the_new_policy()
 /// when it cannot read them it says so, instead of taking them as none.
 #[test]
 fn diff_says_when_it_cannot_read_the_proposed_ecss_own_names() {
-    let dir = tempfile::tempdir().unwrap();
-    let status = ecsd()
-        .args(["init", "--dir"])
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let init = initialised();
+    let dir = &init.dir;
     let current = dir.path().join("ecs.toml");
     let text = std::fs::read_to_string(&current).unwrap();
     let proposed = dir.path().join("proposed.toml");

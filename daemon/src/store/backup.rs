@@ -80,10 +80,7 @@ impl Digest {
     }
 
     fn next(&mut self, json: &str) -> &str {
-        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        ctx.update(self.0.as_bytes());
-        ctx.update(json.as_bytes());
-        self.0 = hex::encode(ctx.finish());
+        self.0 = ecs_ca_backends::sha256_hex(format!("{}{json}", self.0).as_bytes());
         &self.0
     }
 }

@@ -26,6 +26,12 @@ pub fn ecsd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ecsd"))
 }
 
+/// `ecsd init` into a new temporary folder, not started: for the commands that read a
+/// configuration (lint, diff, explain) and for starts that must fail.
+pub fn initialised() -> Daemon {
+    Daemon::init(env!("CARGO_BIN_EXE_ecsd"), None)
+}
+
 /// A running ECS: the one harness's [`Daemon`], with what the contract tests add.
 pub struct Ecs {
     d: Daemon,
