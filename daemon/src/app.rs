@@ -328,7 +328,8 @@ impl App {
             }
         }
         let store = crate::store::open(&cfg.storage)
-            .map_err(|e| StartError::Other(format!("storage.path: {e}")))?;
+            .await
+            .map_err(|e| StartError::Other(format!("{}: {e}", cfg.storage.location_key())))?;
         Ok(Arc::new(App {
             own_names,
             third_party_verdicts: VerdictCache::default(),

@@ -14,6 +14,8 @@ use std::sync::Arc;
 struct CachedCrl {
     der: Arc<Vec<u8>>,
     this_update: i64,
+    /// How many revoked certificates it lists.
+    revoked: u64,
 }
 
 /// A configured signing backend with the issuer over it.
@@ -50,8 +52,17 @@ impl Backend {
     ) -> Result<(Arc<Vec<u8>>, i64), crate::problem::ApiError> {
         let mut cache = self.crl.lock().await;
         let now = now();
+        // A store that other replicas write too: a revocation made through any of them
+        // shows in the count, and the cached CRL no longer stands. (This process's own
+        // revocations invalidate the cache directly.)
+        let revoked_now = if store.shared() {
+            Some(store.revoked_count(&self.name).await?)
+        } else {
+            None
+        };
         if let Some(c) = cache.as_ref()
             && now < c.this_update + validity / 2
+            && revoked_now.is_none_or(|n| n == c.revoked)
         {
             return Ok((c.der.clone(), c.this_update + validity));
         }
@@ -65,6 +76,7 @@ impl Backend {
                 reason: r.reason,
             })
             .collect();
+        let listed = revoked.len() as u64;
         let number = store.next_crl_number(&self.name).await?;
         let issuer = self.issuer.clone();
         let der = tokio::task::spawn_blocking(move || {
@@ -78,6 +90,7 @@ impl Backend {
         *cache = Some(CachedCrl {
             der: der.clone(),
             this_update: now,
+            revoked: listed,
         });
         Ok((der, now + validity))
     }

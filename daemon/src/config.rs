@@ -240,6 +240,42 @@ pub struct StorageConfig {
     /// The store's page cache, MiB (sled's default is 1 GiB, which memory would grow to).
     #[serde(default = "default_cache_mib")]
     pub cache_mib: u64,
+    /// PostgreSQL: `postgres://USER@HOST[:PORT]/DATABASE` (no password in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// PostgreSQL: the password, as `env:NAME` or `file:PATH`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// PostgreSQL: present, TLS to the database, its certificate verified against this CA
+    /// bundle (PEM); absent, a plain connection (loopback or a private network only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// PostgreSQL: the most connections this replica opens for reads (the writer has its own).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
+impl StorageConfig {
+    /// Where the store is, for messages: the file or folder, or the database's URL.
+    pub fn location(&self) -> String {
+        match self.kind {
+            StorageKind::Postgres => self.url.clone().unwrap_or_default(),
+            StorageKind::Sqlite | StorageKind::Sled => self.path.display().to_string(),
+        }
+    }
+
+    /// The configuration key that says where the store is.
+    pub fn location_key(&self) -> &'static str {
+        if self.kind.embedded() {
+            "storage.path"
+        } else {
+            "storage.url"
+        }
+    }
 }
 
 fn default_cache_mib() -> u64 {
@@ -255,6 +291,8 @@ pub enum StorageKind {
     Sqlite,
     /// sled 0.34, a folder: kept for stores made before SQLite was the default.
     Sled,
+    /// A PostgreSQL database that several replicas share.
+    Postgres,
 }
 
 impl StorageKind {
@@ -263,6 +301,16 @@ impl StorageKind {
         match self {
             StorageKind::Sqlite => "sqlite",
             StorageKind::Sled => "sled",
+            StorageKind::Postgres => "postgres",
+        }
+    }
+
+    /// Whether one process holds the store (a file or folder on this machine), rather than
+    /// a database server that several replicas share.
+    pub fn embedded(self) -> bool {
+        match self {
+            StorageKind::Sqlite | StorageKind::Sled => true,
+            StorageKind::Postgres => false,
         }
     }
 }
@@ -276,6 +324,10 @@ impl Default for StorageConfig {
             kind: StorageKind::default(),
             path: default_storage_path(),
             cache_mib: default_cache_mib(),
+            url: None,
+            password: None,
+            tls_ca: None,
+            pool_size: default_pool_size(),
         }
     }
 }
@@ -512,6 +564,16 @@ impl Config {
             fix(p);
         }
         fix(&mut self.storage.path);
+        if let Some(p) = self.storage.tls_ca.as_mut() {
+            fix(p);
+        }
+        if let Some(spec) = self.storage.password.as_mut()
+            && let Some(file) = spec.strip_prefix("file:")
+        {
+            let mut p = PathBuf::from(file);
+            fix(&mut p);
+            *spec = format!("file:{}", p.display());
+        }
         fix(&mut self.audit.checkpoint_log);
         if let Some(p) = self.audit.checkpoint_key.as_mut() {
             fix(p);
@@ -581,6 +643,47 @@ impl Config {
                 "server.listen".into(),
                 format!("{:?} is not an address:port", self.server.listen),
             );
+        }
+        match self.storage.kind {
+            StorageKind::Postgres => match self.storage.url.as_deref() {
+                None => err(
+                    "storage.url".into(),
+                    "kind = \"postgres\" needs url = \"postgres://USER@HOST:PORT/DATABASE\"".into(),
+                ),
+                Some(u) => {
+                    if let Err(e) = u.parse::<tokio_postgres::Config>() {
+                        err("storage.url".into(), format!("{u:?}: {e}"));
+                    } else if u
+                        .parse::<tokio_postgres::Config>()
+                        .is_ok_and(|c| c.get_password().is_some())
+                    {
+                        err(
+                            "storage.url".into(),
+                            "holds a password: give it as storage.password = \"env:NAME\" or \"file:PATH\"".into(),
+                        );
+                    }
+                }
+            },
+            StorageKind::Sqlite | StorageKind::Sled => {
+                for (key, set) in [
+                    ("url", self.storage.url.is_some()),
+                    ("password", self.storage.password.is_some()),
+                    ("tls_ca", self.storage.tls_ca.is_some()),
+                ] {
+                    if set {
+                        err(
+                            format!("storage.{key}"),
+                            format!(
+                                "only for kind = \"postgres\" (this store is {})",
+                                self.storage.kind.name()
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if self.storage.pool_size == 0 {
+            err("storage.pool_size".into(), "must be at least 1".into());
         }
         if let Some(a) = &self.server.admin_listen
             && a.parse::<std::net::SocketAddr>().is_err()

@@ -242,6 +242,13 @@ impl From<StoreError> for ApiError {
                 Cause::EesAlreadyRegistered,
                 "an active registration exists for this eesId",
             ),
+            // What a request a moment later would have been told: its certificate is no
+            // longer the registration's current one (or the registration ended).
+            StoreError::Changed => ApiError::new(
+                Cause::NotRegistrationOwner,
+                "the registration changed meanwhile (re-keyed or ended through another \
+                 request): the client certificate is no longer its current one",
+            ),
             // The transaction did not commit: retrying later is safe, and nothing was kept.
             StoreError::Io(m) => {
                 tracing::error!(error = %m, "the store cannot commit");

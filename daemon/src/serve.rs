@@ -86,7 +86,7 @@ fn bind_control_socket(
     path: &std::path::Path,
     group: Option<&str>,
 ) -> Result<tokio::net::UnixListener, String> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
     let at = |e: std::io::Error| format!("server.admin_socket: {}: {e}", path.display());
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -102,6 +102,18 @@ fn bind_control_socket(
             ));
         }
         std::fs::remove_file(path).map_err(at)?;
+    }
+    // Its folder may not exist yet: beside a store on a database server, nothing else
+    // made it. Private to the daemon's user, like the socket.
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(at)?;
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(at)?;
     let mode = match group {

@@ -4,6 +4,8 @@
 //! contract tests (`daemon/tests`) and the SoftHSM tests wrap it with what they add.
 //! Built only with the `testing` feature: never part of a production binary.
 
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -102,12 +104,20 @@ impl Daemon {
             .status()
             .expect("ecsd runs");
         assert!(status.success(), "ecsd init failed");
+        let mut d = d;
+        // The contract suite once more on PostgreSQL (./scripts/test runs it so): each ECS
+        // gets a database of its own in this test process's private cluster.
+        if std::env::var("ECS_TEST_STORE").as_deref() == Ok("postgres") {
+            let pg = postgres::Postgres::shared();
+            let db = pg.create_database();
+            d.use_postgres(pg, &db);
+        }
         d
     }
 
-    /// The `ecsd` binary, as the daemon's user.
+    /// The `ecsd` binary, as the daemon's user, with the daemon's environment.
     pub fn command(&self) -> Command {
-        match self.run_as {
+        let mut c = match self.run_as {
             None => Command::new(&self.bin),
             Some(uid) => {
                 let mut c = Command::new("setpriv");
@@ -117,7 +127,55 @@ impl Daemon {
                     .arg(&self.bin);
                 c
             }
+        };
+        for (k, v) in &self.env {
+            c.env(k, v);
         }
+        c
+    }
+
+    /// Puts this ECS's store in `database` of a private PostgreSQL cluster, through the
+    /// environment overrides (`ECS__STORAGE__*`), for `serve` and every command alike.
+    pub fn use_postgres(&mut self, pg: &postgres::Postgres, database: &str) {
+        self.set_env("ECS__STORAGE__KIND", "postgres");
+        self.set_env("ECS__STORAGE__URL", pg.url(database));
+        self.set_env("ECS__STORAGE__PASSWORD", "env:ECS_TEST_DB_PASSWORD");
+        self.set_env("ECS_TEST_DB_PASSWORD", postgres::PASSWORD);
+    }
+
+    /// Another replica of this ECS: the same configuration, keys and store (a shared one:
+    /// PostgreSQL), in a folder of its own, listening on its own free ports. Not started.
+    pub fn replica(&self) -> Daemon {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", self.dir.path().display()))
+            .arg(dir.path())
+            .status();
+        assert!(copied.is_ok_and(|s| s.success()), "cp -a of the ECS folder");
+        let _ = std::fs::remove_dir_all(dir.path().join("data"));
+        let _ = std::fs::remove_file(dir.path().join("ecsd.log"));
+        let r = Daemon {
+            dir,
+            port: free_port(),
+            admin_port: free_port(),
+            bin: self.bin.clone(),
+            run_as: self.run_as,
+            env: self.env.clone(),
+            child: None,
+        };
+        r.edit_config(|t| {
+            *t = t
+                .replace(
+                    &format!("listen = \"127.0.0.1:{}\"", self.port),
+                    &format!("listen = \"127.0.0.1:{}\"", r.port),
+                )
+                .replace(
+                    &format!("admin_listen = \"127.0.0.1:{}\"", self.admin_port),
+                    &format!("admin_listen = \"127.0.0.1:{}\"", r.admin_port),
+                );
+        });
+        r
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -149,9 +207,6 @@ impl Daemon {
             .arg(self.config_path())
             .stdout(Stdio::null())
             .stderr(log);
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
         self.child = Some(c.spawn().expect("ecsd serve runs"));
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {

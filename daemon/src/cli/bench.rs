@@ -282,7 +282,9 @@ pub async fn prefill(
         .find(|(_, d)| cfg.domain_backend(d) == backend)
         .map(|(n, _)| n.clone())
         .unwrap_or_else(|| "default".into());
-    let store = crate::store::open(&cfg.storage).map_err(|e| e.to_string())?;
+    let store = crate::store::open(&cfg.storage)
+        .await
+        .map_err(|e| e.to_string())?;
     // One EES key for all: the key does not change what is stored.
     let ees_key =
         SoftwareKey::from_pkcs8_pem(&generate_p256_pkcs8_pem().map_err(|e| e.to_string())?)
@@ -348,6 +350,7 @@ pub async fn prefill(
         Ok(Commit {
             registration: Some(reg),
             claim_ees_id: !gone,
+            expect_current: None,
             revocations: if gone {
                 vec![(
                     cert.serial.clone(),

@@ -795,24 +795,25 @@ enum StoreAccess {
 }
 
 impl StoreAccess {
-    fn open(cfg: &Config) -> Result<Self, Fail> {
+    async fn open(cfg: &Config) -> Result<Self, Fail> {
         // A wrong storage.path is not an empty store: saying "0 records, intact" there
-        // would vouch for nothing.
-        if !cfg.storage.path.exists() {
+        // would vouch for nothing. (A database server is read directly, while replicas run.)
+        let key = cfg.storage.location_key();
+        if cfg.storage.kind.embedded() && !cfg.storage.path.exists() {
             return Err(usage(format!(
                 "storage.path {}: no store there; give the daemon's configuration (a new ECS \
                  has its store once it has started)",
                 cfg.storage.path.display()
             )));
         }
-        match store::open(&cfg.storage) {
+        match store::open(&cfg.storage).await {
             Ok(s) => Ok(StoreAccess::Direct(s)),
             Err(e @ store::StoreError::Locked(_)) => Ok(StoreAccess::Daemon {
                 socket: cfg.admin_socket_path(),
                 open_err: e.to_string(),
             }),
             // A damaged store, or another engine's: asking a daemon would not help.
-            Err(e) => Err(other(format!("storage.path: {e}"))),
+            Err(e) => Err(other(format!("{key}: {e}"))),
         }
     }
 
@@ -921,14 +922,14 @@ impl StoreAccess {
 
 /// Reads the audit log, wherever it is.
 async fn audit_log(cfg: &Config) -> Result<(Vec<AuditRecord>, (u64, String)), Fail> {
-    StoreAccess::open(cfg)?.audit_log().await
+    StoreAccess::open(cfg).await?.audit_log().await
 }
 
 /// Active registrations with their certificates, wherever they are.
 async fn active_registrations(
     cfg: &Config,
 ) -> Result<Vec<(crate::store::RegistrationRecord, crate::store::CertRecord)>, Fail> {
-    StoreAccess::open(cfg)?.active_registrations().await
+    StoreAccess::open(cfg).await?.active_registrations().await
 }
 
 /// A GET on the daemon's control socket: the response, its body still to be read.

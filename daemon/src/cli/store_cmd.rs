@@ -66,7 +66,7 @@ pub async fn run(cmd: StoreCmd) -> Result<(), Fail> {
                 .map_err(other)?;
             out!(
                 "restored into {} ({}): {counts}",
-                cfg.storage.path.display(),
+                cfg.storage.location(),
                 cfg.storage.kind.name()
             );
             Ok(())
@@ -88,7 +88,7 @@ async fn write_backup(cfg: &crate::config::Config, to: &Path) -> Result<(), Fail
         .open(to)
         .await
         .map_err(|e| other(format!("{}: {e}", to.display())))?;
-    match StoreAccess::open(cfg)? {
+    match StoreAccess::open(cfg).await? {
         StoreAccess::Direct(store) => {
             backup::write(store.as_ref(), cfg.storage.kind.name(), &mut file)
                 .await

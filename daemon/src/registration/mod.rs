@@ -19,6 +19,7 @@ use crate::clock::format_time;
 use crate::problem::{ApiError, Cause};
 use crate::store::{
     CertRecord, CertSource, Commit, RegState, RegistrationRecord, Revocation, SpentToken,
+    StoreError,
 };
 use crate::token::{TokenError, random_b64};
 use body::{RegistrationBody, parse_object, parse_registration};
@@ -851,7 +852,10 @@ async fn update(
     reg.exp_time = kept.registration_expiry;
     reg.supp_feat = req.supp_feat.clone();
     reg.updated_at = now;
-    let mut commit_c = Commit::default();
+    let mut commit_c = Commit {
+        expect_current: Some(reg.current_cert.clone()),
+        ..Default::default()
+    };
     let mut cert = current;
     // Held until the change is committed: signing and storing are one unit of back-pressure.
     let mut _slot = None;
@@ -978,16 +982,23 @@ async fn end(
     reg.state = state;
     reg.updated_at = now;
     let backend = reg.backend.clone();
-    commit(
-        app,
-        Commit {
+    let ended = app
+        .store
+        .commit(Commit {
+            expect_current: Some(reg.current_cert.clone()),
             registration: Some(reg),
             revocations,
             audit: Some(event),
             ..Default::default()
-        },
-    )
-    .await?;
+        })
+        .await;
+    match ended {
+        Ok(_) => {}
+        // An expiry that another replica's sweep (or a de-registration) got to first: the
+        // registration is ended either way.
+        Err(StoreError::Changed) if state == RegState::Expired => {}
+        Err(e) => return Err(e.into()),
+    }
     if let Some(b) = app.backend(&backend) {
         b.invalidate_crl().await;
     }

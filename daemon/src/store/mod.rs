@@ -10,11 +10,13 @@
 
 pub mod backup;
 mod blocking;
+mod postgres;
 pub mod schema;
 mod sled;
 mod sqlite;
 
 use self::blocking::OffReactor;
+use self::postgres::PostgresStore;
 use self::sled::SledStore;
 use self::sqlite::SqliteStore;
 
@@ -139,6 +141,10 @@ pub struct Commit {
     pub registration: Option<RegistrationRecord>,
     /// Creating: refuse if another active registration holds this EES ID.
     pub claim_ees_id: bool,
+    /// Changing: the registration must still be active with this current certificate (the
+    /// one the request authenticated with), else [`StoreError::Changed`]. Another replica
+    /// may have re-keyed or ended it meanwhile; the in-process lock sees only this one.
+    pub expect_current: Option<String>,
     pub new_certs: Vec<CertRecord>,
     /// (serial, revocation) of certificates to revoke.
     pub revocations: Vec<(String, Revocation)>,
@@ -157,6 +163,8 @@ pub enum StoreError {
     EesAlreadyRegistered,
     #[error("certificate serial already used")]
     SerialCollision,
+    #[error("the registration changed meanwhile (re-keyed or ended through another request)")]
+    Changed,
     #[error("storage failure: {0}")]
     Io(String),
     #[error("another ecsd holds the store at {0}: stop it, or use the daemon's control socket")]
@@ -218,6 +226,17 @@ pub trait Store: Send + Sync {
         after: &str,
         limit: usize,
     ) -> Result<Vec<(RegistrationRecord, CertRecord)>, StoreError>;
+    /// Whether other processes write this store too (replicas on one database): then
+    /// nothing this process caches about its content (a signed CRL) can be trusted to be
+    /// current without asking it.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// How many certificates of `backend` are revoked: it only grows, so a CRL signed at
+    /// one count is current while the count is the same.
+    async fn revoked_count(&self, backend: &str) -> Result<u64, StoreError> {
+        Ok(self.revoked(backend).await?.len() as u64)
+    }
 }
 
 /// One item of a backup: everything a store holds, engine-neutral.
@@ -298,8 +317,9 @@ const PAGE: usize = 1000;
 
 /// Opens the store that `[storage]` names. Fails when another process holds an embedded
 /// store.
-pub fn open(cfg: &StorageConfig) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn open(cfg: &StorageConfig) -> Result<Arc<dyn Store>, StoreError> {
     match cfg.kind {
+        StorageKind::Postgres => Ok(Arc::new(PostgresStore::open(cfg).await?)),
         StorageKind::Sqlite => Ok(Arc::new(SqliteStore::open(&cfg.path, cfg.cache_mib)?)),
         StorageKind::Sled => Ok(Arc::new(OffReactor::new(SledStore::open_with_cache(
             &cfg.path,
@@ -315,9 +335,15 @@ pub async fn restore_into(
     cfg: &StorageConfig,
     from: &std::path::Path,
 ) -> Result<backup::Counts, String> {
+    if !cfg.kind.embedded() {
+        // A database server: loaded in place, into a database that holds nothing yet (the
+        // whole file was checked before the first write).
+        let store = open(cfg).await.map_err(|e| e.to_string())?;
+        return backup::restore(store.as_ref(), from).await;
+    }
     if cfg.path.exists() {
         // Refuses a store that holds anything (and one that a daemon holds).
-        let existing = open(cfg).map_err(|e| e.to_string())?;
+        let existing = open(cfg).await.map_err(|e| e.to_string())?;
         must_be_empty(existing.as_ref())
             .await
             .map_err(|e| format!("{}: {e}", cfg.path.display()))?;
@@ -328,7 +354,7 @@ pub async fn restore_into(
     staging.path = cfg.path.with_file_name(name);
     remove_embedded(&staging.path);
     let counts = {
-        let store = open(&staging).map_err(|e| e.to_string())?;
+        let store = open(&staging).await.map_err(|e| e.to_string())?;
         let loaded = backup::restore(store.as_ref(), from).await;
         drop(store);
         match loaded {

@@ -8,18 +8,20 @@
 //! - a token ID spent once: the primary key of `spent_tokens`;
 //! - a serial used once: the unique `certificates.serial`.
 
-use super::{CertSource, RegState};
+use super::{CertRecord, CertSource, RegState, Revocation, StoreError};
 
 /// What differs between the SQL engines' DDL.
 #[derive(Debug, Clone, Copy)]
 pub enum Dialect {
     Sqlite,
+    Postgres,
 }
 
 impl Dialect {
     fn fill(self, ddl: &str) -> String {
         let (blob, identity) = match self {
             Dialect::Sqlite => ("BLOB", "INTEGER PRIMARY KEY"),
+            Dialect::Postgres => ("BYTEA", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"),
         };
         ddl.replace("{blob}", blob).replace("{identity}", identity)
     }
@@ -121,6 +123,12 @@ pub const UPSERT_REGISTRATION: &str = "INSERT INTO registrations (id, state, ees
      cert_source = excluded.cert_source, current_cert = excluded.current_cert, \
      secret_token_hash = excluded.secret_token_hash, token_issuer = excluded.token_issuer";
 
+/// A change to a registration that must find it as the request saw it: touches the row
+/// (taking its lock on PostgreSQL, where the condition is re-checked after a wait) and
+/// changes no row when another change got there first.
+pub const HOLD_IF_CURRENT: &str = "UPDATE registrations SET updated_at = updated_at \
+     WHERE id = $1 AND state = 'active' AND current_cert = $2";
+
 pub const INSERT_CERTIFICATE: &str = "INSERT INTO certificates (serial, registration_id, \
      backend, der, fingerprint, not_before, not_after, revoked_at, revocation_reason, chain) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
@@ -187,6 +195,54 @@ impl CertSource {
             .into_iter()
             .find(|s| s.name() == name)
     }
+}
+
+/// The `chain` column of a certificate: its accepted third-party chain as one run of DER,
+/// or NULL.
+pub fn join_chain(cert: &CertRecord) -> Result<Option<Vec<u8>>, StoreError> {
+    let chain = cert
+        .chain_hex
+        .iter()
+        .map(hex::decode)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Corrupt {
+            key: format!("cert/{}", cert.serial),
+            detail: format!("chain_hex: {e}"),
+        })?
+        .concat();
+    Ok((!chain.is_empty()).then_some(chain))
+}
+
+/// A certificate's revocation and chain from their columns (`revoked_at`,
+/// `revocation_reason`, `chain`).
+pub fn revocation_and_chain(
+    serial: &str,
+    revoked_at: Option<i64>,
+    reason: Option<String>,
+    chain: Option<Vec<u8>>,
+) -> Result<(Option<Revocation>, Vec<String>), StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        key: format!("cert/{serial}"),
+        detail,
+    };
+    let revoked = match (revoked_at, reason) {
+        (Some(at), Some(reason)) => Some(Revocation {
+            at,
+            reason: ecs_ca_backends::RevocationReason::from_name(&reason)
+                .ok_or_else(|| corrupt(format!("reason {reason:?}")))?,
+        }),
+        (None, None) => None,
+        _ => return Err(corrupt("half a revocation".into())),
+    };
+    let chain_hex = match chain {
+        Some(bytes) => split_der(&bytes)
+            .ok_or_else(|| corrupt("chain is not DER".into()))?
+            .iter()
+            .map(hex::encode)
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok((revoked, chain_hex))
 }
 
 /// Splits concatenated DER certificates (the `chain` column) back into one each.

@@ -163,6 +163,13 @@ impl SledStore {
             if let Some(reg) = &c.registration {
                 let reg_key = k("reg/", &reg.id);
                 let old: Option<RegistrationRecord> = tx_get(tx, &reg_key)?;
+                if let Some(expected) = &c.expect_current
+                    && !old
+                        .as_ref()
+                        .is_some_and(|o| o.state == RegState::Active && &o.current_cert == expected)
+                {
+                    return Err(Abort(StoreError::Changed));
+                }
                 let ees_key = k("ees/", &reg.ees_id.to_ascii_lowercase());
                 if c.claim_ees_id && tx.get(&ees_key)?.is_some() {
                     return Err(Abort(StoreError::EesAlreadyRegistered));

@@ -366,6 +366,16 @@ impl Writer {
                 .and_then(|mut s| s.execute(params![t.iss, t.jti, t.exp]))
                 .map_err(|e| refused(e, StoreError::TokenReplayed))?;
         }
+        if let (Some(reg), Some(expected)) = (&c.registration, &c.expect_current) {
+            let held = self
+                .conn
+                .prepare_cached(schema::HOLD_IF_CURRENT)
+                .and_then(|mut s| s.execute(params![reg.id, expected]))
+                .map_err(|e| self.fault(e))?;
+            if held == 0 {
+                return Err(StoreError::Changed);
+            }
+        }
         if let Some(reg) = &c.registration {
             let profile = serde_json::to_string(&reg.profile).expect("JSON values serialise");
             self.conn
@@ -394,16 +404,7 @@ impl Writer {
         }
         for cert in &c.new_certs {
             let der = cert.der()?;
-            let chain = cert
-                .chain_hex
-                .iter()
-                .map(hex::decode)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| StoreError::Corrupt {
-                    key: format!("cert/{}", cert.serial),
-                    detail: format!("chain_hex: {e}"),
-                })?
-                .concat();
+            let chain = schema::join_chain(cert)?;
             let revoked = cert.revoked.as_ref();
             self.conn
                 .prepare_cached(schema::INSERT_CERTIFICATE)
@@ -418,7 +419,7 @@ impl Writer {
                         cert.not_after,
                         revoked.map(|r| r.at),
                         revoked.map(|r| r.reason.name()),
-                        (!chain.is_empty()).then_some(chain),
+                        chain,
                     ])
                 })
                 .map_err(|e| refused(e, StoreError::SerialCollision))?;
@@ -495,26 +496,9 @@ fn registration_row(conn: &Connection, r: &Row) -> rusqlite::Result<Registration
 fn cert_row(r: &Row) -> rusqlite::Result<CertRecord> {
     let serial: String = r.get(0)?;
     let der: Vec<u8> = r.get(3)?;
-    let revoked_at: Option<i64> = r.get(7)?;
-    let reason: Option<String> = r.get(8)?;
-    let chain: Option<Vec<u8>> = r.get(9)?;
-    let revoked = match (revoked_at, reason) {
-        (Some(at), Some(reason)) => Some(Revocation {
-            at,
-            reason: ecs_ca_backends::RevocationReason::from_name(&reason)
-                .ok_or_else(|| corrupt(8, format!("cert {serial}: reason {reason:?}")))?,
-        }),
-        (None, None) => None,
-        _ => return Err(corrupt(7, format!("cert {serial}: half a revocation"))),
-    };
-    let chain_hex = match chain {
-        Some(bytes) => schema::split_der(&bytes)
-            .ok_or_else(|| corrupt(9, format!("cert {serial}: chain is not DER")))?
-            .iter()
-            .map(hex::encode)
-            .collect(),
-        None => Vec::new(),
-    };
+    let (revoked, chain_hex) =
+        schema::revocation_and_chain(&serial, r.get(7)?, r.get(8)?, r.get(9)?)
+            .map_err(|e| corrupt(7, e.to_string()))?;
     Ok(CertRecord {
         registration_id: r.get(1)?,
         backend: r.get(2)?,

@@ -3,20 +3,35 @@
 use super::*;
 use crate::config::{StorageConfig, StorageKind};
 
-/// Every engine, each in its own temporary folder.
+/// Every engine, each in its own temporary folder (PostgreSQL: its own database in this
+/// test process's private cluster).
 fn engines() -> Vec<(StorageKind, tempfile::TempDir, StorageConfig)> {
-    [StorageKind::Sqlite, StorageKind::Sled]
-        .into_iter()
-        .map(|kind| {
-            let dir = tempfile::tempdir().unwrap();
-            let cfg = StorageConfig {
-                kind,
-                path: dir.path().join("store"),
-                cache_mib: 8,
-            };
-            (kind, dir, cfg)
-        })
-        .collect()
+    [
+        StorageKind::Sqlite,
+        StorageKind::Sled,
+        StorageKind::Postgres,
+    ]
+    .into_iter()
+    .map(|kind| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = StorageConfig {
+            kind,
+            path: dir.path().join("store"),
+            cache_mib: 8,
+            ..Default::default()
+        };
+        if kind == StorageKind::Postgres {
+            let pg = crate::testing::postgres::Postgres::shared();
+            cfg.url = Some(pg.url(&pg.create_database()));
+            let pw = dir.path().join("db-password");
+            std::fs::write(&pw, crate::testing::postgres::PASSWORD).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+            cfg.password = Some(format!("file:{}", pw.display()));
+        }
+        (kind, dir, cfg)
+    })
+    .collect()
 }
 
 fn reg(id: &str, ees: &str, exp: i64) -> RegistrationRecord {
@@ -72,7 +87,7 @@ fn create(id: &str, ees: &str, jti: &str) -> Commit {
 #[tokio::test]
 async fn a_refused_commit_writes_nothing() {
     for (kind, _dir, cfg) in engines() {
-        let s = open(&cfg).unwrap();
+        let s = open(&cfg).await.unwrap();
         s.commit(create("r1", "ees1", "j1")).await.unwrap();
         // Same token: refused, and neither the registration nor the certificate appears.
         let err = s.commit(create("r2", "ees2", "j1")).await.unwrap_err();
@@ -102,7 +117,7 @@ async fn a_refused_commit_writes_nothing() {
 #[tokio::test]
 async fn records_read_back_as_written_and_survive_a_reopen() {
     for (kind, _dir, cfg) in engines() {
-        let s = open(&cfg).unwrap();
+        let s = open(&cfg).await.unwrap();
         let mut c = create("r1", "ees1", "j1");
         c.new_certs[0].chain_hex = vec!["3003020102".into(), "3003020103".into()];
         c.registration.as_mut().unwrap().cert_source = CertSource::ThirdParty;
@@ -127,7 +142,7 @@ async fn records_read_back_as_written_and_survive_a_reopen() {
             "{kind:?}"
         );
         drop(s);
-        let s = open(&cfg).unwrap();
+        let s = open(&cfg).await.unwrap();
         assert_eq!(
             s.audit_records(1, 10).await.unwrap(),
             vec![written],
@@ -147,7 +162,7 @@ fn reg_with(r: &RegistrationRecord, source: CertSource) -> RegistrationRecord {
 #[tokio::test]
 async fn expiry_index_revocation_and_crl_numbers() {
     for (kind, _dir, cfg) in engines() {
-        let s = open(&cfg).unwrap();
+        let s = open(&cfg).await.unwrap();
         s.commit(create("r1", "ees1", "j1")).await.unwrap();
         assert_eq!(s.counts().await.unwrap().active_registrations, 1);
         assert!(s.due_expiries(99, 10).await.unwrap().is_empty(), "{kind:?}");
@@ -196,7 +211,7 @@ async fn expiry_index_revocation_and_crl_numbers() {
             .unwrap();
         assert_eq!(s.counts().await.unwrap().active_registrations, 3);
         drop(s);
-        let s = open(&cfg).unwrap();
+        let s = open(&cfg).await.unwrap();
         assert_eq!(
             s.counts().await.unwrap().active_registrations,
             3,
@@ -209,7 +224,7 @@ async fn expiry_index_revocation_and_crl_numbers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_commits_keep_every_rule_and_one_chain() {
     for (kind, _dir, cfg) in engines() {
-        let s = open(&cfg).unwrap();
+        let s = open(&cfg).await.unwrap();
         // 40 registrations at once, two per EES ID, each with its own token: one of each
         // pair wins, and the chain holds exactly the winners, in one sequence.
         let tasks: Vec<_> = (0..40)
@@ -248,7 +263,7 @@ async fn concurrent_commits_keep_every_rule_and_one_chain() {
 #[tokio::test]
 async fn dumps_come_in_pages_in_order() {
     for (kind, _dir, cfg) in engines() {
-        let s = open(&cfg).unwrap();
+        let s = open(&cfg).await.unwrap();
         let commits = (0..25)
             .map(|i| create(&format!("r{i:02}"), &format!("ees{i}"), &format!("j{i}")))
             .collect();
@@ -304,7 +319,7 @@ async fn backup_to(s: &dyn Store, path: &std::path::Path) -> backup::Counts {
 #[tokio::test]
 async fn a_backup_restores_into_every_engine_as_it_was() {
     for (from_kind, _d1, from_cfg) in engines() {
-        let source = open(&from_cfg).unwrap();
+        let source = open(&from_cfg).await.unwrap();
         filled(source.as_ref()).await;
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("backup.jsonl");
@@ -320,7 +335,7 @@ async fn a_backup_restores_into_every_engine_as_it_was() {
         for (to_kind, _d2, to_cfg) in engines() {
             let restored = restore_into(&to_cfg, &file).await.unwrap();
             assert_eq!(restored, counts, "{from_kind:?} -> {to_kind:?}");
-            let target = open(&to_cfg).unwrap();
+            let target = open(&to_cfg).await.unwrap();
             assert_eq!(
                 target.audit_head().await.unwrap(),
                 source.audit_head().await.unwrap()
@@ -356,7 +371,7 @@ async fn a_backup_restores_into_every_engine_as_it_was() {
 #[tokio::test]
 async fn a_damaged_backup_is_refused_at_the_line_at_fault_and_writes_nothing() {
     let (_, _d, cfg) = engines().remove(0);
-    let source = open(&cfg).unwrap();
+    let source = open(&cfg).await.unwrap();
     filled(source.as_ref()).await;
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.jsonl");
@@ -386,6 +401,94 @@ async fn a_damaged_backup_is_refused_at_the_line_at_fault_and_writes_nothing() {
             let err = restore_into(&to_cfg, &bad).await.unwrap_err();
             assert!(err.contains(expect), "{case} into {kind:?}: {err}");
             assert!(!to_cfg.path.exists(), "{case} into {kind:?} left a store");
+            if !kind.embedded() {
+                let s = open(&to_cfg).await.unwrap();
+                must_be_empty(s.as_ref()).await.unwrap();
+            }
         }
     }
+}
+
+/// Two replicas' stores on one PostgreSQL database, as two `ecsd` processes would have
+/// them: every rule holds across them, and their audit records make one chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_on_one_database_keep_every_rule_and_one_chain() {
+    let (_, _dir, cfg) = engines()
+        .into_iter()
+        .find(|(k, _, _)| *k == StorageKind::Postgres)
+        .unwrap();
+    let replicas = [open(&cfg).await.unwrap(), open(&cfg).await.unwrap()];
+    // 16 uses of one token split over both: one wins.
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let s = replicas[i % 2].clone();
+            tokio::spawn(async move {
+                s.commit(create(&format!("t{i}"), &format!("tees{i}"), "one-token"))
+                    .await
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(StoreError::TokenReplayed) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(won, 1);
+    // 8 registrations of one EES ID with distinct tokens: one wins.
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let s = replicas[i % 2].clone();
+            tokio::spawn(async move {
+                s.commit(create(&format!("e{i}"), "one-ees", &format!("ej{i}")))
+                    .await
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(StoreError::EesAlreadyRegistered) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(won, 1);
+    // Two changes of one registration made from the same view: the second finds it
+    // changed, whichever replica it goes through.
+    let winner = replicas[0]
+        .active_registration_for("one-ees")
+        .await
+        .unwrap()
+        .unwrap();
+    let seen = replicas[0].registration(&winner).await.unwrap().unwrap();
+    let rekey = |new_serial: &str| {
+        let mut r = seen.clone();
+        r.current_cert = new_serial.into();
+        r.certs.push(new_serial.into());
+        Commit {
+            expect_current: Some(seen.current_cert.clone()),
+            registration: Some(r),
+            new_certs: vec![cert(new_serial, &seen.id)],
+            audit: Some(AuditEvent::test("update")),
+            ..Default::default()
+        }
+    };
+    replicas[1].commit(rekey("rekey-1")).await.unwrap();
+    let err = replicas[0].commit(rekey("rekey-2")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Changed), "{err}");
+    assert!(replicas[0].cert("rekey-2").await.unwrap().is_none());
+    // CRL numbers strictly increase whichever replica asks.
+    let mut numbers = Vec::new();
+    for i in 0..6 {
+        numbers.push(replicas[i % 2].next_crl_number("soft").await.unwrap());
+    }
+    assert_eq!(numbers, [1, 2, 3, 4, 5, 6]);
+    // One chain, read through either.
+    let records = all_audit_records(replicas[1].as_ref()).await.unwrap();
+    assert_eq!(records.len(), 3);
+    let head = replicas[0].audit_head().await.unwrap();
+    crate::audit::verify_chain(&records, (head.0, &head.1)).unwrap();
 }

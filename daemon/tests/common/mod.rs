@@ -94,6 +94,27 @@ impl Ecs {
         panic!("ecsd did not start in 5 attempts (see its log above)");
     }
 
+    /// `n` replicas of one ECS on one new database of `pg`, all started: the first
+    /// initialised, the others its copies on their own ports.
+    pub fn replicas(pg: &ecs_daemon::testing::postgres::Postgres, n: usize) -> Vec<Ecs> {
+        let mut first = Daemon::init(env!("CARGO_BIN_EXE_ecsd"), None);
+        first.use_postgres(pg, &pg.create_database());
+        let root_pem = std::fs::read(first.dir.path().join("root.pem")).unwrap();
+        let mut all = vec![first];
+        for _ in 1..n {
+            all.push(all[0].replica());
+        }
+        all.into_iter()
+            .map(|mut d| {
+                assert!(d.spawn(Until::Ready), "replica did not start");
+                Ecs {
+                    d,
+                    root_pem: root_pem.clone(),
+                }
+            })
+            .collect()
+    }
+
     pub fn restart(&mut self) {
         assert!(self.d.spawn(Until::Ready), "ecsd did not restart");
     }
@@ -194,12 +215,14 @@ impl Ecs {
 
     /// `audit verify` and `audit export --format json` through the CLI.
     pub fn audit(&self) -> (bool, Vec<Value>) {
-        let verify = ecsd()
+        let verify = self
+            .command()
             .args(["audit", "verify", "--config"])
             .arg(self.config_path())
             .output()
             .unwrap();
-        let export = ecsd()
+        let export = self
+            .command()
             .args(["audit", "export", "--format", "json", "--config"])
             .arg(self.config_path())
             .output()
