@@ -292,3 +292,54 @@ async fn the_database_going_away_is_a_503_and_its_return_needs_no_restart() {
         "{records:?}"
     );
 }
+
+/// Moving up: a single ECS on the embedded default, backed up, restored into PostgreSQL by
+/// the documented commands, then two replicas on it serving what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sqlite_ecs_moves_up_to_replicas_on_postgresql() {
+    let mut ecs = Ecs::start();
+    let mut before = Vec::new();
+    for i in 0..4 {
+        before.push(ecs.register(&format!("ees-up-{i}.ecsp.example")).await);
+    }
+    assert!(ecs.terminate().success());
+    let file = ecs.dir.path().join("move.jsonl");
+    let (ok, out) = output(
+        ecs.command()
+            .args(["store", "backup", "--config"])
+            .arg(ecs.config_path())
+            .arg("--out")
+            .arg(&file),
+    );
+    assert!(ok, "{out}");
+
+    let pg = Postgres::start();
+    ecs.use_postgres(&pg, &pg.create_database());
+    let (ok, out) = output(
+        ecs.command()
+            .args(["store", "restore", "--config"])
+            .arg(ecs.config_path())
+            .arg("--from")
+            .arg(&file),
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("(postgres)"), "{out}");
+    ecs.restart();
+    let second = ecs.replica();
+    for replica in [&ecs, &second] {
+        for ees in &before {
+            assert_eq!(get(replica, ees, &on(replica, ees)).await.status, 200);
+        }
+    }
+    // The one chain goes on from where the SQLite store left it.
+    second.register("ees-up-after.ecsp.example").await;
+    let (intact, records) = ecs.audit();
+    assert!(intact);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["action"] == "register" && r["outcome"] == "accepted")
+            .count(),
+        5
+    );
+}

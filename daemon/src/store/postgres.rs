@@ -78,7 +78,8 @@ struct Target {
 
 impl Target {
     async fn connect(&self) -> Result<Client, StoreError> {
-        let fail = |e: tokio_postgres::Error| StoreError::Io(format!("{}: {e}", self.label));
+        let fail =
+            |e: tokio_postgres::Error| StoreError::Io(format!("{}: {}", self.label, describe(&e)));
         let connecting = async {
             match &self.tls {
                 Tls::Plain => {
@@ -108,12 +109,19 @@ fn db_error(label: &str) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
 }
 
 /// The server's own message when there is one (tokio-postgres's `Display` says only
-/// "db error").
+/// "db error"), else the error with its causes ("error performing TLS handshake: invalid
+/// peer certificate: UnknownIssuer").
 fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.code().code(), db.message());
     }
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        out.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    out
 }
 
 impl PostgresStore {
@@ -311,6 +319,7 @@ struct Statements {
     raise_crl_number: Statement,
     append_audit: Statement,
     audit_head: Statement,
+    audit_lock: Statement,
     next_crl_number: Statement,
     purge: Statement,
 }
@@ -324,8 +333,9 @@ impl Statements {
             insert_certificate: c.prepare(schema::INSERT_CERTIFICATE).await?,
             revoke: c.prepare(schema::REVOKE).await?,
             raise_crl_number: c.prepare(schema::RAISE_CRL_NUMBER).await?,
-            append_audit: c.prepare(schema::APPEND_AUDIT).await?,
+            append_audit: c.prepare(APPEND_AUDIT_MANY).await?,
             audit_head: c.prepare(schema::AUDIT_HEAD).await?,
+            audit_lock: c.prepare("SELECT pg_advisory_xact_lock($1)").await?,
             next_crl_number: c.prepare(schema::NEXT_CRL_NUMBER).await?,
             purge: c.prepare(schema::PURGE_SPENT_TOKENS).await?,
         })
@@ -338,9 +348,6 @@ struct Writer {
     client: Option<Client>,
     statements: Option<Statements>,
 }
-
-/// The audit chain's head as this transaction sees it, once it holds the chain's lock.
-type Head = Option<(u64, String)>;
 
 impl Writer {
     async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) {
@@ -405,6 +412,11 @@ impl Writer {
     }
 
     /// One transaction for the group; Err when the transaction itself failed.
+    ///
+    /// Each job is a savepoint whose statements go out as one pipeline. The audit records
+    /// of the jobs that succeeded are chained last, in one statement, after taking the
+    /// chain's lock: the lock is held only from there to the COMMIT, so replicas append in
+    /// turn without waiting on each other's whole group.
     async fn transact(
         &mut self,
         group: &[Job],
@@ -415,29 +427,34 @@ impl Writer {
         let client = self.client.as_ref().expect("ready");
         let st = self.statements.as_ref().expect("ready");
         client.batch_execute("BEGIN").await.map_err(&fail)?;
-        let mut head: Head = None;
         let mut results = Vec::with_capacity(group.len());
-        for job in group {
-            client.batch_execute("SAVEPOINT job").await.map_err(&fail)?;
-            let before = head.clone();
-            match apply(client, st, &label, &job.work, &mut head).await {
+        // The events to chain, each with the job it belongs to.
+        let mut events: Vec<(usize, AuditEvent)> = Vec::new();
+        for (i, job) in group.iter().enumerate() {
+            match apply(client, st, &label, &job.work).await {
                 Ok(done) => {
-                    client
-                        .batch_execute("RELEASE SAVEPOINT job")
-                        .await
-                        .map_err(&fail)?;
+                    for c in job.work.commits() {
+                        events.extend(c.audit.iter().map(|e| (i, e.clone())));
+                    }
                     results.push(Ok(done));
                 }
                 Err(e) => {
-                    if matches!(e, StoreError::Io(_)) && client.is_closed() {
+                    if client.is_closed() {
                         return Err(e);
                     }
                     client
                         .batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
                         .await
                         .map_err(&fail)?;
-                    head = before;
                     results.push(Err(e));
+                }
+            }
+        }
+        if !events.is_empty() {
+            let records = chain(client, st, &label, events.iter().map(|(_, e)| e)).await?;
+            for ((i, _), rec) in events.iter().zip(records) {
+                if let Ok(Done::Audit(slot)) = &mut results[*i] {
+                    *slot = Some(Box::new(rec));
                 }
             }
         }
@@ -446,150 +463,278 @@ impl Writer {
     }
 }
 
-async fn apply(
+impl Work {
+    /// The commits a job carries.
+    fn commits(&self) -> &[Commit] {
+        match self {
+            Work::Commit(c) => std::slice::from_ref(c.as_ref()),
+            Work::CommitAll(cs) => cs,
+            Work::NextCrlNumber(_) | Work::Purge(_) => &[],
+        }
+    }
+}
+
+/// Appends `events` to the audit chain, in order: takes the chain's lock (to the end of the
+/// transaction: whichever replica appends next reads the head this one leaves), reads the
+/// head, and inserts every record in one statement.
+async fn chain(
     c: &Client,
     st: &Statements,
     label: &str,
-    work: &Work,
-    head: &mut Head,
-) -> Result<Done, StoreError> {
+    events: impl Iterator<Item = &AuditEvent>,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    let fail = db_error(label);
+    // One after the other, never pipelined: the head must be read by a statement that
+    // starts after the lock is held (each statement reads the last committed state).
+    c.execute(&st.audit_lock, &[&AUDIT_LOCK])
+        .await
+        .map_err(&fail)?;
+    let head = c.query_opt(&st.audit_head, &[]).await.map_err(&fail)?;
+    let (mut seq, mut prev) = head.map_or_else(
+        || (0, GENESIS_HASH.to_string()),
+        |r| (r.get::<_, i64>(0) as u64, r.get(1)),
+    );
+    let mut records = Vec::new();
+    let (mut seqs, mut hashes, mut jsons) = (Vec::new(), Vec::new(), Vec::new());
+    for event in events {
+        let rec = AuditRecord::chained(seq + 1, prev, event.clone());
+        seqs.push(rec.seq as i64);
+        hashes.push(rec.hash.clone());
+        jsons.push(serde_json::to_string(&rec).expect("records serialise"));
+        (seq, prev) = (rec.seq, rec.hash.clone());
+        records.push(rec);
+    }
+    c.execute(&st.append_audit, &[&seqs, &hashes, &jsons])
+        .await
+        .map_err(&fail)?;
+    Ok(records)
+}
+
+/// Runs a job in its savepoint (left open on an error, for the caller to roll back to).
+async fn apply(c: &Client, st: &Statements, label: &str, work: &Work) -> Result<Done, StoreError> {
     let fail = db_error(label);
     match work {
-        Work::Commit(commit) => apply_commit(c, st, label, commit, head)
+        Work::Commit(commit) => apply_commit(c, st, label, commit)
             .await
-            .map(|a| Done::Audit(a.map(Box::new))),
+            .map(|()| Done::Audit(None)),
         Work::CommitAll(cs) => {
+            c.batch_execute("SAVEPOINT job").await.map_err(&fail)?;
             for commit in cs {
-                apply_commit(c, st, label, commit, head).await?;
+                apply_statements(c, st, label, commit, false).await?;
             }
+            c.batch_execute("RELEASE SAVEPOINT job")
+                .await
+                .map_err(&fail)?;
             Ok(Done::Unit)
         }
         Work::NextCrlNumber(backend) => {
+            c.batch_execute("SAVEPOINT job").await.map_err(&fail)?;
             let n: i64 = c
                 .query_one(&st.next_crl_number, &[backend])
                 .await
-                .map_err(fail)?
+                .map_err(&fail)?
                 .get(0);
+            c.batch_execute("RELEASE SAVEPOINT job")
+                .await
+                .map_err(&fail)?;
             Ok(Done::Number(n as u64))
         }
         Work::Purge(before) => {
-            let n = c.execute(&st.purge, &[before]).await.map_err(fail)?;
+            c.batch_execute("SAVEPOINT job").await.map_err(&fail)?;
+            let n = c.execute(&st.purge, &[before]).await.map_err(&fail)?;
+            c.batch_execute("RELEASE SAVEPOINT job")
+                .await
+                .map_err(&fail)?;
             Ok(Done::Count(n as usize))
         }
     }
 }
 
+/// One commit in its own savepoint.
 async fn apply_commit(
     c: &Client,
     st: &Statements,
     label: &str,
     commit: &Commit,
-    head: &mut Head,
-) -> Result<Option<AuditRecord>, StoreError> {
+) -> Result<(), StoreError> {
+    apply_statements(c, st, label, commit, true).await
+}
+
+/// What a statement's failure (or its row count) means.
+#[derive(Clone, Copy)]
+enum Step {
+    Savepoint,
+    SpendToken,
+    Hold,
+    Registration,
+    Certificate,
+    Other,
+}
+
+type Pending<'a> = futures_util::future::BoxFuture<'a, Result<u64, tokio_postgres::Error>>;
+
+/// The statements of one commit (but its audit record), sent as one pipeline: tokio-postgres
+/// sends a request when its future is first polled, and `join_all` polls a short list in
+/// order, so the server gets them in this order without waiting for each answer. A long
+/// list (a re-key's many revocations) is sent one statement after the other. With
+/// `savepoint`, the pipeline opens the job's savepoint and, unless the commit must find the
+/// registration unchanged (then the answer decides), releases it.
+async fn apply_statements(
+    c: &Client,
+    st: &Statements,
+    label: &str,
+    commit: &Commit,
+    savepoint: bool,
+) -> Result<(), StoreError> {
     let fail = db_error(label);
-    // Each constraint, when it fires, is the refusal it stands for.
-    let refused = |e: tokio_postgres::Error, why: StoreError| match e.code() {
-        Some(code) if *code == SqlState::UNIQUE_VIOLATION => why,
-        _ => fail(e),
+    // The owned values the statements borrow.
+    let reg = commit.registration.as_ref();
+    let profile = reg.map(|r| serde_json::to_string(&r.profile).expect("JSON values serialise"));
+    let ees_key = reg.map(|r| r.ees_id.to_ascii_lowercase());
+    let certs = commit
+        .new_certs
+        .iter()
+        .map(|cert| Ok((cert.der()?, schema::join_chain(cert)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let raised: Vec<i64> = commit
+        .raise_crl_numbers
+        .iter()
+        .map(|(_, n)| *n as i64)
+        .collect();
+    let simple = |sql: &'static str| -> Pending<'_> {
+        Box::pin(async move { c.batch_execute(sql).await.map(|()| 0) })
     };
+
+    let mut steps: Vec<(Step, Pending<'_>)> = Vec::new();
+    if savepoint {
+        steps.push((Step::Savepoint, simple("SAVEPOINT job")));
+    }
     if let Some(t) = &commit.spend_token {
-        c.execute(&st.spend_token, &[&t.iss, &t.jti, &t.exp])
-            .await
-            .map_err(|e| refused(e, StoreError::TokenReplayed))?;
+        steps.push((
+            Step::SpendToken,
+            Box::pin(async move { c.execute(&st.spend_token, &[&t.iss, &t.jti, &t.exp]).await }),
+        ));
     }
-    if let (Some(reg), Some(expected)) = (&commit.registration, &commit.expect_current) {
-        let held = c
-            .execute(&st.hold_if_current, &[&reg.id, expected])
-            .await
-            .map_err(&fail)?;
-        if held == 0 {
-            return Err(StoreError::Changed);
-        }
+    if let (Some(r), Some(expected)) = (reg, &commit.expect_current) {
+        steps.push((
+            Step::Hold,
+            Box::pin(async move { c.execute(&st.hold_if_current, &[&r.id, expected]).await }),
+        ));
     }
-    if let Some(reg) = &commit.registration {
-        let profile = serde_json::to_string(&reg.profile).expect("JSON values serialise");
-        c.execute(
-            &st.upsert_registration,
-            &[
-                &reg.id,
-                &reg.state.name(),
-                &reg.ees_id,
-                &reg.ees_id.to_ascii_lowercase(),
-                &reg.prov_id,
-                &reg.domain,
-                &reg.backend,
-                &profile,
-                &reg.exp_time,
-                &reg.supp_feat,
-                &reg.created_at,
-                &reg.updated_at,
-                &reg.cert_source.name(),
-                &reg.current_cert,
-                &reg.secret_token_hash,
-                &reg.token_issuer,
-            ],
-        )
-        .await
-        .map_err(|e| refused(e, StoreError::EesAlreadyRegistered))?;
+    if let (Some(r), Some(profile), Some(ees_key)) = (reg, &profile, &ees_key) {
+        steps.push((
+            Step::Registration,
+            Box::pin(async move {
+                c.execute(
+                    &st.upsert_registration,
+                    &[
+                        &r.id,
+                        &r.state.name(),
+                        &r.ees_id,
+                        ees_key,
+                        &r.prov_id,
+                        &r.domain,
+                        &r.backend,
+                        profile,
+                        &r.exp_time,
+                        &r.supp_feat,
+                        &r.created_at,
+                        &r.updated_at,
+                        &r.cert_source.name(),
+                        &r.current_cert,
+                        &r.secret_token_hash,
+                        &r.token_issuer,
+                    ],
+                )
+                .await
+            }),
+        ));
     }
-    for cert in &commit.new_certs {
-        let der = cert.der()?;
-        let chain = schema::join_chain(cert)?;
+    for (cert, (der, chain)) in commit.new_certs.iter().zip(&certs) {
         let revoked = cert.revoked.as_ref();
-        c.execute(
-            &st.insert_certificate,
-            &[
-                &cert.serial,
-                &cert.registration_id,
-                &cert.backend,
-                &der,
-                &cert.fingerprint,
-                &cert.not_before,
-                &cert.not_after,
-                &revoked.map(|r| r.at),
-                &revoked.map(|r| r.reason.name()),
-                &chain,
-            ],
-        )
-        .await
-        .map_err(|e| refused(e, StoreError::SerialCollision))?;
+        steps.push((
+            Step::Certificate,
+            Box::pin(async move {
+                c.execute(
+                    &st.insert_certificate,
+                    &[
+                        &cert.serial,
+                        &cert.registration_id,
+                        &cert.backend,
+                        der,
+                        &cert.fingerprint,
+                        &cert.not_before,
+                        &cert.not_after,
+                        &revoked.map(|r| r.at),
+                        &revoked.map(|r| r.reason.name()),
+                        chain,
+                    ],
+                )
+                .await
+            }),
+        ));
     }
     for (serial, rev) in &commit.revocations {
-        c.execute(&st.revoke, &[&rev.at, &rev.reason.name(), serial])
-            .await
-            .map_err(&fail)?;
+        steps.push((
+            Step::Other,
+            Box::pin(async move {
+                c.execute(&st.revoke, &[&rev.at, &rev.reason.name(), serial])
+                    .await
+            }),
+        ));
     }
-    for (backend, number) in &commit.raise_crl_numbers {
-        c.execute(&st.raise_crl_number, &[backend, &(*number as i64)])
-            .await
-            .map_err(&fail)?;
+    for ((backend, _), number) in commit.raise_crl_numbers.iter().zip(&raised) {
+        steps.push((
+            Step::Other,
+            Box::pin(async move { c.execute(&st.raise_crl_number, &[backend, number]).await }),
+        ));
     }
-    let Some(event) = &commit.audit else {
-        return Ok(None);
-    };
-    let (seq, prev) = match head {
-        Some(h) => h.clone(),
-        None => {
-            // The chain's lock, to the end of the transaction: whichever replica appends
-            // next reads the head this one leaves.
-            c.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
-                .await
-                .map_err(&fail)?;
-            let row = c.query_opt(&st.audit_head, &[]).await.map_err(&fail)?;
-            row.map_or_else(
-                || (0, GENESIS_HASH.to_string()),
-                |r| (r.get::<_, i64>(0) as u64, r.get(1)),
-            )
+    let release_now = savepoint && commit.expect_current.is_none();
+    if release_now {
+        steps.push((Step::Savepoint, simple("RELEASE SAVEPOINT job")));
+    }
+
+    let (kinds, futures): (Vec<Step>, Vec<Pending<'_>>) = steps.into_iter().unzip();
+    let answers = if futures.len() <= PIPELINE_MAX {
+        futures_util::future::join_all(futures).await
+    } else {
+        let mut out = Vec::with_capacity(futures.len());
+        for f in futures {
+            out.push(f.await);
         }
+        out
     };
-    let rec = AuditRecord::chained(seq + 1, prev, event.clone());
-    let json = serde_json::to_string(&rec).expect("records serialise");
-    c.execute(&st.append_audit, &[&(rec.seq as i64), &rec.hash, &json])
-        .await
-        .map_err(&fail)?;
-    *head = Some((rec.seq, rec.hash.clone()));
-    Ok(Some(rec))
+    // The first failure is the cause (what follows it failed because the transaction
+    // was aborted by then).
+    for (kind, answer) in kinds.into_iter().zip(answers) {
+        let refusal = match kind {
+            Step::SpendToken => Some(StoreError::TokenReplayed),
+            Step::Registration => Some(StoreError::EesAlreadyRegistered),
+            Step::Certificate => Some(StoreError::SerialCollision),
+            Step::Savepoint | Step::Hold | Step::Other => None,
+        };
+        match answer {
+            Err(e) => {
+                return Err(match (e.code(), refusal) {
+                    (Some(code), Some(why)) if *code == SqlState::UNIQUE_VIOLATION => why,
+                    _ => fail(e),
+                });
+            }
+            Ok(0) if matches!(kind, Step::Hold) => return Err(StoreError::Changed),
+            Ok(_) => {}
+        }
+    }
+    if savepoint && !release_now {
+        c.batch_execute("RELEASE SAVEPOINT job")
+            .await
+            .map_err(&fail)?;
+    }
+    Ok(())
 }
+
+/// The longest list of statements sent as one pipeline (`join_all` polls up to this many
+/// in order).
+const PIPELINE_MAX: usize = 30;
 
 const REGISTRATION_SELECT: &str = "SELECT id, state, ees_id, prov_id, domain, backend, \
      profile, exp_time, supp_feat, created_at, updated_at, cert_source, current_cert, \
@@ -929,9 +1074,83 @@ impl Store for PostgresStore {
     }
 }
 
+/// Several audit records in one statement.
+const APPEND_AUDIT_MANY: &str = "INSERT INTO audit_log (seq, hash, record) \
+     SELECT * FROM unnest($1::BIGINT[], $2::TEXT[], $3::TEXT[])";
+
 /// Both claims of a new registration in one round trip: the EES ID held, the token spent.
 const CLAIMS: &str = "SELECT EXISTS (SELECT 1 FROM registrations WHERE ees_key = $1 AND \
      state = 'active'), EXISTS (SELECT 1 FROM spent_tokens WHERE iss = $2 AND jti = $3)";
 
 const REVOKED_COUNT: &str =
     "SELECT count(*) FROM certificates WHERE backend = $1 AND revoked_at IS NOT NULL";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::postgres::{PASSWORD, Postgres};
+
+    /// The lookups on every request use their own index even in a plan made on empty
+    /// tables, which PostgreSQL keeps for a prepared statement until the next ANALYZE: a
+    /// wrong choice there walks every registration, or every certificate, per request.
+    #[tokio::test]
+    async fn hot_lookups_use_their_index_when_planned_on_empty_tables() {
+        let pg = Postgres::shared();
+        let db = pg.create_database();
+        let mut cfg = StorageConfig {
+            kind: crate::config::StorageKind::Postgres,
+            url: Some(pg.url(&db)),
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("db-password");
+        std::fs::write(&pw, PASSWORD).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        cfg.password = Some(format!("file:{}", pw.display()));
+        let _store = PostgresStore::open(&cfg).await.unwrap();
+        let mut config: tokio_postgres::Config = pg.url(&db).parse().unwrap();
+        config.password(PASSWORD);
+        let (c, conn) = config.connect(NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let plan = |sql: String, params: usize| {
+            let c = &c;
+            let nulls = vec!["NULL"; params].join(", ");
+            async move {
+                c.batch_execute(&format!(
+                    "SET plan_cache_mode = force_generic_plan; DEALLOCATE ALL; PREPARE q AS {sql}"
+                ))
+                .await
+                .unwrap();
+                let rows = c
+                    .simple_query(&format!("EXPLAIN EXECUTE q({nulls})"))
+                    .await
+                    .unwrap();
+                rows.iter()
+                    .filter_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+        };
+        let claims = plan(CLAIMS.to_string(), 3).await;
+        assert!(
+            claims.contains("registrations_one_active_per_ees")
+                && claims.contains("spent_tokens_pkey"),
+            "{claims}"
+        );
+        let by_fingerprint = plan(
+            format!("{CERTIFICATE_SELECT} WHERE fingerprint = $1 ORDER BY seq DESC LIMIT 1"),
+            1,
+        )
+        .await;
+        assert!(
+            by_fingerprint.contains("certificates_by_fingerprint"),
+            "{by_fingerprint}"
+        );
+        let due = plan(schema::DUE_EXPIRIES.to_string(), 2).await;
+        assert!(due.contains("registrations_due"), "{due}");
+    }
+}

@@ -110,6 +110,18 @@ CREATE TABLE metadata (
     value TEXT NOT NULL
 );
 ",
+    // 2: indexes that leave a query planner no wrong choice, even when it plans on empty
+    // tables (PostgreSQL keeps a prepared statement's generic plan until the next ANALYZE).
+    // The sweep's index no longer matches the one-active lookup (which then has only its
+    // unique index), and the fingerprint lookup finds the newest certificate in its index
+    // instead of walking every certificate newest first.
+    "
+DROP INDEX registrations_active_by_expiry;
+CREATE INDEX registrations_due ON registrations (exp_time, id)
+    WHERE state = 'active' AND exp_time IS NOT NULL;
+DROP INDEX certificates_by_fingerprint;
+CREATE INDEX certificates_by_fingerprint ON certificates (fingerprint, seq);
+",
 ];
 
 pub const UPSERT_REGISTRATION: &str = "INSERT INTO registrations (id, state, ees_id, ees_key, \

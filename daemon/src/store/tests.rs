@@ -486,9 +486,49 @@ async fn replicas_on_one_database_keep_every_rule_and_one_chain() {
         numbers.push(replicas[i % 2].next_crl_number("soft").await.unwrap());
     }
     assert_eq!(numbers, [1, 2, 3, 4, 5, 6]);
+    // Audit records written through both at once: one chain, no record lost.
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let s = replicas[i % 2].clone();
+            tokio::spawn(async move { s.record(AuditEvent::test("refusal")).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
     // One chain, read through either.
     let records = all_audit_records(replicas[1].as_ref()).await.unwrap();
-    assert_eq!(records.len(), 3);
+    assert_eq!(records.len(), 43);
     let head = replicas[0].audit_head().await.unwrap();
     crate::audit::verify_chain(&records, (head.0, &head.1)).unwrap();
+}
+
+/// TLS to the database is verified against `storage.tls_ca`: the right CA connects, another
+/// CA is refused (never a fallback to plain text).
+#[tokio::test]
+async fn the_database_is_reached_over_tls_verified_against_tls_ca() {
+    let pg = crate::testing::postgres::Postgres::start_with_tls();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("db-password");
+    std::fs::write(&pw, crate::testing::postgres::PASSWORD).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = |ca: &str| StorageConfig {
+        kind: StorageKind::Postgres,
+        url: Some(pg.url(&pg.create_database())),
+        password: Some(format!("file:{}", pw.display())),
+        tls_ca: Some(pg.folder().join(ca)),
+        ..Default::default()
+    };
+    let s = open(&cfg("db-ca.pem")).await.unwrap();
+    s.commit(create("r1", "ees1", "j1")).await.unwrap();
+    assert!(s.registration("r1").await.unwrap().is_some());
+    let err = open(&cfg("other-ca.pem"))
+        .await
+        .err()
+        .expect("another CA is refused");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
 }

@@ -41,6 +41,17 @@ fn as_root() -> bool {
 impl Postgres {
     /// A new cluster, started.
     pub fn start() -> Postgres {
+        Self::start_with(false)
+    }
+
+    /// A new cluster that also speaks TLS, with a server certificate for 127.0.0.1 from a
+    /// test CA (`db-ca.pem` in [`Postgres::folder`]), and a second CA that did not issue it
+    /// (`other-ca.pem`).
+    pub fn start_with_tls() -> Postgres {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Postgres {
         let dir = tempfile::Builder::new()
             .prefix("ecs-pg-")
             .tempdir()
@@ -53,6 +64,9 @@ impl Postgres {
         };
         let pwfile = pg.dir.path().join("pw");
         std::fs::write(&pwfile, PASSWORD).unwrap();
+        if tls {
+            make_certificates(pg.dir.path());
+        }
         if as_root() {
             let ok = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -88,6 +102,14 @@ impl Postgres {
             pg.dir.path().display()
         )
         .unwrap();
+        if tls {
+            writeln!(
+                conf,
+                "ssl = on\nssl_cert_file = '{0}/server.pem'\nssl_key_file = '{0}/server.key'",
+                pg.dir.path().display()
+            )
+            .unwrap();
+        }
         pg.start_again();
         pg
     }
@@ -222,6 +244,93 @@ impl Postgres {
     pub fn folder(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// A CA, a server certificate for 127.0.0.1 from it, and an unrelated CA, with openssl.
+fn make_certificates(dir: &Path) {
+    let ext = dir.join("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\n",
+    )
+    .unwrap();
+    let steps: &[&[&str]] = &[
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "db-ca.key",
+            "-out",
+            "db-ca.pem",
+            "-subj",
+            "/CN=Test DB CA",
+            "-days",
+            "2",
+        ],
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "other-ca.key",
+            "-out",
+            "other-ca.pem",
+            "-subj",
+            "/CN=Other CA",
+            "-days",
+            "2",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "db-ca.pem",
+            "-CAkey",
+            "db-ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    ];
+    for args in steps {
+        let (ok, out) = super::output(Command::new("openssl").args(*args).current_dir(dir));
+        assert!(ok, "openssl {args:?}: {out}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
 }
 
 impl Drop for Postgres {

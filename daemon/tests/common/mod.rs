@@ -115,6 +115,16 @@ impl Ecs {
             .collect()
     }
 
+    /// Another replica of this ECS (same configuration, keys and store), started.
+    pub fn replica(&self) -> Ecs {
+        let mut d = self.d.replica();
+        assert!(d.spawn(Until::Ready), "replica did not start");
+        Ecs {
+            d,
+            root_pem: self.root_pem.clone(),
+        }
+    }
+
     pub fn restart(&mut self) {
         assert!(self.d.spawn(Until::Ready), "ecsd did not restart");
     }
