@@ -22,6 +22,7 @@ pub async fn serve(cfg: Config) -> Result<(), StartError> {
         app.metrics.server_cert_not_after.set(facts.not_after);
     }
     let tls_config = tls::server_config(identity).map_err(StartError::Config)?;
+    let signals = Signals::install()?;
     let listen = app.cfg.server.listen.clone();
     let listener = TcpListener::bind(&listen)
         .await
@@ -58,9 +59,9 @@ pub async fn serve(cfg: Config) -> Result<(), StartError> {
     let checkpointer = tokio::spawn(checkpoint_loop(app.clone(), stop_rx.clone()));
     tokio::spawn(probe_loop(app.clone(), stop_rx.clone()));
     tokio::spawn(crl_loop(app.clone(), stop_rx.clone()));
-    tokio::spawn(reload_on_sighup(app.clone()));
+    tokio::spawn(reload_on_sighup(app.clone(), signals.hup));
 
-    wait_for_signal().await;
+    Signals::stop(signals.term, signals.int).await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = api.await;
@@ -217,22 +218,39 @@ async fn probe_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
 }
 
 /// SIGHUP re-reads the policy (the `[domains]` of the configuration file).
-async fn reload_on_sighup(app: Arc<App>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
-    while hup.recv().await.is_some() {
-        let _ = app.reload_policy_recorded("SIGHUP").await;
+/// The signals the daemon acts on, taken over from their default actions (which end the
+/// process) before anything is served: a supervisor may send SIGTERM or SIGHUP as soon as
+/// `/readyz` answers.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, StartError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let take = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| StartError::Other(format!("{name} handler: {e}")))
+        };
+        Ok(Signals {
+            term: take(SignalKind::terminate(), "SIGTERM")?,
+            int: take(SignalKind::interrupt(), "SIGINT")?,
+            hup: take(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+
+    /// Until SIGTERM or SIGINT.
+    async fn stop(mut term: tokio::signal::unix::Signal, mut int: tokio::signal::unix::Signal) {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+async fn reload_on_sighup(app: Arc<App>, mut hup: tokio::signal::unix::Signal) {
+    while hup.recv().await.is_some() {
+        let _ = app.reload_policy_recorded("SIGHUP").await;
     }
 }

@@ -1145,3 +1145,52 @@ async fn metrics_exist_from_the_start_and_name_what_happened() {
         "{text}"
     );
 }
+
+/// A SIGTERM or SIGHUP sent the moment the daemon accepts connections (a supervisor's
+/// readiness check may see that before anything else) is handled, never the signal's
+/// default action: SIGHUP leaves it running, SIGTERM is a clean stop with exit 0.
+#[test]
+fn signals_sent_as_soon_as_it_listens_are_handled() {
+    let d = initialised();
+    for signal in ["-HUP", "-TERM"] {
+        for _ in 0..3 {
+            let log = std::fs::File::create(d.dir.path().join("early.log")).unwrap();
+            let mut child = d
+                .command()
+                .args(["serve", "--config"])
+                .arg(d.config_path())
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while std::net::TcpStream::connect(("127.0.0.1", d.admin_port)).is_err() {
+                assert!(Instant::now() < deadline, "never listened");
+                assert!(
+                    child.try_wait().unwrap().is_none(),
+                    "exited before listening"
+                );
+            }
+            let sent = std::process::Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+            if signal == "-HUP" {
+                std::thread::sleep(Duration::from_millis(300));
+                let running = child.try_wait().unwrap().is_none();
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+                let status = child.wait().unwrap();
+                let log = std::fs::read_to_string(d.dir.path().join("early.log")).unwrap();
+                assert!(running, "SIGHUP ended it ({status}): {log}");
+                assert!(status.success(), "{status}: {log}");
+            } else {
+                let status = child.wait().unwrap();
+                let log = std::fs::read_to_string(d.dir.path().join("early.log")).unwrap();
+                assert!(status.success(), "SIGTERM: {status}: {log}");
+            }
+        }
+    }
+}

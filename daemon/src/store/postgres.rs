@@ -1154,3 +1154,61 @@ mod tests {
         assert!(due.contains("registrations_due"), "{due}");
     }
 }
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use crate::testing::postgres::{PASSWORD, Postgres};
+
+    fn config(pg: &Postgres, dir: &Path) -> StorageConfig {
+        let pw = dir.join("db-password");
+        std::fs::write(&pw, PASSWORD).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        StorageConfig {
+            kind: crate::config::StorageKind::Postgres,
+            url: Some(pg.url(&pg.create_database())),
+            password: Some(format!("file:{}", pw.display())),
+            ..Default::default()
+        }
+    }
+
+    /// Replicas starting together on an empty database: each migrates or finds it done,
+    /// and the schema is there once; a newer schema than this binary's is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused() {
+        let pg = Postgres::shared();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(pg, dir.path());
+        let opening: Vec<_> = (0..4)
+            .map(|_| {
+                let cfg = cfg.clone();
+                tokio::spawn(async move { PostgresStore::open(&cfg).await.map(|_| ()) })
+            })
+            .collect();
+        for o in opening {
+            o.await.unwrap().unwrap();
+        }
+        let store = PostgresStore::open(&cfg).await.unwrap();
+        let versions: Vec<i64> = store
+            .query("SELECT version FROM schema_version ORDER BY version", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(versions, (1..=schema::latest_version()).collect::<Vec<_>>());
+        store
+            .query(
+                "INSERT INTO schema_version (version) VALUES ($1) RETURNING version",
+                &[&(schema::latest_version() + 1)],
+            )
+            .await
+            .unwrap();
+        let err = PostgresStore::open(&cfg).await.err().expect("refused");
+        assert!(
+            matches!(&err, StoreError::Unusable(m) if m.contains("newer than this ecsd")),
+            "{err}"
+        );
+    }
+}
