@@ -15,6 +15,8 @@ pub struct Metrics {
     /// Signing failures, by backend.
     pub backend_errors: IntCounterVec,
     pub active_registrations: IntGauge,
+    /// What the store takes on disk (or in the database), bytes.
+    pub store_bytes: IntGauge,
     /// Refusals counted into an aggregate audit record instead of one record each.
     pub audit_refusals_aggregated: prometheus::IntCounter,
     /// 1 when a backend can sign, 0 while it is probing or failed.
@@ -57,6 +59,11 @@ impl Metrics {
         let active_registrations =
             IntGauge::new("ecs_active_registrations", "Active EES registrations")
                 .expect("valid metric");
+        let store_bytes = IntGauge::new(
+            "ecs_store_bytes",
+            "Bytes the store takes (SQLite pages, sled files, the PostgreSQL database)",
+        )
+        .expect("valid metric");
         let audit_refusals_aggregated = prometheus::IntCounter::new(
             "ecs_audit_refusals_aggregated_total",
             "Refusals counted into an aggregate audit record (a flood of identical refusals)",
@@ -106,6 +113,7 @@ impl Metrics {
             Box::new(issuance_seconds.clone()),
             Box::new(backend_errors.clone()),
             Box::new(active_registrations.clone()),
+            Box::new(store_bytes.clone()),
             Box::new(audit_refusals_aggregated.clone()),
         ] {
             registry.register(c).expect("unique metric names");
@@ -116,6 +124,7 @@ impl Metrics {
             issuance_seconds,
             backend_errors,
             active_registrations,
+            store_bytes,
             audit_refusals_aggregated,
             backend_ready,
             build_info,

@@ -1194,3 +1194,40 @@ fn signals_sent_as_soon_as_it_listens_are_handled() {
         }
     }
 }
+
+/// The example alert rules and dashboard name only series that the daemon serves (a metric
+/// renamed or dropped would leave an alert that never fires, or an empty panel).
+#[tokio::test]
+async fn the_example_alerts_and_dashboard_use_only_series_the_daemon_serves() {
+    let ecs = Ecs::start();
+    let (status, metrics) = admin_get(ecs.admin_port, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let served: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(examples.join("grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    for file in ["alerts.yml", "grafana-dashboard.json"] {
+        let text = std::fs::read_to_string(examples.join(file)).unwrap();
+        let mut named = 0;
+        for (i, _) in text.match_indices("ecs_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            named += 1;
+            assert!(
+                served.contains(name.as_str()),
+                "{file}: {name} is not served"
+            );
+        }
+        assert!(named > 5, "{file}");
+    }
+}

@@ -930,6 +930,12 @@ async fn the_admin_listener_reports_health_and_metrics() {
     );
     assert!(metrics.contains("ecs_issuance_seconds_bucket"), "{metrics}");
     assert!(metrics.contains("ecs_active_registrations 1"), "{metrics}");
+    let store_bytes: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ecs_store_bytes "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(store_bytes > 0, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -196,6 +196,7 @@ async fn admin(app: Arc<App>, surface: Surface, req: Request<Incoming>) -> Respo
                 app.metrics
                     .active_registrations
                     .set(c.active_registrations as i64);
+                app.metrics.store_bytes.set(c.bytes as i64);
             }
             return response(200, "text/plain; version=0.0.4", app.metrics.render());
         }

@@ -265,6 +265,9 @@ pub type BackupSink = tokio::sync::mpsc::Sender<BackupItem>;
 pub struct StoreCounts {
     pub active_registrations: usize,
     pub audit_records: u64,
+    /// What the store takes: SQLite's database pages, sled's files, the PostgreSQL
+    /// database's size.
+    pub bytes: u64,
 }
 
 /// The answer of [`Store::check_claims`] from what an engine read, the EES ID first and the

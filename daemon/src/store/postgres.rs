@@ -931,9 +931,14 @@ impl Store for PostgresStore {
 
     async fn counts(&self) -> Result<StoreCounts, StoreError> {
         let active: i64 = self.query(schema::COUNT_ACTIVE, &[]).await?[0].get(0);
+        let bytes: i64 = self
+            .query("SELECT pg_database_size(current_database())", &[])
+            .await?[0]
+            .get(0);
         Ok(StoreCounts {
             active_registrations: active as usize,
             audit_records: self.audit_head().await?.0,
+            bytes: bytes as u64,
         })
     }
 

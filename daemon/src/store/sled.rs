@@ -405,6 +405,7 @@ impl BlockingStore for SledStore {
         Ok(StoreCounts {
             active_registrations: active as usize,
             audit_records: self.audit_head()?.0,
+            bytes: self.db.size_on_disk().unwrap_or(0),
         })
     }
 

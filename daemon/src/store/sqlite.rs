@@ -723,9 +723,12 @@ impl Store for SqliteStore {
     async fn counts(&self) -> Result<StoreCounts, StoreError> {
         self.read(|c| {
             let active: i64 = c.query_row(schema::COUNT_ACTIVE, [], |r| r.get(0))?;
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            let page_size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
             Ok(StoreCounts {
                 active_registrations: active as usize,
                 audit_records: read_head(c)?.0,
+                bytes: (pages * page_size) as u64,
             })
         })
         .await
