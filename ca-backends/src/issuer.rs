@@ -29,7 +29,7 @@ use x509_cert::time::{Time, Validity};
 
 /// How long before "now" a certificate's `notBefore` is set, so that a peer whose clock is a
 /// little behind accepts it at once.
-const BACKDATE_SECS: i64 = 300;
+pub const BACKDATE_SECS: i64 = 300;
 
 /// One subjectAltName entry.
 #[derive(Debug, Clone, PartialEq, Eq)]

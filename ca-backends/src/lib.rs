@@ -28,8 +28,9 @@ mod software;
 pub use csr::{CsrInfo, build_csr, parse_csr};
 pub use error::Error;
 pub use issuer::{
-    CaParams, CertIssuer, CertTemplate, IssuedCert, LocalIssuer, PreparedCert, RevocationReason,
-    RevokedEntry, SanEntry, make_ca_certificate, now_unix, sha256_hex, verify_cert_signed_by,
+    BACKDATE_SECS, CaParams, CertIssuer, CertTemplate, IssuedCert, LocalIssuer, PreparedCert,
+    RevocationReason, RevokedEntry, SanEntry, make_ca_certificate, now_unix, sha256_hex,
+    verify_cert_signed_by,
 };
 pub use key::{KeyKind, KeySigner, PublicKeyInfo, SigAlg, classify_spki, verify_signature};
 pub use software::{SoftwareKey, generate_p256_pkcs8_pem};

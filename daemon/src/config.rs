@@ -69,6 +69,20 @@ pub struct ServerConfig {
     /// Longest time to wait for in-flight requests on SIGTERM.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: PolicyDuration,
+    /// Validity of the server certificate the daemon issues itself (no `tls_cert`).
+    #[serde(default = "default_tls_cert_validity")]
+    pub tls_cert_validity: PolicyDuration,
+    /// The self-issued server certificate is replaced this long before it expires, while
+    /// the daemon runs.
+    #[serde(default = "default_tls_renew_before")]
+    pub tls_renew_before: PolicyDuration,
+}
+
+fn default_tls_cert_validity() -> PolicyDuration {
+    PolicyDuration::from_secs(365 * 86_400)
+}
+fn default_tls_renew_before() -> PolicyDuration {
+    PolicyDuration::from_secs(30 * 86_400)
 }
 
 /// Signed checkpoints of the audit chain (`crate::audit::checkpoint`).
@@ -681,6 +695,21 @@ impl Config {
                     }
                 }
             }
+        }
+        // A certificate's validity starts 5 minutes back (clock skew), so that much of
+        // tls_cert_validity is already spent when it is issued.
+        let lifetime = self
+            .server
+            .tls_cert_validity
+            .as_secs()
+            .saturating_sub(ecs_ca_backends::BACKDATE_SECS as u64);
+        if self.server.tls_renew_before.as_secs() >= lifetime {
+            err(
+                "server.tls_renew_before".into(),
+                "must be shorter than server.tls_cert_validity less the 5 minutes a \
+                 certificate is backdated"
+                    .into(),
+            );
         }
         if self.storage.pool_size == 0 {
             err("storage.pool_size".into(), "must be at least 1".into());

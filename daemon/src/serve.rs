@@ -16,12 +16,12 @@ pub async fn serve(cfg: Config) -> Result<(), StartError> {
     let identity = tls::server_identity(&app)
         .await
         .map_err(StartError::Config)?;
-    if let Some(leaf) = identity.chain.first()
-        && let Ok(facts) = ecs_ca_backends::chain::leaf_facts(leaf)
-    {
-        app.metrics.server_cert_not_after.set(facts.not_after);
+    let not_after = identity.not_after();
+    if let Some(t) = not_after {
+        app.metrics.server_cert_not_after.set(t);
     }
-    let tls_config = tls::server_config(identity).map_err(StartError::Config)?;
+    let server_cert = Arc::new(tls::ServerCertificate::new(identity).map_err(StartError::Config)?);
+    let tls_config = tls::server_config(server_cert.clone()).map_err(StartError::Config)?;
     let signals = Signals::install()?;
     let listen = app.cfg.server.listen.clone();
     let listener = TcpListener::bind(&listen)
@@ -59,7 +59,21 @@ pub async fn serve(cfg: Config) -> Result<(), StartError> {
     let checkpointer = tokio::spawn(checkpoint_loop(app.clone(), stop_rx.clone()));
     tokio::spawn(probe_loop(app.clone(), stop_rx.clone()));
     tokio::spawn(crl_loop(app.clone(), stop_rx.clone()));
-    tokio::spawn(reload_on_sighup(app.clone(), signals.hup));
+    tokio::spawn(reload_on_sighup(
+        app.clone(),
+        signals.hup,
+        server_cert.clone(),
+    ));
+    if app.cfg.server.tls_cert.is_none()
+        && let Some(t) = not_after
+    {
+        tokio::spawn(renew_server_certificate(
+            app.clone(),
+            server_cert,
+            t,
+            stop_rx.clone(),
+        ));
+    }
 
     Signals::stop(signals.term, signals.int).await;
     tracing::info!("shutting down");
@@ -249,8 +263,64 @@ impl Signals {
     }
 }
 
-async fn reload_on_sighup(app: Arc<App>, mut hup: tokio::signal::unix::Signal) {
+/// SIGHUP: the policy, and the server certificate when it comes from `tls_cert`/`tls_key`
+/// (files renewed by the operator's tooling): new handshakes present the new one.
+async fn reload_on_sighup(
+    app: Arc<App>,
+    mut hup: tokio::signal::unix::Signal,
+    server_cert: Arc<tls::ServerCertificate>,
+) {
     while hup.recv().await.is_some() {
         let _ = app.reload_policy_recorded("SIGHUP").await;
+        if app.cfg.server.tls_cert.is_some() {
+            match present(&app, &server_cert).await {
+                Ok(()) => tracing::info!("server certificate re-read from server.tls_cert"),
+                Err(e) => tracing::error!(error = %e,
+                    "server certificate not re-read; the current one stays"),
+            }
+        }
+    }
+}
+
+/// Loads or issues the server certificate and presents it from the next handshake on.
+async fn present(app: &App, server_cert: &tls::ServerCertificate) -> Result<(), String> {
+    let identity = tls::server_identity(app).await?;
+    let not_after = identity.not_after();
+    server_cert.replace(identity)?;
+    if let Some(t) = not_after {
+        app.metrics.server_cert_not_after.set(t);
+    }
+    Ok(())
+}
+
+/// Replaces the self-issued server certificate `server.tls_renew_before` its expiry, so a
+/// daemon that runs for years never presents an expired one. A failed renewal (the backend
+/// away) is retried every minute while the current certificate lasts.
+async fn renew_server_certificate(
+    app: Arc<App>,
+    server_cert: Arc<tls::ServerCertificate>,
+    not_after: i64,
+    mut stop: watch::Receiver<bool>,
+) {
+    let before = app.cfg.server.tls_renew_before.as_secs() as i64;
+    let mut due = not_after - before;
+    loop {
+        let wait = (due - crate::clock::now()).max(0) as u64;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
+            _ = stop.changed() => return,
+        }
+        match present(&app, &server_cert).await {
+            Ok(()) => {
+                let t = app.metrics.server_cert_not_after.get();
+                tracing::info!(not_after = %crate::clock::format_time(t),
+                    "server certificate renewed");
+                due = t - before;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "server certificate not renewed; retrying in a minute");
+                due = crate::clock::now() + 60;
+            }
+        }
     }
 }

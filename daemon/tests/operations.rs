@@ -1231,3 +1231,153 @@ async fn the_example_alerts_and_dashboard_use_only_series_the_daemon_serves() {
         assert!(named > 5, "{file}");
     }
 }
+
+/// The serial of the server certificate a new handshake presents.
+fn server_serial(ecs: &Ecs) -> String {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{} </dev/null 2>/dev/null | openssl x509 -noout -serial",
+            ecs.port
+        ))
+        .output()
+        .unwrap();
+    let serial = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        serial.starts_with("serial="),
+        "no server certificate: {serial}"
+    );
+    serial
+}
+
+/// A daemon that runs longer than its self-issued server certificate replaces it before it
+/// expires, without a restart: new handshakes get the new one.
+#[tokio::test]
+async fn the_self_issued_server_certificate_is_renewed_before_it_expires() {
+    let ecs = Ecs::start_with(|text| {
+        *text = text.replacen(
+            "[server]\n",
+            "[server]\ntls_cert_validity = \"400s\"\ntls_renew_before = \"96s\"\n",
+            1,
+        );
+    });
+    let pid = ecs.pid();
+    let first = server_serial(&ecs);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = server_serial(&ecs);
+        if now != first {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not renewed in 20 s:\n{}",
+            ecs.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(ecs.pid(), pid);
+    assert!(
+        ecs.log().contains("server certificate renewed"),
+        "{}",
+        ecs.log()
+    );
+    // The API still answers over the new certificate.
+    ecs.register("ees-renewed.ecsp.example").await;
+}
+
+/// `server.tls_cert` and `tls_key` are re-read on SIGHUP: the operator's tooling renews the
+/// files, and new handshakes present the new certificate without a restart. A key that
+/// does not match its certificate is refused and the current pair stays.
+#[tokio::test]
+async fn tls_cert_files_are_reread_on_sighup() {
+    let make = |dir: &std::path::Path, name: &str| {
+        let (ok, out) = openssl(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.pem"),
+                "-subj",
+                "/CN=127.0.0.1",
+                "-days",
+                "2",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ],
+            dir,
+        );
+        assert!(ok, "{out}");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.join(format!("{name}.key")),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+    };
+    let mut d = initialised();
+    for name in ["a", "b", "c"] {
+        make(d.dir.path(), name);
+    }
+    let install = |d: &Daemon, cert: &str, key: &str| {
+        std::fs::copy(d.dir.path().join(cert), d.dir.path().join("server.pem")).unwrap();
+        std::fs::copy(d.dir.path().join(key), d.dir.path().join("server.key")).unwrap();
+    };
+    install(&d, "a.pem", "a.key");
+    d.edit_config(|t| {
+        *t = t.replacen(
+            "[server]\n",
+            "[server]\ntls_cert = \"server.pem\"\ntls_key = \"server.key\"\n",
+            1,
+        );
+    });
+    assert!(d.spawn(Until::Ready), "{}", d.log());
+    let ecs = Ecs::from_daemon(d);
+    let serial_of = |name: &str| {
+        let (_, out) = openssl(
+            &["x509", "-in", &format!("{name}.pem"), "-noout", "-serial"],
+            ecs.dir.path(),
+        );
+        out.trim().to_string()
+    };
+    assert_eq!(server_serial(&ecs), serial_of("a"));
+    let hup = || {
+        std::process::Command::new("kill")
+            .args(["-HUP", &ecs.pid().to_string()])
+            .status()
+            .unwrap()
+    };
+    let ecs_ref = &ecs;
+    let wait_for = |serial: String| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server_serial(ecs_ref) != serial {
+            assert!(
+                Instant::now() < deadline,
+                "still not {serial}:\n{}",
+                ecs_ref.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    install(&ecs, "b.pem", "b.key");
+    assert!(hup().success());
+    wait_for(serial_of("b")).await;
+    // A certificate with another pair's key: refused, b stays.
+    install(&ecs, "c.pem", "b.key");
+    assert!(hup().success());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(server_serial(&ecs), serial_of("b"));
+    assert!(
+        ecs.log().contains("server certificate not re-read"),
+        "{}",
+        ecs.log()
+    );
+    assert!(ecs.running());
+}

@@ -154,7 +154,7 @@ pub async fn server_identity(app: &App) -> Result<ServerIdentity, String> {
         sans,
         spki_der: key.public_key_der().to_vec(),
         now: now(),
-        validity_secs: 365 * 86_400,
+        validity_secs: cfg.server.tls_cert_validity.as_secs(),
         client_auth: false,
         server_auth: true,
         crl_url: backend.crl_url.clone(),
@@ -181,8 +181,61 @@ pub async fn server_identity(app: &App) -> Result<ServerIdentity, String> {
     Ok(ServerIdentity { chain, key })
 }
 
+impl ServerIdentity {
+    /// When the leaf certificate expires (Unix seconds).
+    pub fn not_after(&self) -> Option<i64> {
+        let leaf = self.chain.first()?;
+        ecs_ca_backends::chain::leaf_facts(leaf)
+            .ok()
+            .map(|f| f.not_after)
+    }
+}
+
+/// The server certificate every new handshake presents, replaceable while the daemon runs
+/// (renewed before it expires, or re-read from `tls_cert`/`tls_key` on reload); handshakes
+/// already made keep theirs.
+#[derive(Debug)]
+pub struct ServerCertificate {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ServerCertificate {
+    pub fn new(id: ServerIdentity) -> Result<Self, String> {
+        Ok(ServerCertificate {
+            current: std::sync::RwLock::new(Arc::new(certified(id)?)),
+        })
+    }
+
+    /// Presents `id` from the next handshake on; refused (and the current one kept) when
+    /// its key does not match its certificate.
+    pub fn replace(&self, id: ServerIdentity) -> Result<(), String> {
+        let new = Arc::new(certified(id)?);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = new;
+        Ok(())
+    }
+}
+
+fn certified(id: ServerIdentity) -> Result<rustls::sign::CertifiedKey, String> {
+    rustls::sign::CertifiedKey::from_der(id.chain, id.key, &profile_provider())
+        .map_err(|e| format!("server certificate: {e}"))
+}
+
+impl rustls::server::ResolvesServerCert for ServerCertificate {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
 /// The rustls server configuration of the EES-facing listener.
-pub fn server_config(id: ServerIdentity) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(cert: Arc<ServerCertificate>) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(profile_provider());
     let verifier = Arc::new(ClientChainVerifier {
         algorithms: provider.signature_verification_algorithms,
@@ -191,8 +244,7 @@ pub fn server_config(id: ServerIdentity) -> Result<Arc<ServerConfig>, String> {
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(id.chain, id.key)
-        .map_err(|e| format!("server certificate: {e}"))?;
+        .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

@@ -852,6 +852,8 @@ async fn update(
     reg.exp_time = kept.registration_expiry;
     reg.supp_feat = req.supp_feat.clone();
     reg.updated_at = now;
+    // Where the certificate a re-key supersedes was issued (its CRL lists it).
+    let previous_backend = current.backend.clone();
     let mut commit_c = Commit {
         expect_current: Some(reg.current_cert.clone()),
         ..Default::default()
@@ -881,14 +883,12 @@ async fn update(
             )
             .outcome?;
         _slot = Some(app.signing.enter().await.ok_or_else(busy)?);
-        let mut new_cert = issue(
-            app,
-            &reg.backend,
-            profile,
-            &approval,
-            (&csr_pem, csr.spki_der),
-        )
-        .await?;
+        // The domain's backend now: after an issuing-CA rotation, a re-key moves the
+        // registration to the new CA, and the superseded certificate goes on the CRL of the
+        // CA that issued it.
+        let backend = app.cfg.domain_backend(&domain).to_string();
+        let mut new_cert =
+            issue(app, &backend, profile, &approval, (&csr_pem, csr.spki_der)).await?;
         new_cert.registration_id = reg.id.clone();
         commit_c.revocations.push((
             cert.serial.clone(),
@@ -900,12 +900,14 @@ async fn update(
         reg.current_cert = new_cert.serial.clone();
         reg.certs.push(new_cert.serial.clone());
         reg.cert_source = CertSource::EcsIssued;
+        reg.backend = backend;
         f.cert_serial = Some(new_cert.serial.clone());
         f.cert_fingerprint = Some(new_cert.fingerprint.clone());
         commit_c.new_certs.push(new_cert.clone());
         cert = new_cert;
     }
     let rekeyed = !commit_c.revocations.is_empty();
+    let superseded_backend = commit_c.revocations.first().and(Some(previous_backend));
     commit_c.registration = Some(reg.clone());
     let mut event = f.event(app, ctx, 200, None);
     if rekeyed {
@@ -913,7 +915,7 @@ async fn update(
     }
     commit_c.audit = Some(event);
     commit(app, commit_c).await?;
-    if rekeyed && let Some(b) = app.backend(&reg.backend) {
+    if let Some(b) = superseded_backend.and_then(|name| app.backend(name.as_str())) {
         b.invalidate_crl().await;
     }
     Ok(Reply {

@@ -125,6 +125,12 @@ impl Ecs {
         }
     }
 
+    /// An ECS from a daemon this test started itself.
+    pub fn from_daemon(d: Daemon) -> Ecs {
+        let root_pem = std::fs::read(d.dir.path().join("root.pem")).unwrap();
+        Ecs { d, root_pem }
+    }
+
     pub fn restart(&mut self) {
         assert!(self.d.spawn(Until::Ready), "ecsd did not restart");
     }
