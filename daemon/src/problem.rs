@@ -42,6 +42,35 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// Every cause, for the documentation check (a new variant is added here too).
+    pub const ALL: [Cause; 22] = {
+        use Cause::*;
+        [
+            InvalidMsgFormat,
+            MandatoryIeMissing,
+            MandatoryIeIncorrect,
+            InvalidCsr,
+            WeakKey,
+            InvalidToken,
+            ClientCertRequired,
+            TokenReplayed,
+            EesIdMismatch,
+            EesAlreadyRegistered,
+            UntrustedClientCert,
+            PolicyRejected,
+            NotRegistrationOwner,
+            RegistrationNotFound,
+            PayloadTooLarge,
+            UnsupportedMediaType,
+            TooManyRequests,
+            BackendUnavailable,
+            StorageUnavailable,
+            ResourceNotFound,
+            MethodNotAllowed,
+            SystemFailure,
+        ]
+    };
+
     pub fn status(self) -> u16 {
         use Cause::*;
         match self {
