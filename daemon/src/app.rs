@@ -209,17 +209,25 @@ pub fn own_names(cfg: &Config) -> Result<ecs_policy::OwnNames, String> {
     Ok(ecs_policy::OwnNames::new(dns, ips))
 }
 
+/// The loaded signing backends and their CA chains.
+pub struct Issuers {
+    pub backends: crate::backends::Backends,
+    /// The backends' CA chains (PEM), trusted for fetching CRLs.
+    pub roots: Vec<u8>,
+}
+
 /// Everything a request needs.
 pub struct App {
     pub cfg: Config,
     pub store: Arc<dyn Store>,
     pub tokens: TokenVerifier,
-    pub backends: BTreeMap<String, Arc<Backend>>,
+    /// The signing backends: swapped whole by a reload that adds, changes or removes one
+    /// (an issuing-CA rotation), while requests in flight finish with the set they began
+    /// with.
+    issuers: std::sync::RwLock<Arc<Issuers>>,
     /// The policy in force: swapped whole by a reload.
     policy: std::sync::RwLock<Arc<Policy>>,
     pub metrics: Metrics,
-    /// The backends' CA chains (PEM), trusted for fetching CRLs.
-    roots: Vec<u8>,
     pub limiters: Limiters,
     pub signing: SigningQueue,
     /// The ECS's own names and addresses, which no EES certificate may carry.
@@ -289,6 +297,22 @@ pub enum StartError {
     Other(String),
 }
 
+/// Gives each backend's series their zeros and its issuing CA's expiry.
+fn observe(metrics: &Metrics, backends: &crate::backends::Backends) {
+    let names: Vec<&str> = backends.keys().map(String::as_str).collect();
+    metrics.prime(&names);
+    for (name, b) in backends {
+        if let Some(ca) = b.issuer.chain_der().first()
+            && let Ok(facts) = ecs_ca_backends::chain::leaf_facts(ca)
+        {
+            metrics
+                .ca_not_after
+                .with_label_values(&[name])
+                .set(facts.not_after);
+        }
+    }
+}
+
 impl App {
     /// Builds the ECS from a loaded configuration: loads and checks every backend's key
     /// against its certificate, loads the token issuers' keys and the policy, and only then
@@ -315,18 +339,7 @@ impl App {
             None => None,
         };
         let metrics = Metrics::new();
-        let names: Vec<&str> = backends.keys().map(String::as_str).collect();
-        metrics.prime(&names);
-        for (name, b) in &backends {
-            if let Some(ca) = b.issuer.chain_der().first()
-                && let Ok(facts) = ecs_ca_backends::chain::leaf_facts(ca)
-            {
-                metrics
-                    .ca_not_after
-                    .with_label_values(&[name])
-                    .set(facts.not_after);
-            }
-        }
+        observe(&metrics, &backends);
         let store = crate::store::open(&cfg.storage)
             .await
             .map_err(|e| StartError::Other(format!("{}: {e}", cfg.storage.location_key())))?;
@@ -338,9 +351,8 @@ impl App {
             cfg,
             store,
             tokens,
-            backends,
+            issuers: std::sync::RwLock::new(Arc::new(Issuers { backends, roots })),
             policy: std::sync::RwLock::new(Arc::new(policy)),
-            roots,
             limiters,
             signing,
             metrics,
@@ -391,13 +403,21 @@ impl App {
         Ok(der)
     }
 
-    pub fn backend(&self, name: &str) -> Option<&Arc<Backend>> {
-        self.backends.get(name)
+    /// The signing backends as they are now.
+    pub fn issuers(&self) -> Arc<Issuers> {
+        self.issuers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    pub fn default_backend(&self) -> &Arc<Backend> {
-        self.backends
-            .get(self.cfg.default_backend())
+    pub fn backend(&self, name: &str) -> Option<Arc<Backend>> {
+        self.issuers().backends.get(name).cloned()
+    }
+
+    /// The default backend (`server.tls_backend`), which a reload never changes.
+    pub fn default_backend(&self) -> Arc<Backend> {
+        self.backend(self.cfg.default_backend())
             .expect("validated: the default backend exists")
     }
 
@@ -409,8 +429,9 @@ impl App {
             .clone()
     }
 
-    /// Re-reads the configuration file and swaps in its `[domains]` when it is valid and
-    /// nothing else changed. Returns (old hash, new hash); on error the running policy stays.
+    /// Re-reads the configuration file and swaps in its `[domains]` and `[backends]` when
+    /// it is valid and nothing else changed. Returns (old hash, new hash); on error the
+    /// running policy and backends stay.
     pub fn reload_policy(&self) -> Result<(String, String), String> {
         let (new, _) = Config::load(&self.cfg.source).map_err(|e| e.0)?;
         let j = |v: &dyn erased_json::Json| v.json();
@@ -418,7 +439,6 @@ impl App {
             ("ecs_id", j(&self.cfg.ecs_id) != j(&new.ecs_id)),
             ("server", j(&self.cfg.server) != j(&new.server)),
             ("storage", j(&self.cfg.storage) != j(&new.storage)),
-            ("backends", j(&self.cfg.backends) != j(&new.backends)),
             (
                 "token_issuers",
                 j(&self.cfg.token_issuers) != j(&new.token_issuers),
@@ -429,12 +449,43 @@ impl App {
         ] {
             if changed {
                 return Err(format!(
-                    "{}: [{section}] changed; only [domains] change without a restart",
+                    "{}: [{section}] changed; only [domains] and [backends] change without a \
+                     restart",
                     self.cfg.source.display()
                 ));
             }
         }
-        let policy = Policy::load(&new, &self.roots)?;
+        // The server certificate and /pki/v1/crl stay with the backend they started with.
+        if new.default_backend() != self.cfg.default_backend() {
+            return Err(format!(
+                "{}: the default backend would become {:?}: name server.tls_backend = {:?} \
+                 to keep it, or restart",
+                self.cfg.source.display(),
+                new.default_backend(),
+                self.cfg.default_backend()
+            ));
+        }
+        let running = self.issuers();
+        let issuers = if j(&self.cfg.backends) == j(&new.backends) {
+            running.clone()
+        } else {
+            // Loaded (and each key checked) before anything is swapped; an unchanged
+            // backend is the running one.
+            let (backends, roots) =
+                crate::backends::load_all_keeping(&new, Some((&self.cfg, &running.backends)))?;
+            Arc::new(Issuers { backends, roots })
+        };
+        let policy = Policy::load(&new, &issuers.roots)?;
+        if !Arc::ptr_eq(&issuers, &running) {
+            observe(&self.metrics, &issuers.backends);
+            let added: Vec<&String> = issuers
+                .backends
+                .keys()
+                .filter(|n| !running.backends.contains_key(*n))
+                .collect();
+            tracing::info!(?added, "signing backends reloaded");
+            *self.issuers.write().unwrap_or_else(|e| e.into_inner()) = issuers;
+        }
         let mut slot = self.policy.write().unwrap_or_else(|e| e.into_inner());
         let old = slot.hash.clone();
         let hash = policy.hash.clone();
@@ -492,7 +543,7 @@ impl App {
     /// updates the `ecs_backend_ready` gauge.
     pub async fn backend_readiness(&self) -> Vec<(String, Result<(), String>)> {
         let mut out = Vec::new();
-        for (name, b) in &self.backends {
+        for (name, b) in &self.issuers().backends {
             let issuer = b.issuer.clone();
             let ready = tokio::task::spawn_blocking(move || issuer.ready())
                 .await

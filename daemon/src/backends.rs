@@ -104,10 +104,33 @@ pub type Backends = BTreeMap<String, Arc<Backend>>;
 /// (what the daemon trusts when it fetches CRLs). The one factory of signing backends: a new
 /// kind is one file in `ecs-ca-backends` and one arm of [`load_backend`].
 pub fn load_all(cfg: &Config) -> Result<(Backends, Vec<u8>), String> {
+    load_all_keeping(cfg, None)
+}
+
+/// [`load_all`] on a reload: a backend whose section is unchanged in `cfg` is kept as it
+/// runs in `running` (its key, HSM session and cached CRL), the others are loaded.
+pub fn load_all_keeping(
+    cfg: &Config,
+    running: Option<(&Config, &Backends)>,
+) -> Result<(Backends, Vec<u8>), String> {
     let mut backends = BTreeMap::new();
     let mut roots = Vec::new();
     let base = cfg.source.parent().unwrap_or(std::path::Path::new("."));
     for (name, b) in &cfg.backends {
+        let kept = running.and_then(|(old_cfg, old)| {
+            let same = old_cfg
+                .backends
+                .get(name)
+                .is_some_and(|ob| serde_json::to_value(ob).ok() == serde_json::to_value(b).ok());
+            same.then(|| old.get(name).cloned()).flatten()
+        });
+        if let Some(backend) = kept {
+            for d in backend.issuer.chain_der() {
+                roots.extend_from_slice(der_to_pem(d, "CERTIFICATE").as_bytes());
+            }
+            backends.insert(name.clone(), backend);
+            continue;
+        }
         let issuer = load_backend(name, b, base)?;
         for d in issuer.chain_der() {
             roots.extend_from_slice(der_to_pem(d, "CERTIFICATE").as_bytes());

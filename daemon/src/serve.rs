@@ -203,7 +203,7 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
 async fn crl_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_secs((app.cfg.server.crl_validity.as_secs() / 4).max(1));
     loop {
-        for b in app.backends.values() {
+        for b in app.issuers().backends.values() {
             if !b.issuer.revocation_published() {
                 continue;
             }

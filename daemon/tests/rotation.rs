@@ -42,13 +42,21 @@ async fn crl(ecs: &Ecs, path: &str) -> (String, Vec<(Vec<u8>, u8)>) {
     (c.issuer().to_string(), entries)
 }
 
+fn sighup(ecs: &Ecs) {
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &ecs.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
 #[tokio::test]
 async fn a_new_issuing_ca_takes_over_while_the_old_one_keeps_publishing_its_crl() {
-    let mut ecs = Ecs::start();
+    let ecs = Ecs::start();
+    let pid = ecs.pid();
     let kept = ecs.register("ees-kept.ecsp.example").await;
     let ended = ecs.register("ees-ended.ecsp.example").await;
     let old_issuer = issuer_cn(&kept.cert_pem);
-    assert!(ecs.terminate().success());
 
     // The new hierarchy, made offline (openssl here; a key ceremony in production).
     let keys = ecs.dir.path().join("keys");
@@ -136,8 +144,26 @@ async fn a_new_issuing_ca_takes_over_while_the_old_one_keeps_publishing_its_crl(
         std::fs::Permissions::from_mode(0o600),
     )
     .unwrap();
-    // The domain issues with the new CA; the old one stays, publishing its CRL (and, as
-    // tls_backend, still certifying the server).
+    // A reload that would move the default backend (the server certificate's and
+    // /pki/v1/crl's, server.tls_backend) is refused, and the running backends stay.
+    let original = std::fs::read_to_string(ecs.config_path()).unwrap();
+    ecs.edit_config(|t| {
+        *t = t.replace("tls_backend = \"soft\"\n", "tls_backend = \"soft2\"\n");
+        t.push_str(
+            "\n[backends.soft2]\nkind = \"software\"\nkey = \"keys/issuing2.key\"\ncert = \"keys/issuing2-chain.pem\"\n",
+        );
+    });
+    sighup(&ecs);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ecs.log().contains("policy reload refused") {
+        assert!(std::time::Instant::now() < deadline, "{}", ecs.log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ecs.log().contains("[server] changed"), "{}", ecs.log());
+    std::fs::write(ecs.config_path(), original).unwrap();
+
+    // The rotation, on a reload without a restart: the domain issues with the new CA; the
+    // old one stays, publishing its CRL (and, as tls_backend, still certifying the server).
     ecs.edit_config(|t| {
         *t = t.replacen("[domains.default]\n", "[domains.default]\nbackend = \"soft2\"\n", 1);
         let domain = t.find("[domains.default]").unwrap();
@@ -147,11 +173,31 @@ async fn a_new_issuing_ca_takes_over_while_the_old_one_keeps_publishing_its_crl(
             "\n[backends.soft2]\nkind = \"software\"\nkey = \"keys/issuing2.key\"\ncert = \"keys/issuing2-chain.pem\"\n",
         );
     });
-    ecs.restart();
+    sighup(&ecs);
 
-    // New registrations: the new CA, its CRL URL, its chain.
-    let fresh = ecs.register("ees-fresh.ecsp.example").await;
-    assert!(issuer_cn(&fresh.cert_pem).contains("ECS Issuing CA 2"));
+    // New registrations: the new CA, as soon as the reload is done.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut n = 0;
+    let fresh = loop {
+        n += 1;
+        let e = ecs.register(&format!("ees-fresh-{n}.ecsp.example")).await;
+        if issuer_cn(&e.cert_pem).contains("ECS Issuing CA 2") {
+            break e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not rotated:\n{}",
+            ecs.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(ecs.pid(), pid, "restarted");
+    let r = ecs
+        .client_as(&fresh)
+        .request("GET", &fresh.location, &[], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
     // Registrations from before authenticate as they did.
     let r = ecs
         .client_as(&kept)

@@ -214,11 +214,11 @@ async fn route(
         };
     }
     let backend = match path {
-        "/pki/v1/ca" | "/pki/v1/crl" => Some(app.default_backend().clone()),
+        "/pki/v1/ca" | "/pki/v1/crl" => Some(app.default_backend()),
         p => p
             .strip_prefix("/pki/v1/crl/")
             .or_else(|| p.strip_prefix("/pki/v1/ca/"))
-            .and_then(|name| app.backend(name).cloned()),
+            .and_then(|name| app.backend(name)),
     };
     if let Some(b) = backend {
         if method != Method::GET && method != Method::HEAD {

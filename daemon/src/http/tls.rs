@@ -147,7 +147,7 @@ pub async fn server_identity(app: &App) -> Result<ServerIdentity, String> {
         add(SanEntry::Dns(cfg.ecs_id.to_ascii_lowercase()));
     }
     add(SanEntry::Ip(std::net::Ipv4Addr::LOCALHOST.into()));
-    let backend = app.default_backend().clone();
+    let backend = app.default_backend();
     let template = CertTemplate {
         common_name: cfg.ecs_id.clone(),
         organization: None,
