@@ -23,6 +23,8 @@ pub async fn serve(cfg: Config) -> Result<(), StartError> {
     let server_cert = Arc::new(tls::ServerCertificate::new(identity).map_err(StartError::Config)?);
     let tls_config = tls::server_config(server_cert.clone()).map_err(StartError::Config)?;
     let signals = Signals::install()?;
+    // Published from the first request on, whether or not anyone fetches it.
+    sign_crls(&app).await;
     let listen = app.cfg.server.listen.clone();
     let listener = TcpListener::bind(&listen)
         .await
@@ -200,22 +202,29 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
 /// Publishes each backend's CRL at start and signs it again on a schedule, so that the
 /// published CRL never goes stale when nobody fetches it: every quarter of its validity,
 /// a CRL past half its validity is re-signed (`App::crl`).
+/// Signs each backend's CRL that is due (past half its validity, or never signed).
+async fn sign_crls(app: &App) {
+    for b in app.issuers().backends.values() {
+        if !b.issuer.revocation_published() {
+            continue;
+        }
+        if let Err(e) = app.crl(b).await {
+            tracing::warn!(backend = %b.name, cause = e.cause.code(), detail = %e.detail,
+                "CRL not signed; the next attempt follows");
+        }
+    }
+}
+
+/// Re-signs the CRLs every quarter of `server.crl_validity` (the first ones were signed
+/// before the daemon started serving).
 async fn crl_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_secs((app.cfg.server.crl_validity.as_secs() / 4).max(1));
     loop {
-        for b in app.issuers().backends.values() {
-            if !b.issuer.revocation_published() {
-                continue;
-            }
-            if let Err(e) = app.crl(b).await {
-                tracing::warn!(backend = %b.name, cause = e.cause.code(), detail = %e.detail,
-                    "CRL not signed; the next attempt follows");
-            }
-        }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
+        sign_crls(&app).await;
     }
 }
 

@@ -10,6 +10,35 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// A P-256 key (`DIR/NAME.key`, mode 0600) and a self-signed certificate for it
+/// (`DIR/NAME.pem`, two days) with `subject`, made by openssl; `extra` are more arguments of
+/// `openssl req` (e.g. `-addext subjectAltName=IP:127.0.0.1`).
+pub fn openssl_self_signed(dir: &Path, name: &str, subject: &str, extra: &[&str]) {
+    let (key, cert) = (format!("{name}.key"), format!("{name}.pem"));
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-out",
+        &cert,
+        "-subj",
+        subject,
+        "-days",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out) = output(Command::new("openssl").args(&args).current_dir(dir));
+    assert!(ok, "openssl {args:?}: {out}");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

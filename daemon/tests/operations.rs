@@ -810,15 +810,9 @@ async fn a_prefilled_store_serves_its_registrations_and_crl() {
     ecs.restart();
     let (_, metrics) = admin_get(ecs.admin_port, "/metrics").unwrap();
     assert!(metrics.contains("ecs_active_registrations 45"), "{metrics}");
-    let r = ecs
-        .client()
-        .request("GET", &ecs.url("/pki/v1/crl"), &[], None)
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200);
+    let der = ecs.crl_at("/pki/v1/crl").await;
     use x509_parser::prelude::FromDer;
-    let (_, crl) =
-        x509_parser::revocation_list::CertificateRevocationList::from_der(&r.body).unwrap();
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
     assert_eq!(crl.iter_revoked_certificates().count(), 5);
     let (ok, records) = ecs.audit();
     assert!(ok, "the prefilled audit records chain");
@@ -1291,40 +1285,14 @@ async fn the_self_issued_server_certificate_is_renewed_before_it_expires() {
 /// does not match its certificate is refused and the current pair stays.
 #[tokio::test]
 async fn tls_cert_files_are_reread_on_sighup() {
-    let make = |dir: &std::path::Path, name: &str| {
-        let (ok, out) = openssl(
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.pem"),
-                "-subj",
-                "/CN=127.0.0.1",
-                "-days",
-                "2",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-            ],
-            dir,
-        );
-        assert!(ok, "{out}");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            dir.join(format!("{name}.key")),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .unwrap();
-    };
     let mut d = initialised();
     for name in ["a", "b", "c"] {
-        make(d.dir.path(), name);
+        ecs_daemon::testing::openssl_self_signed(
+            d.dir.path(),
+            name,
+            "/CN=127.0.0.1",
+            &["-addext", "subjectAltName=IP:127.0.0.1"],
+        );
     }
     let install = |d: &Daemon, cert: &str, key: &str| {
         std::fs::copy(d.dir.path().join(cert), d.dir.path().join("server.pem")).unwrap();

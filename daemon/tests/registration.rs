@@ -756,7 +756,7 @@ async fn an_ees_reads_updates_rekeys_and_deregisters_with_its_certificate() {
         .await
         .unwrap();
     assert_problem(&r, 404, "REGISTRATION_NOT_FOUND");
-    let crl = crl(&ecs).await;
+    let crl = ecs.crl_at("/pki/v1/crl").await;
     let (_, parsed) = CertificateRevocationList::from_der(&crl).unwrap();
     let reasons: Vec<(Vec<u8>, u8)> = parsed
         .iter_revoked_certificates()
@@ -792,17 +792,6 @@ fn with_location(
     r
 }
 
-async fn crl(ecs: &Ecs) -> Vec<u8> {
-    let r = ecs
-        .client()
-        .request("GET", &ecs.url("/pki/v1/crl"), &[], None)
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200);
-    assert_eq!(r.header("content-type"), Some("application/pkix-crl"));
-    r.body
-}
-
 #[tokio::test]
 async fn the_ca_chain_and_a_fresh_crl_are_published() {
     let ecs = Ecs::start();
@@ -820,7 +809,7 @@ async fn the_ca_chain_and_a_fresh_crl_are_published() {
     assert_eq!(chain.len(), 2, "issuing CA, then root");
     let (_, issuing) = X509Certificate::from_der(&chain[0]).unwrap();
 
-    let first = crl(&ecs).await;
+    let first = ecs.crl_at("/pki/v1/crl").await;
     let (_, c1) = CertificateRevocationList::from_der(&first).unwrap();
     assert_eq!(c1.issuer(), issuing.subject());
     assert!(c1.next_update().is_some());
@@ -832,7 +821,7 @@ async fn the_ca_chain_and_a_fresh_crl_are_published() {
         .await
         .unwrap();
     assert_eq!(r.status, 204);
-    let second = crl(&ecs).await;
+    let second = ecs.crl_at("/pki/v1/crl").await;
     let (_, c2) = CertificateRevocationList::from_der(&second).unwrap();
     assert!(c2.crl_number().unwrap() > c1.crl_number().unwrap());
     assert_eq!(c2.iter_revoked_certificates().count(), 1);
@@ -895,7 +884,7 @@ async fn a_registration_past_its_exptime_is_implicitly_deregistered() {
         .await
         .unwrap();
     assert_problem(&r, 404, "REGISTRATION_NOT_FOUND");
-    let der = crl(&ecs).await;
+    let der = ecs.crl_at("/pki/v1/crl").await;
     let (_, parsed) = CertificateRevocationList::from_der(&der).unwrap();
     let revoked: Vec<_> = parsed.iter_revoked_certificates().collect();
     assert_eq!(revoked.len(), 1);
@@ -995,7 +984,7 @@ async fn concurrent_rekeys_are_serialised_and_every_certificate_is_revoked_at_th
         .unwrap();
     assert_eq!(r.status, 204);
     // No certificate of the registration is left unrevoked.
-    let der = crl(&ecs).await;
+    let der = ecs.crl_at("/pki/v1/crl").await;
     let (_, parsed) = CertificateRevocationList::from_der(&der).unwrap();
     let revoked: Vec<Vec<u8>> = parsed
         .iter_revoked_certificates()

@@ -22,20 +22,50 @@ fn on(ecs: &Ecs, ees: &Ees) -> String {
     ecs.url(&format!("/eecs-{path}"))
 }
 
-async fn crl_of(ecs: &Ecs) -> Vec<u8> {
-    let r = ecs
-        .client()
-        .request("GET", &ecs.url("/pki/v1/crl"), &[], None)
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200);
-    r.body
-}
-
 fn serial_of(ees: &Ees) -> Vec<u8> {
     let der = ecs_ca_backends::pem_chain_to_der(&ees.cert_pem).unwrap();
     let (_, c) = X509Certificate::from_der(&der[0]).unwrap();
     c.raw_serial().to_vec()
+}
+
+/// POSTs `n` registrations of `ees_id` at once, request `i` through replica `i % len` with
+/// `token(i)`: the number of 201s; every other answer must be refused with `cause`.
+async fn race(
+    replicas: &[Ecs],
+    n: usize,
+    ees_id: &str,
+    token: impl Fn(usize) -> String,
+    cause: &str,
+) -> usize {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let ecs = &replicas[i % replicas.len()];
+        let (url, client, token) = (ecs.url(API), ecs.client(), token(i));
+        let body = registration_body(ees_id, &Key::new().csr("x"));
+        tasks.push(tokio::spawn(async move {
+            client
+                .request(
+                    "POST",
+                    &url,
+                    &[
+                        ("content-type", "application/json"),
+                        ("authorization", &format!("Bearer {token}")),
+                    ],
+                    Some(body.to_string().into_bytes()),
+                )
+                .await
+                .unwrap()
+        }));
+    }
+    let mut created = 0;
+    for t in tasks {
+        let resp = t.await.unwrap();
+        match resp.status {
+            201 => created += 1,
+            _ => assert_problem(&resp, 403, cause),
+        }
+    }
+    created
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -63,70 +93,30 @@ async fn two_replicas_are_one_ecs() {
 
     // 16 concurrent uses of one token over both: exactly one 201.
     let token = a.token("ees-race.ecsp.example");
-    let mut tasks = Vec::new();
-    for i in 0..16 {
-        let (url, client) = (r[i % 2].url(API), r[i % 2].client());
-        let token = token.clone();
-        tasks.push(tokio::spawn(async move {
-            let body = registration_body("ees-race.ecsp.example", &Key::new().csr("x"));
-            client
-                .request(
-                    "POST",
-                    &url,
-                    &[
-                        ("content-type", "application/json"),
-                        ("authorization", &format!("Bearer {token}")),
-                    ],
-                    Some(body.to_string().into_bytes()),
-                )
-                .await
-                .unwrap()
-        }));
-    }
-    let mut created = 0;
-    for t in tasks {
-        let resp = t.await.unwrap();
-        match resp.status {
-            201 => created += 1,
-            _ => assert_problem(&resp, 403, "TOKEN_REPLAYED"),
-        }
-    }
+    let created = race(
+        &r,
+        16,
+        "ees-race.ecsp.example",
+        |_| token.clone(),
+        "TOKEN_REPLAYED",
+    )
+    .await;
     assert_eq!(created, 1);
 
     // 8 concurrent registrations of one EES ID, distinct tokens, over both: one 201.
-    let mut tasks = Vec::new();
-    for i in 0..8 {
-        let (url, client) = (r[i % 2].url(API), r[i % 2].client());
-        let token = r[i % 2].token("ees-same.ecsp.example");
-        tasks.push(tokio::spawn(async move {
-            let body = registration_body("ees-same.ecsp.example", &Key::new().csr("x"));
-            client
-                .request(
-                    "POST",
-                    &url,
-                    &[
-                        ("content-type", "application/json"),
-                        ("authorization", &format!("Bearer {token}")),
-                    ],
-                    Some(body.to_string().into_bytes()),
-                )
-                .await
-                .unwrap()
-        }));
-    }
-    let mut created = 0;
-    for t in tasks {
-        let resp = t.await.unwrap();
-        match resp.status {
-            201 => created += 1,
-            _ => assert_problem(&resp, 403, "EES_ALREADY_REGISTERED"),
-        }
-    }
+    let created = race(
+        &r,
+        8,
+        "ees-same.ecsp.example",
+        |i| r[i % 2].token("ees-same.ecsp.example"),
+        "EES_ALREADY_REGISTERED",
+    )
+    .await;
     assert_eq!(created, 1);
 
     // DELETE through one: refused at once on the other, and on the other's CRL (well
     // within 5 s: the count of revocations changed), with a larger cRLNumber.
-    let before = crl_of(a).await;
+    let before = a.crl_at("/pki/v1/crl").await;
     let (_, c1) = CertificateRevocationList::from_der(&before).unwrap();
     let gone = a.register("ees-gone.ecsp.example").await;
     let r_del = b
@@ -142,7 +132,7 @@ async fn two_replicas_are_one_ecs() {
     );
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let after = crl_of(a).await;
+        let after = a.crl_at("/pki/v1/crl").await;
         let (_, c2) = CertificateRevocationList::from_der(&after).unwrap();
         let listed = c2
             .iter_revoked_certificates()

@@ -23,13 +23,8 @@ fn serial_of(ees: &Ees) -> Vec<u8> {
 
 /// (issuer, revoked serials with their reason codes) of the CRL at `path`.
 async fn crl(ecs: &Ecs, path: &str) -> (String, Vec<(Vec<u8>, u8)>) {
-    let r = ecs
-        .client()
-        .request("GET", &ecs.url(path), &[], None)
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200, "{path}");
-    let (_, c) = CertificateRevocationList::from_der(&r.body).unwrap();
+    let der = ecs.crl_at(path).await;
+    let (_, c) = CertificateRevocationList::from_der(&der).unwrap();
     let entries = c
         .iter_revoked_certificates()
         .map(|e| {

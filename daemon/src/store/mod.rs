@@ -14,6 +14,7 @@ mod postgres;
 pub mod schema;
 mod sled;
 mod sqlite;
+mod writes;
 
 use self::blocking::OffReactor;
 use self::postgres::PostgresStore;

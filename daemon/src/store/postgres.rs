@@ -14,6 +14,7 @@
 //! the group, only once the database has made it durable. Reads use a pool.
 
 use super::schema::{self, Dialect};
+use super::writes::{Done, Job, Work, Writes};
 use super::*;
 use crate::audit::GENESIS_HASH;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -40,25 +41,6 @@ pub struct PostgresStore {
     jobs: mpsc::UnboundedSender<Job>,
     /// `host:port/database`, for messages (never the password).
     label: String,
-}
-
-enum Work {
-    Commit(Box<Commit>),
-    CommitAll(Vec<Commit>),
-    NextCrlNumber(String),
-    Purge(i64),
-}
-
-enum Done {
-    Audit(Option<Box<AuditRecord>>),
-    Unit,
-    Number(u64),
-    Count(usize),
-}
-
-struct Job {
-    work: Work,
-    reply: oneshot::Sender<Result<Done, StoreError>>,
 }
 
 /// TLS to the database: verified against `tls_ca`, or none (loopback, a private network).
@@ -198,16 +180,6 @@ impl PostgresStore {
             jobs: tx,
             label,
         })
-    }
-
-    async fn write(&self, work: Work) -> Result<Done, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Job { work, reply })
-            .map_err(|_| StoreError::Io("the store's writer stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Io("the store's writer stopped".into()))?
     }
 
     /// A pooled connection, or the store reported unavailable.
@@ -460,17 +432,6 @@ impl Writer {
         }
         client.batch_execute("COMMIT").await.map_err(&fail)?;
         Ok(results)
-    }
-}
-
-impl Work {
-    /// The commits a job carries.
-    fn commits(&self) -> &[Commit] {
-        match self {
-            Work::Commit(c) => std::slice::from_ref(c.as_ref()),
-            Work::CommitAll(cs) => cs,
-            Work::NextCrlNumber(_) | Work::Purge(_) => &[],
-        }
     }
 }
 
@@ -807,24 +768,30 @@ fn exists(rows: Vec<Row>) -> bool {
 }
 
 #[async_trait::async_trait]
+impl Writes for PostgresStore {
+    async fn write(&self, work: Work) -> Result<Done, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { work, reply })
+            .map_err(|_| StoreError::Io("the store's writer stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Io("the store's writer stopped".into()))?
+    }
+}
+
+#[async_trait::async_trait]
 impl Store for PostgresStore {
     async fn commit(&self, c: Commit) -> Result<Option<AuditRecord>, StoreError> {
-        match self.write(Work::Commit(Box::new(c))).await? {
-            Done::Audit(a) => Ok(a.map(|a| *a)),
-            _ => unreachable!("a commit answers with its audit record"),
-        }
+        Writes::commit(self, c).await
     }
 
     async fn commit_all(&self, cs: Vec<Commit>) -> Result<(), StoreError> {
-        self.write(Work::CommitAll(cs)).await.map(|_| ())
+        Writes::commit_all(self, cs).await
     }
 
     async fn record(&self, event: AuditEvent) -> Result<Option<AuditRecord>, StoreError> {
-        self.commit(Commit {
-            audit: Some(event),
-            ..Default::default()
-        })
-        .await
+        Writes::record(self, event).await
     }
 
     async fn registration(&self, id: &str) -> Result<Option<RegistrationRecord>, StoreError> {
@@ -901,17 +868,11 @@ impl Store for PostgresStore {
     }
 
     async fn purge_spent_tokens(&self, before: i64) -> Result<usize, StoreError> {
-        match self.write(Work::Purge(before)).await? {
-            Done::Count(n) => Ok(n),
-            _ => unreachable!("a purge answers with a count"),
-        }
+        Writes::purge_spent_tokens(self, before).await
     }
 
     async fn next_crl_number(&self, backend: &str) -> Result<u64, StoreError> {
-        match self.write(Work::NextCrlNumber(backend.to_owned())).await? {
-            Done::Number(n) => Ok(n),
-            _ => unreachable!("a CRL number answers with a number"),
-        }
+        Writes::next_crl_number(self, backend).await
     }
 
     async fn audit_records(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
@@ -943,9 +904,7 @@ impl Store for PostgresStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        // Every write was durable when its COMMIT returned; an empty group through the
-        // writer waits for the ones before it.
-        self.write(Work::CommitAll(Vec::new())).await.map(|_| ())
+        Writes::flush(self).await
     }
 
     async fn backup(&self, sink: BackupSink) -> Result<(), StoreError> {

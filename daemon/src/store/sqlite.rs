@@ -8,6 +8,7 @@
 //! on the blocking pool and never wait for the writer (WAL readers see the last commit).
 
 use super::schema::{self, Dialect};
+use super::writes::{Done, Job, Work, Writes};
 use super::*;
 use crate::audit::GENESIS_HASH;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
@@ -50,25 +51,6 @@ impl Drop for Inner {
             let _ = w.join();
         }
     }
-}
-
-enum Work {
-    Commit(Box<Commit>),
-    CommitAll(Vec<Commit>),
-    NextCrlNumber(String),
-    Purge(i64),
-}
-
-enum Done {
-    Audit(Option<Box<AuditRecord>>),
-    Unit,
-    Number(u64),
-    Count(usize),
-}
-
-struct Job {
-    work: Work,
-    reply: oneshot::Sender<Result<Done, StoreError>>,
 }
 
 fn io(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -128,20 +110,6 @@ impl SqliteStore {
                 _lock: lock,
             }),
         })
-    }
-
-    async fn write(&self, work: Work) -> Result<Done, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        {
-            let jobs = self.inner.jobs.lock().unwrap_or_else(|e| e.into_inner());
-            jobs.as_ref()
-                .ok_or_else(|| StoreError::Io("the store is closing".into()))?
-                .send(Job { work, reply })
-                .map_err(|_| StoreError::Io("the store's writer stopped".into()))?;
-        }
-        answer
-            .await
-            .map_err(|_| StoreError::Io("the store's writer stopped".into()))?
     }
 
     /// Runs `f` with a read connection, on the blocking pool.
@@ -582,24 +550,34 @@ fn dump(c: &Connection, each: &mut dyn FnMut(BackupItem) -> bool) -> rusqlite::R
 }
 
 #[async_trait::async_trait]
+impl Writes for SqliteStore {
+    async fn write(&self, work: Work) -> Result<Done, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        {
+            let jobs = self.inner.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            jobs.as_ref()
+                .ok_or_else(|| StoreError::Io("the store is closing".into()))?
+                .send(Job { work, reply })
+                .map_err(|_| StoreError::Io("the store's writer stopped".into()))?;
+        }
+        answer
+            .await
+            .map_err(|_| StoreError::Io("the store's writer stopped".into()))?
+    }
+}
+
+#[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn commit(&self, c: Commit) -> Result<Option<AuditRecord>, StoreError> {
-        match self.write(Work::Commit(Box::new(c))).await? {
-            Done::Audit(a) => Ok(a.map(|a| *a)),
-            _ => unreachable!("a commit answers with its audit record"),
-        }
+        Writes::commit(self, c).await
     }
 
     async fn commit_all(&self, cs: Vec<Commit>) -> Result<(), StoreError> {
-        self.write(Work::CommitAll(cs)).await.map(|_| ())
+        Writes::commit_all(self, cs).await
     }
 
     async fn record(&self, event: AuditEvent) -> Result<Option<AuditRecord>, StoreError> {
-        self.commit(Commit {
-            audit: Some(event),
-            ..Default::default()
-        })
-        .await
+        Writes::record(self, event).await
     }
 
     async fn registration(&self, id: &str) -> Result<Option<RegistrationRecord>, StoreError> {
@@ -694,17 +672,11 @@ impl Store for SqliteStore {
     }
 
     async fn purge_spent_tokens(&self, before: i64) -> Result<usize, StoreError> {
-        match self.write(Work::Purge(before)).await? {
-            Done::Count(n) => Ok(n),
-            _ => unreachable!("a purge answers with a count"),
-        }
+        Writes::purge_spent_tokens(self, before).await
     }
 
     async fn next_crl_number(&self, backend: &str) -> Result<u64, StoreError> {
-        match self.write(Work::NextCrlNumber(backend.to_owned())).await? {
-            Done::Number(n) => Ok(n),
-            _ => unreachable!("a CRL number answers with a number"),
-        }
+        Writes::next_crl_number(self, backend).await
     }
 
     async fn audit_records(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
@@ -735,9 +707,7 @@ impl Store for SqliteStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        // Every write is durable when it returns (synchronous = FULL); an empty group
-        // through the writer waits for the ones before it.
-        self.write(Work::CommitAll(Vec::new())).await.map(|_| ())
+        Writes::flush(self).await
     }
 
     async fn backup(&self, sink: BackupSink) -> Result<(), StoreError> {

@@ -248,54 +248,24 @@ impl Postgres {
 
 /// A CA, a server certificate for 127.0.0.1 from it, and an unrelated CA, with openssl.
 fn make_certificates(dir: &Path) {
-    let ext = dir.join("server.ext");
+    super::openssl_self_signed(dir, "db-ca", "/CN=Test DB CA", &[]);
+    super::openssl_self_signed(dir, "other-ca", "/CN=Other CA", &[]);
     std::fs::write(
-        &ext,
+        dir.join("server.ext"),
         "subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\n",
     )
     .unwrap();
-    let steps: &[&[&str]] = &[
+    let p256 = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let csr = [
+        &["req"][..],
+        &p256,
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "db-ca.key",
-            "-out",
-            "db-ca.pem",
-            "-subj",
-            "/CN=Test DB CA",
-            "-days",
-            "2",
-        ],
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "other-ca.key",
-            "-out",
-            "other-ca.pem",
-            "-subj",
-            "/CN=Other CA",
-            "-days",
-            "2",
-        ],
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
             "-keyout",
             "server.key",
             "-out",
@@ -303,26 +273,27 @@ fn make_certificates(dir: &Path) {
             "-subj",
             "/CN=127.0.0.1",
         ],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "db-ca.pem",
-            "-CAkey",
-            "db-ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ],
+    ]
+    .concat();
+    let sign = [
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "db-ca.pem",
+        "-CAkey",
+        "db-ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
     ];
-    for args in steps {
-        let (ok, out) = super::output(Command::new("openssl").args(*args).current_dir(dir));
+    for args in [&csr[..], &sign[..]] {
+        let (ok, out) = super::output(Command::new("openssl").args(args).current_dir(dir));
         assert!(ok, "openssl {args:?}: {out}");
     }
     use std::os::unix::fs::PermissionsExt;

@@ -125,6 +125,18 @@ impl Ecs {
         }
     }
 
+    /// The CRL (DER) published at `path` (`/pki/v1/crl` or `/pki/v1/crl/BACKEND`).
+    pub async fn crl_at(&self, path: &str) -> Vec<u8> {
+        let r = self
+            .client()
+            .request("GET", &self.url(path), &[], None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.header("content-type"), Some("application/pkix-crl"));
+        r.body
+    }
+
     /// An ECS from a daemon this test started itself.
     pub fn from_daemon(d: Daemon) -> Ecs {
         let root_pem = std::fs::read(d.dir.path().join("root.pem")).unwrap();
