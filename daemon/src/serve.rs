@@ -199,10 +199,8 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Publishes each backend's CRL at start and signs it again on a schedule, so that the
-/// published CRL never goes stale when nobody fetches it: every quarter of its validity,
-/// a CRL past half its validity is re-signed (`App::crl`).
-/// Signs each backend's CRL that is due (past half its validity, or never signed).
+/// Signs each backend's CRL that is due (past half its validity, or never signed:
+/// `App::crl`).
 async fn sign_crls(app: &App) {
     for b in app.issuers().backends.values() {
         if !b.issuer.revocation_published() {
@@ -216,7 +214,8 @@ async fn sign_crls(app: &App) {
 }
 
 /// Re-signs the CRLs every quarter of `server.crl_validity` (the first ones were signed
-/// before the daemon started serving).
+/// before the daemon started serving), so that the published CRL never goes stale when
+/// nobody fetches it.
 async fn crl_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_secs((app.cfg.server.crl_validity.as_secs() / 4).max(1));
     loop {
@@ -240,7 +239,6 @@ async fn probe_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// SIGHUP re-reads the policy (the `[domains]` of the configuration file).
 /// The signals the daemon acts on, taken over from their default actions (which end the
 /// process) before anything is served: a supervisor may send SIGTERM or SIGHUP as soon as
 /// `/readyz` answers.
