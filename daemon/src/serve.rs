@@ -281,7 +281,7 @@ async fn reload_on_sighup(
         let _ = app.reload_policy_recorded("SIGHUP").await;
         if app.cfg.server.tls_cert.is_some() {
             match present(&app, &server_cert).await {
-                Ok(()) => tracing::info!("server certificate re-read from server.tls_cert"),
+                Ok(_) => tracing::info!("server certificate re-read from server.tls_cert"),
                 Err(e) => tracing::error!(error = %e,
                     "server certificate not re-read; the current one stays"),
             }
@@ -289,15 +289,16 @@ async fn reload_on_sighup(
     }
 }
 
-/// Loads or issues the server certificate and presents it from the next handshake on.
-async fn present(app: &App, server_cert: &tls::ServerCertificate) -> Result<(), String> {
+/// Loads or issues the server certificate and presents it from the next handshake on;
+/// its notAfter.
+async fn present(app: &App, server_cert: &tls::ServerCertificate) -> Result<Option<i64>, String> {
     let identity = tls::server_identity(app).await?;
     let not_after = identity.not_after();
     server_cert.replace(identity)?;
     if let Some(t) = not_after {
         app.metrics.server_cert_not_after.set(t);
     }
-    Ok(())
+    Ok(not_after)
 }
 
 /// Replaces the self-issued server certificate `server.tls_renew_before` its expiry, so a
@@ -318,11 +319,17 @@ async fn renew_server_certificate(
             _ = stop.changed() => return,
         }
         match present(&app, &server_cert).await {
-            Ok(()) => {
-                let t = app.metrics.server_cert_not_after.get();
+            Ok(Some(t)) => {
                 tracing::info!(not_after = %crate::clock::format_time(t),
                     "server certificate renewed");
-                due = t - before;
+                // Never sooner than a minute from now, whatever the certificate says.
+                due = (t - before).max(crate::clock::now() + 60);
+            }
+            Ok(None) => {
+                tracing::error!(
+                    "server certificate renewed, but its notAfter does not parse; next renewal in a minute"
+                );
+                due = crate::clock::now() + 60;
             }
             Err(e) => {
                 tracing::error!(error = %e, "server certificate not renewed; retrying in a minute");
