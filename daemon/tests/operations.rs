@@ -302,6 +302,25 @@ fn configuration_faults_stop_the_start_with_one_line_naming_the_key() {
             "key = \"keys/nope.key\"",
             "backends.soft.key",
         ),
+        // The store's keys: a database without its URL, a password written into the URL,
+        // a database key on an embedded store.
+        ("kind = \"sqlite\"", "kind = \"postgres\"", "storage.url"),
+        (
+            "kind = \"sqlite\"",
+            "kind = \"postgres\"\nurl = \"postgres://ecs:secret@127.0.0.1/ecs\"",
+            "storage.url",
+        ),
+        (
+            "kind = \"sqlite\"",
+            "kind = \"sqlite\"\nurl = \"postgres://ecs@127.0.0.1/ecs\"",
+            "storage.url",
+        ),
+        // A renewal lead as long as the server certificate's validity.
+        (
+            "[server]\n",
+            "[server]\ntls_renew_before = \"365d\"\n",
+            "server.tls_renew_before",
+        ),
     ];
     // `ecsd serve` on `text`, which must fail: (exit status, stderr).
     let refused = |text: &str| {

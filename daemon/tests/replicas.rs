@@ -43,16 +43,8 @@ async fn race(
         let (url, client, token) = (ecs.url(API), ecs.client(), token(i));
         let body = registration_body(ees_id, &Key::new().csr("x"));
         tasks.push(tokio::spawn(async move {
-            client
-                .request(
-                    "POST",
-                    &url,
-                    &[
-                        ("content-type", "application/json"),
-                        ("authorization", &format!("Bearer {token}")),
-                    ],
-                    Some(body.to_string().into_bytes()),
-                )
+            let body = body.to_string().into_bytes();
+            post_to(&client, &url, Some(&token), "application/json", body)
                 .await
                 .unwrap()
         }));
@@ -188,17 +180,8 @@ async fn a_replica_killed_under_load_loses_no_acknowledged_registration() {
                 let ees_id = format!("ees-{w}-{i}.ecsp.example");
                 let key = Key::new();
                 let body = registration_body(&ees_id, &key.csr(&ees_id));
-                let resp = client
-                    .request(
-                        "POST",
-                        &url,
-                        &[
-                            ("content-type", "application/json"),
-                            ("authorization", &format!("Bearer {token}")),
-                        ],
-                        Some(body.to_string().into_bytes()),
-                    )
-                    .await;
+                let body = body.to_string().into_bytes();
+                let resp = post_to(&client, &url, Some(&token), "application/json", body).await;
                 match resp {
                     Ok(resp) if resp.status == 201 => {
                         acknowledged.push(Ees::from_response(&resp, key))

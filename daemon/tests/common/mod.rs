@@ -216,13 +216,7 @@ impl Ecs {
         content_type: &str,
         body: Vec<u8>,
     ) -> Response {
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let mut headers = vec![("content-type", content_type)];
-        if let Some(a) = &auth {
-            headers.push(("authorization", a.as_str()));
-        }
-        client
-            .request("POST", &self.url(API), &headers, Some(body))
+        post_to(client, &self.url(API), token, content_type, body)
             .await
             .unwrap()
     }
@@ -261,6 +255,23 @@ impl Ecs {
             .collect();
         (verify.status.success(), records)
     }
+}
+
+/// POSTs `body` to `url` over `client`, with the bearer `token` when given (for tasks that
+/// cannot borrow an [`Ecs`]).
+pub async fn post_to(
+    client: &HttpsClient,
+    url: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Result<Response, ecs_daemon::client::ClientError> {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", content_type)];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    client.request("POST", url, &headers, Some(body)).await
 }
 
 /// An EES key pair.
