@@ -162,6 +162,10 @@ pub trait CertIssuer: Send + Sync {
     fn revocation_published(&self) -> bool {
         true
     }
+    /// The key that signs in this process, when one does (an external CA signs elsewhere).
+    fn signer(&self) -> Option<&dyn KeySigner> {
+        None
+    }
 }
 
 impl CertIssuer for LocalIssuer {
@@ -182,6 +186,9 @@ impl CertIssuer for LocalIssuer {
     }
     fn ready(&self) -> Result<(), String> {
         self.signer.ready()
+    }
+    fn signer(&self) -> Option<&dyn KeySigner> {
+        Some(self.signer.as_ref())
     }
 }
 

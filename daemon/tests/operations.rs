@@ -840,6 +840,58 @@ async fn a_prefilled_store_serves_its_registrations_and_crl() {
     ecs.register("ees-after-prefill.ecsp.example").await;
 }
 
+#[tokio::test]
+async fn the_ceiling_times_the_four_operations_of_a_registration_with_the_configured_keys() {
+    // `ecsd bench --ceiling` needs no running daemon: it loads the token issuer and the
+    // default backend, checks each operation once (a failing one is an error, not a rate)
+    // and reports the rate on every core with a per-operation breakdown.
+    let mut ecs = Ecs::start();
+    assert!(ecs.terminate().success());
+    let out = ecsd()
+        .args([
+            "bench",
+            "--ceiling",
+            "--duration",
+            "1s",
+            "--format",
+            "json",
+            "--config",
+        ])
+        .arg(ecs.config_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["target"], json!("ceiling"));
+    assert_eq!(report["backend"], json!("soft"));
+    assert!(report["rps"].as_f64().unwrap() > 0.0, "{report}");
+    for op in ["token_verify", "csr_verify", "sign", "sign_check"] {
+        let us = report["one_core_us"][op].as_f64().unwrap();
+        assert!(us > 0.0 && us < 100_000.0, "{op}: {us} µs in {report}");
+    }
+    // A passthrough backend signs in another process: no ceiling, and it says why.
+    let cfg = std::fs::read_to_string(ecs.config_path()).unwrap();
+    let passthrough = cfg.replace(
+        "[backends.soft]\nkind = \"software\"",
+        "[backends.soft]\nkind = \"cfssl\"\nurl = \"http://127.0.0.1:9\"\ncert = \"keys/issuing-ca.pem\"\n[backends.unused]\nkind = \"software\"",
+    );
+    let passthrough = passthrough.replace("tls_backend = \"soft\"", "tls_backend = \"unused\"");
+    assert_ne!(cfg, passthrough, "the test's edit applies");
+    std::fs::write(ecs.config_path(), passthrough).unwrap();
+    let out = ecsd()
+        .args(["bench", "--ceiling", "--duration", "1s", "--config"])
+        .arg(ecs.config_path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("signs outside this process"), "{stderr}");
+}
+
 /// Attack review, item 3: connections that finished TLS and then stayed silent (HTTP/1.1
 /// sending nothing, HTTP/2 sending only its preface) held a daemon with `max_connections`
 /// slots for as long as they liked, and every legitimate client failed meanwhile. Now the

@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::store;
 use clap::{Args, Parser, Subcommand};
 mod bench;
+mod ceiling;
 mod diff;
 mod ees;
 mod explain;
@@ -143,6 +144,11 @@ pub enum Command {
         /// With --prefill: how many of them are de-registered, their certificates revoked.
         #[arg(long, default_value_t = 0)]
         prefill_revoked: usize,
+        /// Instead of driving an ECS: the rate, on every core, of exactly the cryptography
+        /// one registration needs with the configured token issuer and default backend
+        /// (token check, CSR check, signature, its check), for --duration (default 3s).
+        #[arg(long, conflicts_with_all = ["prefill", "url", "target"])]
+        ceiling: bool,
     },
     /// Backup and restore of the store.
     #[command(subcommand)]
@@ -464,8 +470,21 @@ pub async fn run(cmd: Command) -> Result<(), Fail> {
             format,
             prefill,
             prefill_revoked,
+            ceiling,
         } => {
             let cfg = load(&config)?;
+            if ceiling {
+                let seconds = duration.map(|d| d.as_secs()).unwrap_or(3).max(1);
+                let report = ceiling::run(&cfg, std::time::Duration::from_secs(seconds))
+                    .await
+                    .map_err(other)?;
+                if format == Format::Json {
+                    out!("{report}");
+                } else {
+                    out!("{}", ceiling::render_text(&report));
+                }
+                return Ok(());
+            }
             if let Some(n) = prefill {
                 let report = bench::prefill(&cfg, n, prefill_revoked)
                     .await
