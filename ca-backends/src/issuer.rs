@@ -1,7 +1,7 @@
 //! The local issuer: certificates and CRLs built from an approved template, signed by any
 //! [`KeySigner`], and checked before they leave.
 
-use crate::{Error, KeySigner, SigAlg, verify_signature};
+use crate::{Error, KeySigner, SigAlg, SignatureChecker, verify_signature};
 use aws_lc_rs::digest;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use const_oid::db::rfc5280;
@@ -200,6 +200,8 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// An issuing CA: its key (any backend) and its certificate chain.
 pub struct LocalIssuer {
     signer: Arc<dyn KeySigner>,
+    /// Checks each signature the signer makes, with the key parsed once.
+    checker: SignatureChecker,
     ca: Certificate,
     chain_der: Vec<Vec<u8>>,
     ca_not_after: i64,
@@ -248,7 +250,12 @@ impl LocalIssuer {
             })?;
         }
         let ca_not_after = unix(ca.tbs_certificate().validity().not_after);
+        let checker = SignatureChecker::new(
+            signer.public_key_der(),
+            &signer.algorithm().algorithm_identifier().oid,
+        )?;
         Ok(LocalIssuer {
+            checker,
             signer,
             ca,
             chain_der,
@@ -374,7 +381,12 @@ impl LocalIssuer {
             None,
             &self.rng,
         )?;
-        sign_prepared(self.signer.as_ref(), self.signer.public_key_der(), prepared)
+        sign_checked(self.signer.as_ref(), &self.checker, prepared)
+    }
+
+    /// The checker of this issuer's signatures.
+    pub fn checker(&self) -> &SignatureChecker {
+        &self.checker
     }
 
     /// The signer of this issuer.
@@ -572,8 +584,21 @@ pub fn sign_prepared(
     issuer_spki: &[u8],
     p: PreparedCert,
 ) -> Result<IssuedCert, Error> {
+    sign_checked(
+        signer,
+        &SignatureChecker::new(issuer_spki, &p.algorithm.oid)?,
+        p,
+    )
+}
+
+/// [`sign_prepared`] with the issuer's key already parsed into `checker`.
+pub fn sign_checked(
+    signer: &dyn KeySigner,
+    checker: &SignatureChecker,
+    p: PreparedCert,
+) -> Result<IssuedCert, Error> {
     let signature = signer.sign(&p.tbs_der)?;
-    verify_signature(issuer_spki, &p.algorithm.oid, &p.tbs_der, &signature).map_err(|_| {
+    checker.verify(&p.tbs_der, &signature).map_err(|_| {
         Error::Signing("the signer produced a signature that does not verify".into())
     })?;
     let der = assemble(&p.tbs_der, &p.algorithm, &signature)?;

@@ -1,7 +1,9 @@
 //! The seam between the issuer and whatever holds the issuing key.
 
 use crate::Error;
-use aws_lc_rs::signature::{self as sig, UnparsedPublicKey, VerificationAlgorithm};
+use aws_lc_rs::signature::{
+    self as sig, ParsedPublicKey, UnparsedPublicKey, VerificationAlgorithm,
+};
 use const_oid::ObjectIdentifier;
 use const_oid::db::{rfc5912, rfc8410};
 use der::{Decode, Reader, SliceReader, asn1::UintRef};
@@ -262,6 +264,47 @@ pub fn verify_signature(
     message: &[u8],
     signature: &[u8],
 ) -> Result<(), Error> {
+    let (algorithm, key) = verification_algorithm(spki_der, alg)?;
+    UnparsedPublicKey::new(algorithm, key)
+        .verify(message, signature)
+        .map_err(|_| Error::Signing("signature does not verify".into()))
+}
+
+/// One key, parsed once, that checks many signatures of one algorithm: the issuing CA's,
+/// checked after each signature its signer makes (the signer is distrusted).
+pub struct SignatureChecker {
+    key: ParsedPublicKey,
+}
+
+impl std::fmt::Debug for SignatureChecker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignatureChecker").finish_non_exhaustive()
+    }
+}
+
+impl SignatureChecker {
+    /// The checker of signatures by the key in `spki_der` with the X.509 algorithm `alg`.
+    pub fn new(spki_der: &[u8], alg: &ObjectIdentifier) -> Result<Self, Error> {
+        let (algorithm, key) = verification_algorithm(spki_der, alg)?;
+        let key = ParsedPublicKey::new(algorithm, key)
+            .map_err(|e| Error::UnsupportedKey(format!("the public key does not parse: {e}")))?;
+        Ok(SignatureChecker { key })
+    }
+
+    /// What [`verify_signature`] answers for this key and algorithm.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), Error> {
+        self.key
+            .verify_sig(message, signature)
+            .map_err(|_| Error::Signing("signature does not verify".into()))
+    }
+}
+
+/// The verification algorithm for a key and an X.509 signature algorithm, and the key's
+/// bits as that algorithm reads them.
+fn verification_algorithm<'k>(
+    spki_der: &'k [u8],
+    alg: &ObjectIdentifier,
+) -> Result<(&'static dyn VerificationAlgorithm, &'k [u8]), Error> {
     let info = classify_spki(spki_der)?;
     let spki = SubjectPublicKeyInfoRef::from_der(spki_der)?;
     let key = spki.subject_public_key.raw_bytes();
@@ -292,7 +335,5 @@ pub fn verify_signature(
             )));
         }
     };
-    UnparsedPublicKey::new(algorithm, key)
-        .verify(message, signature)
-        .map_err(|_| Error::Signing("signature does not verify".into()))
+    Ok((algorithm, key))
 }

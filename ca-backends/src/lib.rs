@@ -32,7 +32,9 @@ pub use issuer::{
     RevocationReason, RevokedEntry, SanEntry, make_ca_certificate, now_unix, sha256_hex,
     verify_cert_signed_by,
 };
-pub use key::{KeyKind, KeySigner, PublicKeyInfo, SigAlg, classify_spki, verify_signature};
+pub use key::{
+    KeyKind, KeySigner, PublicKeyInfo, SigAlg, SignatureChecker, classify_spki, verify_signature,
+};
 pub use software::{SoftwareKey, generate_p256_pkcs8_pem};
 
 /// Decodes the first PEM block of `pem` with the expected label.

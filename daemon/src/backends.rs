@@ -25,17 +25,15 @@ pub struct Backend {
     /// Where this backend's CRL is published (put in every certificate it issues); none for
     /// an external CA, which publishes its own.
     pub crl_url: Option<String>,
+    /// The chain as PEM, issuing CA first: encoded once, sent with every certificate.
+    chain_pem: Vec<String>,
     crl: tokio::sync::Mutex<Option<CachedCrl>>,
 }
 
 impl Backend {
-    /// The chain as a PEM bundle, issuing CA first.
-    pub fn chain_pem(&self) -> Vec<String> {
-        self.issuer
-            .chain_der()
-            .iter()
-            .map(|d| der_to_pem(d, "CERTIFICATE"))
-            .collect()
+    /// The chain as PEM, issuing CA first.
+    pub fn chain_pem(&self) -> &[String] {
+        &self.chain_pem
     }
 
     /// Forgets the cached CRL, so the next request signs a new one.
@@ -146,6 +144,11 @@ pub fn load_all_keeping(
             name.clone(),
             Arc::new(Backend {
                 name: name.clone(),
+                chain_pem: issuer
+                    .chain_der()
+                    .iter()
+                    .map(|d| der_to_pem(d, "CERTIFICATE"))
+                    .collect(),
                 issuer,
                 crl_url,
                 crl: tokio::sync::Mutex::new(None),

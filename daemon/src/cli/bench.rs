@@ -318,12 +318,12 @@ pub async fn prefill(
             serial: issued.serial_hex.clone(),
             registration_id: id.clone(),
             backend: backend.clone(),
-            der_hex: hex::encode(&issued.der),
+            der: issued.der.clone(),
             fingerprint: issued.fingerprint.clone(),
             not_before: issued.not_before,
             not_after: issued.not_after,
             revoked: None,
-            chain_hex: Vec::new(),
+            chain: Vec::new(),
         };
         let reg = RegistrationRecord {
             id: id.clone(),

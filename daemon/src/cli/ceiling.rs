@@ -8,8 +8,8 @@
 
 use crate::config::Config;
 use ecs_ca_backends::{
-    CertTemplate, KeySigner, SanEntry, SoftwareKey, build_csr, generate_p256_pkcs8_pem,
-    verify_signature,
+    CertTemplate, KeySigner, SanEntry, SignatureChecker, SoftwareKey, build_csr,
+    generate_p256_pkcs8_pem, verify_signature,
 };
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -27,7 +27,8 @@ struct Work {
     csr_info: Vec<u8>,
     csr_signature: Vec<u8>,
     issuer: Arc<dyn ecs_ca_backends::CertIssuer>,
-    issuer_alg: der::asn1::ObjectIdentifier,
+    /// What the issuer checks its signer's signatures with.
+    checker: SignatureChecker,
     tbs: Vec<u8>,
 }
 
@@ -65,13 +66,9 @@ impl Work {
     }
 
     fn sign_check(&self, signature: &[u8]) -> Result<(), String> {
-        verify_signature(
-            self.signer().public_key_der(),
-            &self.issuer_alg,
-            &self.tbs,
-            signature,
-        )
-        .map_err(|e| e.to_string())
+        self.checker
+            .verify(&self.tbs, signature)
+            .map_err(|e| e.to_string())
     }
 
     /// The four operations of one registration.
@@ -163,7 +160,14 @@ async fn prepare(cfg: &Config) -> Result<Work, String> {
         csr_alg: csr.algorithm.oid,
         csr_info: csr.info.to_der().map_err(|e| e.to_string())?,
         csr_signature: csr.signature.raw_bytes().to_vec(),
-        issuer_alg: cert.signature_algorithm().oid,
+        checker: SignatureChecker::new(
+            issuer
+                .signer()
+                .map(|s| s.public_key_der())
+                .unwrap_or_default(),
+            &cert.signature_algorithm().oid,
+        )
+        .map_err(|e| e.to_string())?,
         tbs: cert.tbs_certificate().to_der().map_err(|e| e.to_string())?,
         issuer,
     })

@@ -74,14 +74,8 @@ pub fn diff(
             ));
             continue;
         };
-        let Ok(der) = cert.der() else {
-            no_longer_admitted.push(refuse(
-                format!("domains.{}", reg.domain),
-                "its certificate record is corrupt".into(),
-            ));
-            continue;
-        };
-        let Ok(leaf) = ecs_ca_backends::chain::leaf_facts(&der) else {
+        let der = &cert.der;
+        let Ok(leaf) = ecs_ca_backends::chain::leaf_facts(der) else {
             continue;
         };
         let description = leaf.key.describe();
@@ -103,7 +97,7 @@ pub fn diff(
         };
         let decision = if reg.cert_source == CertSource::ThirdParty {
             let mut chain = vec![der.clone()];
-            chain.extend(cert.chain_hex.iter().filter_map(|h| hex::decode(h).ok()));
+            chain.extend(cert.chain.iter().cloned());
             let tp = domain.third_party.clone().unwrap_or_default();
             // An anchor the proposed policy cannot read would refuse every such certificate:
             // said, not skipped.

@@ -43,10 +43,7 @@ fn problem(e: &ApiError) -> Response<Body> {
 }
 
 fn reply(r: Reply) -> Response<Body> {
-    let body = r
-        .body
-        .map(|b| serde_json::to_vec(&b).expect("JSON serialises"))
-        .unwrap_or_default();
+    let body = r.body.unwrap_or_default();
     let ct = if body.is_empty() {
         ""
     } else {

@@ -46,7 +46,8 @@ pub struct RequestCtx {
 pub struct Reply {
     pub status: u16,
     pub location: Option<String>,
-    pub body: Option<Value>,
+    /// The JSON body.
+    pub body: Option<Vec<u8>>,
 }
 
 /// Facts collected while a request is handled, written to the audit log at its end.
@@ -334,12 +335,12 @@ async fn issue(
         serial: issued.serial_hex,
         registration_id: String::new(),
         backend: backend_name.to_string(),
-        der_hex: hex::encode(&issued.der),
+        der: issued.der,
         fingerprint: issued.fingerprint,
         not_before: issued.not_before,
         not_after: issued.not_after,
         revoked: None,
-        chain_hex: Vec::new(),
+        chain: Vec::new(),
     })
 }
 
@@ -352,45 +353,73 @@ fn secret_hash(ees_id: &str, token: &str) -> String {
     sha256_hex(format!("{ees_id}\n{token}").as_bytes())
 }
 
+/// An `EESRegistration` as the API answers it (fields in the order they always had).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Rendered<'a> {
+    ees_prof: &'a Value,
+    exp_time: String,
+    onboarding: RenderedOnboarding<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    supp_feat: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RenderedOnboarding<'a> {
+    auth_info: AuthInfo<'a>,
+    cert_chain: std::borrow::Cow<'a, [String]>,
+    cert_exp_time: String,
+    cert_source: CertSource,
+    ees_cert: String,
+    registration_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret_token: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AuthInfo<'a> {
+    auth_method: &'static str,
+    cert_fingerprint: &'a str,
+}
+
 /// The stored registration as the API shows it, with `onboarding` (never the Secret_token,
-/// except `secret_token` when just issued).
+/// except `secret_token` when just issued), as the JSON body.
 fn render(
     app: &App,
     reg: &RegistrationRecord,
     cert: &CertRecord,
     secret_token: Option<&str>,
-) -> Result<Value, ApiError> {
-    let chain = if cert.chain_hex.is_empty() {
-        app.backend(&cert.backend)
-            .map(|b| b.chain_pem())
-            .unwrap_or_default()
-    } else {
-        cert.chain_hex
+) -> Result<Vec<u8>, ApiError> {
+    // An ECS-issued certificate comes with its backend's chain, encoded once at load.
+    let backend = app.backend(&cert.backend);
+    let cert_chain = match &backend {
+        Some(b) if cert.chain.is_empty() => std::borrow::Cow::Borrowed(b.chain_pem()),
+        _ => cert
+            .chain
             .iter()
-            .filter_map(|h| hex::decode(h).ok())
-            .map(|d| ecs_ca_backends::der_to_pem(&d, "CERTIFICATE"))
-            .collect()
+            .map(|d| ecs_ca_backends::der_to_pem(d, "CERTIFICATE"))
+            .collect(),
     };
-    let mut onboarding = json!({
-        "registrationId": reg.id,
-        "certSource": reg.cert_source,
-        "eesCert": ecs_ca_backends::der_to_pem(&cert.der()?, "CERTIFICATE"),
-        "certChain": chain,
-        "certExpTime": format_time(cert.not_after),
-        "authInfo": { "authMethod": "TLS_CLIENT_CERT", "certFingerprint": cert.fingerprint },
-    });
-    if let Some(t) = secret_token {
-        onboarding["secretToken"] = json!(t);
-    }
-    let mut v = json!({
-        "eesProf": reg.profile,
-        "expTime": format_time(reg.exp_time),
-        "onboarding": onboarding,
-    });
-    if let Some(s) = &reg.supp_feat {
-        v["suppFeat"] = json!(s);
-    }
-    Ok(v)
+    let rendered = Rendered {
+        ees_prof: &reg.profile,
+        exp_time: format_time(reg.exp_time),
+        onboarding: RenderedOnboarding {
+            auth_info: AuthInfo {
+                auth_method: "TLS_CLIENT_CERT",
+                cert_fingerprint: &cert.fingerprint,
+            },
+            cert_chain,
+            cert_exp_time: format_time(cert.not_after),
+            cert_source: reg.cert_source,
+            ees_cert: ecs_ca_backends::der_to_pem(&cert.der, "CERTIFICATE"),
+            registration_id: &reg.id,
+            secret_token,
+        },
+        supp_feat: reg.supp_feat.as_deref(),
+    };
+    serde_json::to_vec(&rendered).map_err(ApiError::internal)
 }
 
 fn location(app: &App, id: &str) -> String {
@@ -479,12 +508,26 @@ async fn create_inner(
         ));
     }
     let (domain_name, domain) = domain_of(app, profile.prov_id.as_deref())?;
-    // A spent token, or an EES ID another registration holds: refused before any work.
+    // Two requests with one token, or for one EES, never both reach the signer or the
+    // store: the first holds a reservation, and the second is refused once its own body
+    // has been judged (a broken CSR is answered as such, whoever else holds the token).
+    let jti_key = format!("jti:{}\0{}", token.iss, token.jti);
+    let ees_key = format!("ees:{}", profile.ees_id.to_ascii_lowercase());
+    let reservation = app.reserve(vec![jti_key.clone(), ees_key]).map_err(|k| {
+        if k == jti_key {
+            ApiError::from(StoreError::TokenReplayed)
+        } else {
+            ApiError::from(StoreError::EesAlreadyRegistered)
+        }
+    });
+    // A spent token, or an EES ID another registration holds, refused before any work by
+    // the store, which shows every commit made before the reservation was taken (a holder
+    // before us released it only after its commit): one read is enough.
     app.store
         .check_claims(&token.iss, &token.jti, &profile.ees_id)
         .await?;
     // What becomes the EES certificate: a third-party chain from this handshake, or a
-    // certificate issued for the CSR's key. Both are decided before anything is reserved.
+    // certificate issued for the CSR's key.
     let (approval, material) = if onboarding.third_party_cert {
         let (approval, cert) =
             third_party_decision(app, ctx, &token, &req, &domain_name, &domain, now, f).await?;
@@ -513,34 +556,23 @@ async fn create_inner(
         (decision.outcome?, Material::Csr(csr_pem, csr.spki_der))
     };
 
-    // Two requests with one token, for one EES, or with one third-party certificate never
-    // both reach the signer or the store.
-    let jti_key = format!("jti:{}\0{}", token.iss, token.jti);
-    let ees_key = format!("ees:{}", profile.ees_id.to_ascii_lowercase());
-    let mut keys = vec![jti_key.clone(), ees_key.clone()];
-    if let Material::ThirdParty(c) = &material {
-        keys.push(format!("tp:{}", c.fingerprint));
-    }
-    let _reservation = app.reserve(keys).map_err(|k| {
-        if k == jti_key {
-            ApiError::from(crate::store::StoreError::TokenReplayed)
-        } else if k == ees_key {
-            ApiError::from(crate::store::StoreError::EesAlreadyRegistered)
-        } else {
-            ApiError::new(
-                Cause::UntrustedClientCert,
-                "this certificate is being registered by another request",
-            )
+    let _reservation = reservation?;
+    // One third-party certificate never serves two registrations: held the same way.
+    let _certificate_reservation = match &material {
+        Material::ThirdParty(c) => {
+            let held = app
+                .reserve(vec![format!("tp:{}", c.fingerprint)])
+                .map_err(|_| {
+                    ApiError::new(
+                        Cause::UntrustedClientCert,
+                        "this certificate is being registered by another request",
+                    )
+                })?;
+            third_party_cert_free(app, &c.fingerprint).await?;
+            Some(held)
         }
-    })?;
-
-    // A request that held the reservation before us may have committed since our reads.
-    app.store
-        .check_claims(&token.iss, &token.jti, &profile.ees_id)
-        .await?;
-    if let Material::ThirdParty(c) = &material {
-        third_party_cert_free(app, &c.fingerprint).await?;
-    }
+        Material::Csr(..) => None,
+    };
 
     let backend = app.cfg.domain_backend(&domain).to_string();
     let _slot = app.signing.enter().await.ok_or_else(busy)?;
@@ -548,7 +580,7 @@ async fn create_inner(
         Material::Csr(pem, spki) => issue(app, &backend, profile, &approval, (pem, spki)).await?,
         Material::ThirdParty(cert) => cert,
     };
-    let cert_source = if cert.chain_hex.is_empty() {
+    let cert_source = if cert.chain.is_empty() {
         CertSource::EcsIssued
     } else {
         CertSource::ThirdParty

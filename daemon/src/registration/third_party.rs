@@ -91,24 +91,23 @@ pub(super) async fn third_party_decision(
     let approval = judged.decision.outcome?;
     third_party_cert_free(app, &leaf.fingerprint).await?;
     // The chain as accepted: what the client sent after the leaf, then the anchor reached.
-    let mut accepted: Vec<String> = chain[1..].iter().map(hex::encode).collect();
-    if let Some(anchor) = &judged.anchor {
-        let anchor = hex::encode(anchor);
-        if !accepted.contains(&anchor) {
-            accepted.push(anchor);
-        }
+    let mut accepted: Vec<Vec<u8>> = chain[1..].to_vec();
+    if let Some(anchor) = &judged.anchor
+        && !accepted.contains(anchor)
+    {
+        accepted.push(anchor.clone());
     }
     let record = CertRecord {
         // Third-party serials are unique only per issuer: the fingerprint keys them here.
         serial: format!("tp-{}", leaf.fingerprint),
         registration_id: String::new(),
         backend: THIRD_PARTY.into(),
-        der_hex: hex::encode(&chain[0]),
+        der: chain[0].clone(),
         fingerprint: leaf.fingerprint.clone(),
         not_before: leaf.not_before,
         not_after: leaf.not_after,
         revoked: None,
-        chain_hex: accepted,
+        chain: accepted,
     };
     Ok((approval, record))
 }
@@ -152,12 +151,9 @@ pub(super) async fn third_party_still_trusted(
     let verdict = async {
         let (domain_name, domain) = domain_of(app, reg.prov_id.as_deref())?;
         let profile = body::parse_profile(&reg.profile)?;
-        let mut chain = vec![cert.der()?];
-        for h in &cert.chain_hex {
-            chain.push(hex::decode(h).map_err(|e| {
-                ApiError::internal(format!("stored chain of {}: {e}", cert.serial))
-            })?);
-        }
+        let chain: Vec<Vec<u8>> = std::iter::once(cert.der.clone())
+            .chain(cert.chain.iter().cloned())
+            .collect();
         let judged = judge_third_party(
             app,
             &chain,

@@ -97,26 +97,50 @@ pub struct CertRecord {
     pub serial: String,
     pub registration_id: String,
     pub backend: String,
-    /// DER, hex-encoded.
-    pub der_hex: String,
+    /// DER (hex in the records' serialised form: backups and the sled engine).
+    #[serde(rename = "der_hex", with = "hex_bytes")]
+    pub der: Vec<u8>,
     /// SHA-256 of the DER, hex.
     pub fingerprint: String,
     pub not_before: i64,
     pub not_after: i64,
     pub revoked: Option<Revocation>,
-    /// For an accepted third-party certificate: the chain it was accepted with (DER, hex),
+    /// For an accepted third-party certificate: the chain it was accepted with (DER),
     /// intermediates then the trust anchor. Empty for ECS-issued certificates.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub chain_hex: Vec<String>,
+    #[serde(
+        rename = "chain_hex",
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "hex_bytes::each"
+    )]
+    pub chain: Vec<Vec<u8>>,
 }
 
-impl CertRecord {
-    /// The certificate's DER; a record whose hex does not decode is corrupt, and says so.
-    pub fn der(&self) -> Result<Vec<u8>, StoreError> {
-        hex::decode(&self.der_hex).map_err(|e| StoreError::Corrupt {
-            key: format!("cert/{}", self.serial),
-            detail: format!("der_hex: {e}"),
-        })
+/// Bytes as lower-case hex in serialised records, as they always were written.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        hex::decode(String::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    pub mod each {
+        use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+        pub fn serialize<S: Serializer>(items: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(items.iter().map(hex::encode))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+            Vec::<String>::deserialize(d)?
+                .into_iter()
+                .map(|h| hex::decode(h).map_err(D::Error::custom))
+                .collect()
+        }
     }
 }
 

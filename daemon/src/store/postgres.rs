@@ -555,8 +555,8 @@ async fn apply_statements(
     let certs = commit
         .new_certs
         .iter()
-        .map(|cert| Ok((cert.der()?, schema::join_chain(cert)?)))
-        .collect::<Result<Vec<_>, StoreError>>()?;
+        .map(|cert| (cert.der.as_slice(), schema::join_chain(cert)))
+        .collect::<Vec<_>>();
     let raised: Vec<i64> = commit
         .raise_crl_numbers
         .iter()
@@ -741,16 +741,16 @@ fn registration_from(r: &Row, certs: Vec<String>) -> Result<RegistrationRecord, 
 fn cert_from(r: &Row) -> Result<CertRecord, StoreError> {
     let serial: String = r.get(0);
     let der: Vec<u8> = r.get(3);
-    let (revoked, chain_hex) = schema::revocation_and_chain(&serial, r.get(7), r.get(8), r.get(9))?;
+    let (revoked, chain) = schema::revocation_and_chain(&serial, r.get(7), r.get(8), r.get(9))?;
     Ok(CertRecord {
         registration_id: r.get(1),
         backend: r.get(2),
-        der_hex: hex::encode(der),
+        der,
         fingerprint: r.get(4),
         not_before: r.get(5),
         not_after: r.get(6),
         revoked,
-        chain_hex,
+        chain,
         serial,
     })
 }

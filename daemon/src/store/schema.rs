@@ -211,18 +211,8 @@ impl CertSource {
 
 /// The `chain` column of a certificate: its accepted third-party chain as one run of DER,
 /// or NULL.
-pub fn join_chain(cert: &CertRecord) -> Result<Option<Vec<u8>>, StoreError> {
-    let chain = cert
-        .chain_hex
-        .iter()
-        .map(hex::decode)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StoreError::Corrupt {
-            key: format!("cert/{}", cert.serial),
-            detail: format!("chain_hex: {e}"),
-        })?
-        .concat();
-    Ok((!chain.is_empty()).then_some(chain))
+pub fn join_chain(cert: &CertRecord) -> Option<Vec<u8>> {
+    (!cert.chain.is_empty()).then(|| cert.chain.concat())
 }
 
 /// A certificate's revocation and chain from their columns (`revoked_at`,
@@ -232,7 +222,7 @@ pub fn revocation_and_chain(
     revoked_at: Option<i64>,
     reason: Option<String>,
     chain: Option<Vec<u8>>,
-) -> Result<(Option<Revocation>, Vec<String>), StoreError> {
+) -> Result<(Option<Revocation>, Vec<Vec<u8>>), StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt {
         key: format!("cert/{serial}"),
         detail,
@@ -246,15 +236,11 @@ pub fn revocation_and_chain(
         (None, None) => None,
         _ => return Err(corrupt("half a revocation".into())),
     };
-    let chain_hex = match chain {
-        Some(bytes) => split_der(&bytes)
-            .ok_or_else(|| corrupt("chain is not DER".into()))?
-            .iter()
-            .map(hex::encode)
-            .collect(),
+    let chain = match chain {
+        Some(bytes) => split_der(&bytes).ok_or_else(|| corrupt("chain is not DER".into()))?,
         None => Vec::new(),
     };
-    Ok((revoked, chain_hex))
+    Ok((revoked, chain))
 }
 
 /// Splits concatenated DER certificates (the `chain` column) back into one each.

@@ -19,8 +19,9 @@ use tokio::sync::oneshot;
 
 /// The most commits one transaction takes: bounds the latency of the first in a burst.
 const GROUP_MAX: usize = 512;
-/// Idle read connections kept open.
-const READERS_KEPT: usize = 4;
+/// Idle read connections kept open: as many as requests read at once under load (a
+/// connection opened past it parses the schema and prepares its statements again).
+const READERS_KEPT: usize = 16;
 
 pub struct SqliteStore {
     inner: Arc<Inner>,
@@ -83,8 +84,11 @@ impl SqliteStore {
             .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| StoreError::Locked(path.display().to_string()))?;
-        let cache_kib = ((cache_mib.max(2) << 10) / (READERS_KEPT as u64 + 1)) as i64;
-        let mut conn = connect(path, cache_kib, true).map_err(|e| unusable(path, e))?;
+        // Half the cache for the writer, whose pages every commit touches; the readers
+        // share the other half.
+        let half_kib = (cache_mib.max(2) << 10) / 2;
+        let cache_kib = (half_kib / READERS_KEPT as u64) as i64;
+        let mut conn = connect(path, half_kib as i64, true).map_err(|e| unusable(path, e))?;
         migrate(&mut conn, path)?;
         let head = read_head(&conn).map_err(|e| unusable(path, e))?;
         let (tx, rx) = mpsc::channel();
@@ -371,8 +375,7 @@ impl Writer {
                 .map_err(|e| refused(e, StoreError::EesAlreadyRegistered))?;
         }
         for cert in &c.new_certs {
-            let der = cert.der()?;
-            let chain = schema::join_chain(cert)?;
+            let chain = schema::join_chain(cert);
             let revoked = cert.revoked.as_ref();
             self.conn
                 .prepare_cached(schema::INSERT_CERTIFICATE)
@@ -381,7 +384,7 @@ impl Writer {
                         cert.serial,
                         cert.registration_id,
                         cert.backend,
-                        der,
+                        cert.der,
                         cert.fingerprint,
                         cert.not_before,
                         cert.not_after,
@@ -464,18 +467,17 @@ fn registration_row(conn: &Connection, r: &Row) -> rusqlite::Result<Registration
 fn cert_row(r: &Row) -> rusqlite::Result<CertRecord> {
     let serial: String = r.get(0)?;
     let der: Vec<u8> = r.get(3)?;
-    let (revoked, chain_hex) =
-        schema::revocation_and_chain(&serial, r.get(7)?, r.get(8)?, r.get(9)?)
-            .map_err(|e| corrupt(7, e.to_string()))?;
+    let (revoked, chain) = schema::revocation_and_chain(&serial, r.get(7)?, r.get(8)?, r.get(9)?)
+        .map_err(|e| corrupt(7, e.to_string()))?;
     Ok(CertRecord {
         registration_id: r.get(1)?,
         backend: r.get(2)?,
-        der_hex: hex::encode(der),
+        der,
         fingerprint: r.get(4)?,
         not_before: r.get(5)?,
         not_after: r.get(6)?,
         revoked,
-        chain_hex,
+        chain,
         serial,
     })
 }

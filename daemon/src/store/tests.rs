@@ -60,12 +60,12 @@ fn cert(serial: &str, reg: &str) -> CertRecord {
         serial: serial.into(),
         registration_id: reg.into(),
         backend: "soft".into(),
-        der_hex: "3003020101".into(),
+        der: vec![0x30, 0x03, 0x02, 0x01, 0x01],
         fingerprint: format!("fp{serial}"),
         not_before: 0,
         not_after: 10,
         revoked: None,
-        chain_hex: Vec::new(),
+        chain: Vec::new(),
     }
 }
 
@@ -119,15 +119,19 @@ async fn records_read_back_as_written_and_survive_a_reopen() {
     for (kind, _dir, cfg) in engines() {
         let s = open(&cfg).await.unwrap();
         let mut c = create("r1", "ees1", "j1");
-        c.new_certs[0].chain_hex = vec!["3003020102".into(), "3003020103".into()];
+        c.new_certs[0].chain = vec![vec![0x30, 3, 2, 1, 2], vec![0x30, 3, 2, 1, 3]];
         c.registration.as_mut().unwrap().cert_source = CertSource::ThirdParty;
         let written = s.commit(c).await.unwrap().unwrap();
         assert_eq!(written.seq, 1);
         let r = s.registration("r1").await.unwrap().unwrap();
         assert_eq!(r, reg_with(&reg("r1", "ees1", 100), CertSource::ThirdParty));
         let got = s.cert("s-r1").await.unwrap().unwrap();
-        assert_eq!(got.chain_hex, vec!["3003020102", "3003020103"], "{kind:?}");
-        assert_eq!(got.der().unwrap(), vec![0x30, 0x03, 0x02, 0x01, 0x01]);
+        assert_eq!(
+            got.chain,
+            vec![vec![0x30, 3, 2, 1, 2], vec![0x30, 3, 2, 1, 3]],
+            "{kind:?}"
+        );
+        assert_eq!(got.der, vec![0x30, 0x03, 0x02, 0x01, 0x01]);
         assert_eq!(
             s.cert_by_fingerprint("fps-r1")
                 .await
@@ -287,7 +291,7 @@ async fn filled(s: &dyn Store) {
     for i in 0..30 {
         let mut c = create(&format!("r{i:02}"), &format!("ees{i}"), &format!("j{i}"));
         if i == 3 {
-            c.new_certs[0].chain_hex = vec!["3003020102".into()];
+            c.new_certs[0].chain = vec![vec![0x30, 3, 2, 1, 2]];
         }
         s.commit(c).await.unwrap();
     }
