@@ -892,6 +892,63 @@ async fn the_ceiling_times_the_four_operations_of_a_registration_with_the_config
     assert!(stderr.contains("signs outside this process"), "{stderr}");
 }
 
+/// Hot path, item 3: an EES that reconnects resumes its TLS session with a ticket instead
+/// of a full handshake, however many EESs connected since. The server keeps no session per
+/// client (before, a cache of 256 sessions: the 257th client pushed the first one out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_ees_resumes_its_tls_session_however_many_connected_since() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ecs = Ecs::start();
+    let roots = ecs_daemon::client::root_store(&ecs.root_pem).unwrap();
+    // Each EES its own client, with its own session store.
+    let ees = || {
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(ecs_daemon::client::provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth(),
+        )
+    };
+    // One request, read to the end: TLS 1.3 tickets arrive after the handshake.
+    let port = ecs.port;
+    let visit = |config: Arc<rustls::ClientConfig>| async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let kind = tls.get_ref().1.handshake_kind();
+        tls.write_all(b"GET /pki/v1/ca HTTP/1.1\r\nhost: ecs\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tls.read_to_end(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        kind
+    };
+    let first = ees();
+    assert_eq!(
+        visit(first.clone()).await,
+        Some(rustls::HandshakeKind::Full)
+    );
+    for _ in 0..300 {
+        visit(ees()).await;
+    }
+    assert_eq!(
+        visit(first).await,
+        Some(rustls::HandshakeKind::Resumed),
+        "the first EES, back after 300 others, resumes"
+    );
+}
+
 /// Attack review, item 3: connections that finished TLS and then stayed silent (HTTP/1.1
 /// sending nothing, HTTP/2 sending only its preface) held a daemon with `max_connections`
 /// slots for as long as they liked, and every legitimate client failed meanwhile. Now the
