@@ -170,28 +170,8 @@ impl TokenVerifier {
         if token.len() > 16 * 1024 {
             return Err(TokenError::Malformed("longer than 16 KiB".into()));
         }
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
-        if !ACCEPTED.contains(&header.alg) {
-            return Err(TokenError::AlgorithmRefused(format!("{:?}", header.alg)));
-        }
-        // This ECS understands no JWS extension: any `crit` means a rule it cannot apply.
-        if let Some(crit) = &header.crit {
-            return Err(TokenError::CriticalHeader(crit.clone()));
-        }
-        // The issuer decides which keys may verify; read it before the signature, then
-        // verify that the signed claims say the same.
-        let unverified: Value = jsonwebtoken::dangerous::insecure_decode_claims(token)
-            .map_err(|e| TokenError::Malformed(e.to_string()))?;
-        let iss = unverified
-            .get("iss")
-            .and_then(Value::as_str)
-            .ok_or(TokenError::BadClaim("iss"))?;
-        let issuer = self
-            .issuers
-            .iter()
-            .find(|i| i.issuer == iss)
-            .ok_or_else(|| TokenError::UnknownIssuer(iss.to_string()))?;
+        let (header, issuer) = self.header_and_issuer(token)?;
+        let iss = issuer.issuer.as_str();
         let kid = header.kid.clone().unwrap_or_default();
         let entry = match issuer.key(&kid) {
             Some(e) => e,
@@ -288,8 +268,25 @@ impl TokenVerifier {
     ///
     /// [`verify`]: TokenVerifier::verify
     pub fn signature_key(&self, token: &str) -> Result<(DecodingKey, Algorithm), TokenError> {
+        let (header, issuer) = self.header_and_issuer(token)?;
+        let kid = header.kid.unwrap_or_default();
+        let entry = issuer.key(&kid).ok_or(TokenError::UnknownKey(kid))?;
+        Ok((entry.key.clone(), header.alg))
+    }
+
+    /// The token's header, its algorithm and extensions accepted, and the configured issuer
+    /// its unverified `iss` names: the issuer decides which keys may verify, so it is read
+    /// before the signature, and the signed claims must then say the same.
+    fn header_and_issuer(&self, token: &str) -> Result<(Header, &Issuer), TokenError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        if !ACCEPTED.contains(&header.alg) {
+            return Err(TokenError::AlgorithmRefused(format!("{:?}", header.alg)));
+        }
+        // This ECS understands no JWS extension: any `crit` means a rule it cannot apply.
+        if let Some(crit) = &header.crit {
+            return Err(TokenError::CriticalHeader(crit.clone()));
+        }
         let unverified: Value = jsonwebtoken::dangerous::insecure_decode_claims(token)
             .map_err(|e| TokenError::Malformed(e.to_string()))?;
         let iss = unverified
@@ -301,9 +298,7 @@ impl TokenVerifier {
             .iter()
             .find(|i| i.issuer == iss)
             .ok_or_else(|| TokenError::UnknownIssuer(iss.to_string()))?;
-        let kid = header.kid.unwrap_or_default();
-        let entry = issuer.key(&kid).ok_or(TokenError::UnknownKey(kid))?;
-        Ok((entry.key.clone(), header.alg))
+        Ok((header, issuer))
     }
 }
 

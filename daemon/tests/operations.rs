@@ -807,16 +807,13 @@ async fn ecsd_needs_no_root() {
     ecs.register("ees-nobody.ecsp.example").await;
 }
 
-#[tokio::test]
-async fn a_prefilled_store_serves_its_registrations_and_crl() {
-    // `ecsd bench --prefill` writes what the API would have: the daemon, started on it,
-    // counts the active registrations, lists the revoked ones on its CRL, verifies its chain.
-    let mut ecs = Ecs::start();
-    assert!(ecs.terminate().success());
+/// `ecsd bench ARGS --config` of a stopped ECS: it succeeds, and its JSON report.
+fn bench_report(ecs: &Ecs, args: &[&str]) -> serde_json::Value {
     let out = ecsd()
-        .args(["bench", "--config"])
+        .arg("bench")
+        .args(args)
+        .arg("--config")
         .arg(ecs.config_path())
-        .args(["--prefill", "50", "--prefill-revoked", "5"])
         .output()
         .unwrap();
     assert!(
@@ -824,7 +821,16 @@ async fn a_prefilled_store_serves_its_registrations_and_crl() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn a_prefilled_store_serves_its_registrations_and_crl() {
+    // `ecsd bench --prefill` writes what the API would have: the daemon, started on it,
+    // counts the active registrations, lists the revoked ones on its CRL, verifies its chain.
+    let mut ecs = Ecs::start();
+    assert!(ecs.terminate().success());
+    let report = bench_report(&ecs, &["--prefill", "50", "--prefill-revoked", "5"]);
     assert_eq!(report["active_registrations"], json!(45));
     ecs.restart();
     let (_, metrics) = admin_get(ecs.admin_port, "/metrics").unwrap();
@@ -847,25 +853,7 @@ async fn the_ceiling_times_the_four_operations_of_a_registration_with_the_config
     // and reports the rate on every core with a per-operation breakdown.
     let mut ecs = Ecs::start();
     assert!(ecs.terminate().success());
-    let out = ecsd()
-        .args([
-            "bench",
-            "--ceiling",
-            "--duration",
-            "1s",
-            "--format",
-            "json",
-            "--config",
-        ])
-        .arg(ecs.config_path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench_report(&ecs, &["--ceiling", "--duration", "1s", "--format", "json"]);
     assert_eq!(report["target"], json!("ceiling"));
     assert_eq!(report["backend"], json!("soft"));
     assert!(report["rps"].as_f64().unwrap() > 0.0, "{report}");
