@@ -29,6 +29,7 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
+    /// Each reader's page cache: together they have half of `storage.cache_mib`.
     cache_kib: i64,
     readers: Mutex<Vec<Connection>>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
