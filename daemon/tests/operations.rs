@@ -18,6 +18,21 @@ fn s_client(ecs: &Ecs, args: &[&str]) -> (bool, String) {
     openssl(&all, ecs.dir.path())
 }
 
+/// A TLS connection to the ECS on 127.0.0.1 with `config`, its handshake done.
+async fn tls_connect(
+    config: Arc<rustls::ClientConfig>,
+    port: u16,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn only_the_ts33210_tls_profile_is_spoken() {
     let ecs = Ecs::start();
@@ -69,27 +84,7 @@ async fn only_the_ts33210_tls_profile_is_spoken() {
 async fn a_client_certificate_from_an_unknown_issuer_reaches_the_route() {
     let ecs = Ecs::start();
     let d = ecs.dir.path();
-    let (ok, out) = openssl(
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            "/CN=stranger",
-            "-days",
-            "1",
-            "-keyout",
-            "s.key",
-            "-out",
-            "s.pem",
-        ],
-        d,
-    );
-    assert!(ok, "{out}");
+    ecs_daemon::testing::openssl_self_signed(d, "s", "/CN=stranger", &[]);
     let cert = std::fs::read(d.join("s.pem")).unwrap();
     let key = std::fs::read(d.join("s.key")).unwrap();
     let stranger =
@@ -575,14 +570,7 @@ async fn idle_and_slowloris_connections_do_not_starve_a_registration() {
     for _ in 0..100 {
         let (config, stop, port) = (config.clone(), stop.clone(), ecs.port);
         slow.push(tokio::spawn(async move {
-            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .unwrap();
-            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-            let mut tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-                .unwrap();
+            let mut tls = tls_connect(config, port).await;
             let mut cut_off = false;
             for b in b"POST /eecs-eesregistration/v1/registrations HTTP/1.1\r\n".iter() {
                 if stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -901,14 +889,7 @@ async fn a_reconnecting_ees_resumes_its_tls_session_however_many_connected_since
     // One request, read to the end: TLS 1.3 tickets arrive after the handshake.
     let port = ecs.port;
     let visit = |config: Arc<rustls::ClientConfig>| async move {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await
-            .unwrap();
+        let mut tls = tls_connect(config, port).await;
         let kind = tls.get_ref().1.handshake_kind();
         tls.write_all(b"GET /pki/v1/ca HTTP/1.1\r\nhost: ecs\r\nconnection: close\r\n\r\n")
             .await
@@ -964,14 +945,7 @@ async fn silent_connections_are_closed_and_one_address_cannot_hold_them_all() {
     let mut silent = Vec::new();
     for i in 0..16 {
         let alpn: &[u8] = if i % 2 == 0 { b"http/1.1" } else { b"h2" };
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", ecs.port))
-            .await
-            .unwrap();
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(tls_config(alpn))
-            .connect(name, tcp)
-            .await
-            .unwrap();
+        let mut tls = tls_connect(tls_config(alpn), ecs.port).await;
         if alpn == b"h2" {
             // The HTTP/2 preface and an empty SETTINGS frame, then nothing.
             tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")

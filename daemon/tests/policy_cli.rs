@@ -134,29 +134,12 @@ fn lint_names_every_problem_an_auditor_wants() {
     let init = initialised();
     let dir = &init.dir;
     let leaf = dir.path().join("leaf.pem");
-    let (ok, out) = openssl(
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            "/CN=leaf",
-            "-days",
-            "10",
-            "-keyout",
-            "leaf.key",
-            "-out",
-            "leaf.pem",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-        ],
+    ecs_daemon::testing::openssl_self_signed(
         dir.path(),
+        "leaf",
+        "/CN=leaf",
+        &["-addext", "basicConstraints=critical,CA:FALSE"],
     );
-    assert!(ok, "{out}");
     let cfg = dir.path().join("ecs.toml");
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     text = text.replace(
