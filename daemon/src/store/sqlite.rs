@@ -180,6 +180,9 @@ fn connect(path: &Path, cache_kib: i64, write: bool) -> rusqlite::Result<Connect
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // The COMMIT returns after the WAL is fsynced: no 201 for what a crash could lose.
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // Each job's savepoint journals the pages it changes; past 64 KiB in a group that
+        // journal became a temporary file, one write per page and a new file per group.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
     }
     Ok(conn)
 }
