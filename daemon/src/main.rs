@@ -5,6 +5,13 @@ use ecs_daemon::cli::{Cli, Command, Fail, LogFormat, run};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+// A registration allocates and frees a few hundred small buffers across threads (TLS
+// records, JSON, DER, the audit event); glibc's malloc spent about 10 % of the daemon's CPU
+// on them. Without transparent huge pages, mimalloc's peak RSS at 256 connections stays
+// within the budget (51 MiB where glibc had 43; with them, 86).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve { .. });
