@@ -91,6 +91,12 @@ impl SqliteStore {
         let cache_kib = (half_kib / READERS_KEPT as u64) as i64;
         let mut conn = connect(path, half_kib as i64, true).map_err(|e| unusable(path, e))?;
         migrate(&mut conn, path)?;
+        // Each job's savepoint journals the pages it changes (one job's worth at a time);
+        // past 64 KiB that journal became a temporary file, one write per page and a new
+        // file per group. Set after the migrations: an index they build sorts through
+        // temporary files, which must not all be held in memory on a large store.
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(|e| unusable(path, e))?;
         let head = read_head(&conn).map_err(|e| unusable(path, e))?;
         let (tx, rx) = mpsc::channel();
         let writer_path = path.to_path_buf();
@@ -180,9 +186,6 @@ fn connect(path: &Path, cache_kib: i64, write: bool) -> rusqlite::Result<Connect
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // The COMMIT returns after the WAL is fsynced: no 201 for what a crash could lose.
         conn.pragma_update(None, "synchronous", "FULL")?;
-        // Each job's savepoint journals the pages it changes; past 64 KiB in a group that
-        // journal became a temporary file, one write per page and a new file per group.
-        conn.pragma_update(None, "temp_store", "MEMORY")?;
     }
     Ok(conn)
 }
