@@ -112,20 +112,45 @@ struct Head {
     hash: String,
 }
 
+/// How long a lock on the folder is waited for before the store counts as held by another
+/// process.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// sled reports a held folder lock as an `Other` I/O error whose text names the lock (the
+/// `WouldBlock` of `flock` is only in that text).
+fn is_lock_held(e: &::sled::Error) -> bool {
+    match e {
+        ::sled::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::WouldBlock
+                || io.to_string().starts_with("could not acquire lock")
+        }
+        _ => false,
+    }
+}
+
 impl SledStore {
     /// Opens (or creates) the store with a page cache of `cache_mib` MiB.
     pub fn open_with_cache(path: &Path, cache_mib: u64) -> Result<Self, StoreError> {
-        let db = ::sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_mib.max(1) << 20)
-            .open()
-            .map_err(|e| match e {
-                // sled takes an exclusive lock on its folder.
-                ::sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Locked(path.display().to_string())
+        // sled takes an exclusive lock on its folder, and its background threads release
+        // it a moment after the last handle is dropped (a restart, a reopen): a lock still
+        // held is tried again for a while before it means another process.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match ::sled::Config::new()
+                .path(path)
+                .cache_capacity(cache_mib.max(1) << 20)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(e) if is_lock_held(&e) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Locked(path.display().to_string()));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                e => StoreError::Io(format!("{}: {e}", path.display())),
-            })?;
+                Err(e) => return Err(StoreError::Io(format!("{}: {e}", path.display()))),
+            }
+        };
         let tree = db.open_tree("ecs").map_err(io)?;
         if !tree.contains_key(ACTIVE_COUNT).map_err(io)? {
             // A store from before the count was kept (or a new one): count once.
