@@ -162,8 +162,9 @@ pub trait CertIssuer: Send + Sync {
     fn revocation_published(&self) -> bool {
         true
     }
-    /// The key that signs in this process, when one does (an external CA signs elsewhere).
-    fn signer(&self) -> Option<&dyn KeySigner> {
+    /// The key that signs in this process and the checker of its signatures, when one does
+    /// (an external CA signs elsewhere).
+    fn signer(&self) -> Option<(&dyn KeySigner, &SignatureChecker)> {
         None
     }
 }
@@ -187,8 +188,8 @@ impl CertIssuer for LocalIssuer {
     fn ready(&self) -> Result<(), String> {
         self.signer.ready()
     }
-    fn signer(&self) -> Option<&dyn KeySigner> {
-        Some(self.signer.as_ref())
+    fn signer(&self) -> Option<(&dyn KeySigner, &SignatureChecker)> {
+        Some((self.signer.as_ref(), &self.checker))
     }
 }
 
@@ -382,11 +383,6 @@ impl LocalIssuer {
             &self.rng,
         )?;
         sign_checked(self.signer.as_ref(), &self.checker, prepared)
-    }
-
-    /// The checker of this issuer's signatures.
-    pub fn checker(&self) -> &SignatureChecker {
-        &self.checker
     }
 
     /// The signer of this issuer.

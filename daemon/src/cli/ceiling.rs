@@ -27,13 +27,12 @@ struct Work {
     csr_info: Vec<u8>,
     csr_signature: Vec<u8>,
     issuer: Arc<dyn ecs_ca_backends::CertIssuer>,
-    /// What the issuer checks its signer's signatures with.
-    checker: SignatureChecker,
     tbs: Vec<u8>,
 }
 
 impl Work {
-    fn signer(&self) -> &dyn KeySigner {
+    /// The issuer's own signer, and the checker it verifies each signature with.
+    fn signing(&self) -> (&dyn KeySigner, &SignatureChecker) {
         self.issuer
             .signer()
             .expect("prepare() refuses an issuer without a local signer")
@@ -62,11 +61,12 @@ impl Work {
     }
 
     fn sign(&self) -> Result<Vec<u8>, String> {
-        self.signer().sign(&self.tbs).map_err(|e| e.to_string())
+        self.signing().0.sign(&self.tbs).map_err(|e| e.to_string())
     }
 
     fn sign_check(&self, signature: &[u8]) -> Result<(), String> {
-        self.checker
+        self.signing()
+            .1
             .verify(&self.tbs, signature)
             .map_err(|e| e.to_string())
     }
@@ -160,14 +160,6 @@ async fn prepare(cfg: &Config) -> Result<Work, String> {
         csr_alg: csr.algorithm.oid,
         csr_info: csr.info.to_der().map_err(|e| e.to_string())?,
         csr_signature: csr.signature.raw_bytes().to_vec(),
-        checker: SignatureChecker::new(
-            issuer
-                .signer()
-                .map(|s| s.public_key_der())
-                .unwrap_or_default(),
-            &cert.signature_algorithm().oid,
-        )
-        .map_err(|e| e.to_string())?,
         tbs: cert.tbs_certificate().to_der().map_err(|e| e.to_string())?,
         issuer,
     })

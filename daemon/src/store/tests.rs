@@ -408,6 +408,9 @@ async fn a_damaged_backup_is_refused_at_the_line_at_fault_and_writes_nothing() {
     swapped.swap(4, 5);
     let swapped = swapped.join("\n") + "\n";
     let appended = format!("{text}{}\n", lines[3]);
+    // A certificate that is not hex fails where it is read, however its digest was made.
+    let not_hex = text.replacen("\"der_hex\":\"", "\"der_hex\":\"zz", 1);
+    assert_ne!(not_hex, text);
     for (case, body, expect) in [
         (
             "edited",
@@ -417,6 +420,7 @@ async fn a_damaged_backup_is_refused_at_the_line_at_fault_and_writes_nothing() {
         ("cut", cut, "cut short"),
         ("swapped", swapped, "line 5"),
         ("appended", appended, "appended"),
+        ("not hex", not_hex, "line 2: "),
     ] {
         let bad = dir.path().join(format!("{case}.jsonl"));
         std::fs::write(&bad, body).unwrap();
