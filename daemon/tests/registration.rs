@@ -898,6 +898,40 @@ async fn a_registration_past_its_exptime_is_implicitly_deregistered() {
     assert!(records.iter().any(|r| r["action"] == json!("expire")));
 }
 
+/// A spent token, or an EES ID an active registration holds, is refused by the store before
+/// anything is signed: no certificate exists that the store never recorded.
+#[tokio::test]
+async fn a_replayed_token_or_a_taken_ees_id_signs_nothing() {
+    let ecs = Ecs::start();
+    let id = "ees-once.ecsp.example";
+    let issued = || {
+        let (_, metrics) = admin_get(ecs.admin_port, "/metrics").unwrap();
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("ecs_issuance_seconds_count"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let token = ecs.token(id);
+    let r = ecs
+        .post(Some(&token), &registration_body(id, &Key::new().csr(id)))
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(issued(), 1);
+    let r = ecs
+        .post(Some(&token), &registration_body(id, &Key::new().csr(id)))
+        .await;
+    assert_problem(&r, 403, "TOKEN_REPLAYED");
+    let r = ecs
+        .post(
+            Some(&ecs.token(id)),
+            &registration_body(id, &Key::new().csr(id)),
+        )
+        .await;
+    assert_problem(&r, 403, "EES_ALREADY_REGISTERED");
+    assert_eq!(issued(), 1, "a refused claim reached the signer");
+}
+
 #[tokio::test]
 async fn the_admin_listener_reports_health_and_metrics() {
     let ecs = Ecs::start();
