@@ -7,8 +7,9 @@ use crate::config::{Config, TokenIssuerConfig};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde_json::{Value, json};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
+use serde_json::json;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -170,8 +171,13 @@ impl TokenVerifier {
         if token.len() > 16 * 1024 {
             return Err(TokenError::Malformed("longer than 16 KiB".into()));
         }
-        let (header, issuer) = self.header_and_issuer(token)?;
-        let iss = issuer.issuer.as_str();
+        let parts = Parts::split(token)?;
+        let header = parts.header()?;
+        // The payload is decoded and parsed once: the issuer that picks the key, and every
+        // claim judged below, come from the very bytes the signature covers.
+        let payload = parts.payload()?;
+        let c = Claims::parse(&payload)?;
+        let issuer = self.issuer(c.iss.as_deref())?;
         let kid = header.kid.clone().unwrap_or_default();
         let entry = match issuer.key(&kid) {
             Some(e) => e,
@@ -188,98 +194,108 @@ impl TokenVerifier {
                 header.alg, entry.alg
             )));
         }
-        let mut v = Validation::new(header.alg);
-        // Time claims are checked below against `now`, the one clock of the request.
-        v.validate_exp = false;
-        v.validate_nbf = false;
-        v.set_audience(&[&self.audience]);
-        v.set_issuer(&[&issuer.issuer]);
-        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let data = jsonwebtoken::decode::<Value>(token, &entry.key, &v).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            match e.kind() {
-                K::ExpiredSignature => TokenError::Expired,
-                K::ImmatureSignature => TokenError::NotYetValid,
-                K::InvalidAudience => TokenError::WrongAudience,
-                K::InvalidIssuer => TokenError::UnknownIssuer(iss.to_string()),
-                K::InvalidSignature => TokenError::BadSignature,
-                K::InvalidAlgorithm => TokenError::AlgorithmRefused(format!("{:?}", header.alg)),
-                K::MissingRequiredClaim(c) => {
-                    TokenError::Malformed(format!("claim {c} is missing"))
-                }
-                other => TokenError::Malformed(format!("{other:?}")),
-            }
-        })?;
-        let c = data.claims;
+        parts.verify_signature(&entry.key, header.alg)?;
+
+        match &c.aud {
+            Some(Audience::One(a)) if *a == self.audience => {}
+            Some(Audience::Many(all)) if all.iter().any(|a| *a == self.audience) => {}
+            Some(_) => return Err(TokenError::WrongAudience),
+            None => return Err(TokenError::BadClaim("aud")),
+        }
         let leeway = LEEWAY_SECS as i64;
-        let time_claim = |name: &'static str| match c.get(name) {
-            None => Ok(None),
-            Some(v) => v.as_i64().map(Some).ok_or(TokenError::BadClaim(name)),
-        };
-        let exp = time_claim("exp")?.ok_or(TokenError::BadClaim("exp"))?;
+        let exp = c.exp.ok_or(TokenError::BadClaim("exp"))?;
         if exp + leeway <= now {
             return Err(TokenError::Expired);
         }
-        if time_claim("nbf")?.is_some_and(|nbf| nbf > now + leeway) {
+        if c.nbf.is_some_and(|nbf| nbf > now + leeway) {
             return Err(TokenError::NotYetValid);
         }
-        let iat = time_claim("iat")?;
-        if iat.is_some_and(|iat| iat > now + leeway) {
+        if c.iat.is_some_and(|iat| iat > now + leeway) {
             return Err(TokenError::NotYetValid);
         }
-        let lifetime = exp - iat.unwrap_or(now);
+        let lifetime = exp - c.iat.unwrap_or(now);
         if lifetime > issuer.max_lifetime {
             return Err(TokenError::LifetimeTooLong(lifetime, issuer.max_lifetime));
         }
-        let scope = c.get("scope").and_then(Value::as_str).unwrap_or("");
+        let scope = c.scope.as_deref().unwrap_or("");
         if !scope.split(' ').any(|s| s == SCOPE) {
             return Err(TokenError::WrongScope);
         }
         let sub = c
-            .get("sub")
-            .and_then(Value::as_str)
+            .sub
             .filter(|s| !s.is_empty())
             .ok_or(TokenError::BadClaim("sub"))?;
         let jti = c
-            .get("jti")
-            .and_then(Value::as_str)
+            .jti
             .filter(|s| !s.is_empty() && s.len() <= 256)
             .ok_or(TokenError::BadClaim("jti"))?;
-        let prov_id = match c.get("provId") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(p)) => Some(p.clone()),
-            Some(_) => return Err(TokenError::BadClaim("provId")),
-        };
         Ok(VerifiedToken {
             issuer_name: issuer.name.clone(),
             iss: issuer.issuer.clone(),
-            sub: sub.to_string(),
-            jti: jti.to_string(),
+            sub: sub.into_owned(),
+            jti: jti.into_owned(),
             exp,
-            prov_id,
+            prov_id: c.prov_id.map(Cow::into_owned),
         })
     }
-}
 
-impl TokenVerifier {
     /// The key and algorithm that verify `token`'s signature, looked up as [`verify`] does
-    /// (issuer from the unverified `iss`, key by `kid`), without a JWKS fetch: what
-    /// `ecsd bench --ceiling` times on its own.
+    /// (issuer from `iss`, key by `kid`), without a JWKS fetch: what `ecsd bench --ceiling`
+    /// times on its own.
     ///
     /// [`verify`]: TokenVerifier::verify
     pub fn signature_key(&self, token: &str) -> Result<(DecodingKey, Algorithm), TokenError> {
-        let (header, issuer) = self.header_and_issuer(token)?;
+        let parts = Parts::split(token)?;
+        let header = parts.header()?;
+        let payload = parts.payload()?;
+        let c = Claims::parse(&payload)?;
+        let issuer = self.issuer(c.iss.as_deref())?;
         let kid = header.kid.unwrap_or_default();
         let entry = issuer.key(&kid).ok_or(TokenError::UnknownKey(kid))?;
         Ok((entry.key.clone(), header.alg))
     }
 
-    /// The token's header, its algorithm and extensions accepted, and the configured issuer
-    /// its unverified `iss` names: the issuer decides which keys may verify, so it is read
-    /// before the signature, and the signed claims must then say the same.
-    fn header_and_issuer(&self, token: &str) -> Result<(Header, &Issuer), TokenError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    /// The configured issuer that `iss` names: the issuer decides which keys may verify, so
+    /// it is read before the signature.
+    fn issuer(&self, iss: Option<&str>) -> Result<&Issuer, TokenError> {
+        let iss = iss.ok_or(TokenError::BadClaim("iss"))?;
+        self.issuers
+            .iter()
+            .find(|i| i.issuer == iss)
+            .ok_or_else(|| TokenError::UnknownIssuer(iss.to_string()))
+    }
+}
+
+/// A compact JWS, split at its two dots.
+struct Parts<'t> {
+    token: &'t str,
+    /// `header.payload`, what the signature covers.
+    signed: &'t str,
+    payload: &'t str,
+    signature: &'t str,
+}
+
+impl<'t> Parts<'t> {
+    fn split(token: &'t str) -> Result<Self, TokenError> {
+        let (signed, signature) = token
+            .rsplit_once('.')
+            .ok_or_else(|| TokenError::Malformed("not three parts".into()))?;
+        let (_, payload) = signed
+            .split_once('.')
+            .filter(|(_, p)| !p.contains('.'))
+            .ok_or_else(|| TokenError::Malformed("not three parts".into()))?;
+        Ok(Parts {
+            token,
+            signed,
+            payload,
+            signature,
+        })
+    }
+
+    /// The header, its algorithm and extensions accepted.
+    fn header(&self) -> Result<Header, TokenError> {
+        let header = jsonwebtoken::decode_header(self.token)
+            .map_err(|e| TokenError::Malformed(e.to_string()))?;
         if !ACCEPTED.contains(&header.alg) {
             return Err(TokenError::AlgorithmRefused(format!("{:?}", header.alg)));
         }
@@ -287,19 +303,67 @@ impl TokenVerifier {
         if let Some(crit) = &header.crit {
             return Err(TokenError::CriticalHeader(crit.clone()));
         }
-        let unverified: Value = jsonwebtoken::dangerous::insecure_decode_claims(token)
-            .map_err(|e| TokenError::Malformed(e.to_string()))?;
-        let iss = unverified
-            .get("iss")
-            .and_then(Value::as_str)
-            .ok_or(TokenError::BadClaim("iss"))?;
-        let issuer = self
-            .issuers
-            .iter()
-            .find(|i| i.issuer == iss)
-            .ok_or_else(|| TokenError::UnknownIssuer(iss.to_string()))?;
-        Ok((header, issuer))
+        Ok(header)
     }
+
+    fn payload(&self) -> Result<Vec<u8>, TokenError> {
+        URL_SAFE_NO_PAD
+            .decode(self.payload)
+            .map_err(|e| TokenError::Malformed(format!("payload: {e}")))
+    }
+
+    /// The signature checked by jsonwebtoken's verifier, which also refuses a key of
+    /// another family than `alg` (an RSA key for ES256, say).
+    fn verify_signature(&self, key: &DecodingKey, alg: Algorithm) -> Result<(), TokenError> {
+        match jsonwebtoken::crypto::verify(self.signature, self.signed.as_bytes(), key, alg) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(TokenError::BadSignature),
+            Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::Base64(_)) => {
+                Err(TokenError::Malformed(format!("signature: {e}")))
+            }
+            Err(e) => Err(TokenError::AlgorithmRefused(format!(
+                "{alg:?} with this issuer's {:?} key: {e}",
+                key.family()
+            ))),
+        }
+    }
+}
+
+/// The claims this ECS reads. Unknown claims are ignored; a claim given twice, or of the
+/// wrong JSON type, makes the token malformed.
+#[derive(serde::Deserialize)]
+struct Claims<'a> {
+    #[serde(borrow)]
+    iss: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    sub: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    aud: Option<Audience<'a>>,
+    exp: Option<i64>,
+    nbf: Option<i64>,
+    iat: Option<i64>,
+    #[serde(borrow)]
+    jti: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    scope: Option<Cow<'a, str>>,
+    #[serde(borrow, rename = "provId")]
+    prov_id: Option<Cow<'a, str>>,
+}
+
+impl<'a> Claims<'a> {
+    fn parse(payload: &'a [u8]) -> Result<Self, TokenError> {
+        serde_json::from_slice(payload).map_err(|e| TokenError::Malformed(format!("claims: {e}")))
+    }
+}
+
+/// `aud`: one string or an array of strings (RFC 7519, section 4.1.3).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Audience<'a> {
+    #[serde(borrow)]
+    One(Cow<'a, str>),
+    #[serde(borrow)]
+    Many(Vec<Cow<'a, str>>),
 }
 
 impl Issuer {
@@ -489,4 +553,110 @@ pub fn random_b64(n: usize) -> String {
         .fill(&mut buf)
         .expect("the OS random generator works");
     URL_SAFE_NO_PAD.encode(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ECS: &str = "ecs.ecsp.example";
+    const ISS: &str = "https://as.ecsp.example";
+    const NOW: i64 = 1_800_000_000;
+
+    struct Signer {
+        key: EncodingKey,
+        verifier: TokenVerifier,
+    }
+
+    fn signer() -> Signer {
+        let pem = ecs_ca_backends::generate_p256_pkcs8_pem().unwrap();
+        let jwks = jwks_for_private_key(pem.as_bytes(), "k1").unwrap();
+        Signer {
+            key: EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
+            verifier: TokenVerifier::from_jwks(ECS, ISS, &jwks).unwrap(),
+        }
+    }
+
+    impl Signer {
+        /// A token whose payload is exactly `payload`, signed with ES256.
+        fn sign(&self, payload: &str) -> String {
+            let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256","kid":"k1"}"#);
+            let signed = format!("{header}.{}", URL_SAFE_NO_PAD.encode(payload));
+            let sig =
+                jsonwebtoken::crypto::sign(signed.as_bytes(), &self.key, Algorithm::ES256).unwrap();
+            format!("{signed}.{sig}")
+        }
+
+        async fn verify(&self, payload: &str) -> Result<VerifiedToken, TokenError> {
+            self.verifier.verify(&self.sign(payload), NOW).await
+        }
+    }
+
+    fn claims(aud: &str) -> String {
+        format!(
+            r#"{{"iss":"{ISS}","sub":"ees1.ecsp.example","aud":{aud},"scope":"{SCOPE}","iat":{NOW},"exp":{},"jti":"j1"}}"#,
+            NOW + 300
+        )
+    }
+
+    #[tokio::test]
+    async fn aud_names_this_ecs_alone_or_among_others() {
+        let s = signer();
+        let t = s.verify(&claims(&format!(r#""{ECS}""#))).await.unwrap();
+        assert_eq!(
+            (t.sub.as_str(), t.jti.as_str()),
+            ("ees1.ecsp.example", "j1")
+        );
+        assert!(
+            s.verify(&claims(&format!(r#"["other", "{ECS}"]"#)))
+                .await
+                .is_ok()
+        );
+        assert_eq!(
+            s.verify(&claims(r#"["other", "another"]"#)).await,
+            Err(TokenError::WrongAudience)
+        );
+        assert_eq!(
+            s.verify(&claims("null")).await,
+            Err(TokenError::BadClaim("aud"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_given_twice_or_of_the_wrong_type_makes_the_token_malformed() {
+        let s = signer();
+        let ok = claims(&format!(r#""{ECS}""#));
+        let twice = ok.replacen('{', r#"{"sub":"ees2.ecsp.example","#, 1);
+        assert!(
+            matches!(s.verify(&twice).await, Err(TokenError::Malformed(m)) if m.contains("duplicate field `sub`"))
+        );
+        let number = ok.replace(r#""jti":"j1""#, r#""jti":1"#);
+        assert!(matches!(
+            s.verify(&number).await,
+            Err(TokenError::Malformed(_))
+        ));
+        let escaped = ok.replace(r#""jti":"j1""#, r#""jti":"j\u0031""#);
+        assert_eq!(s.verify(&escaped).await.unwrap().jti, "j1");
+    }
+
+    #[tokio::test]
+    async fn a_token_is_three_parts_and_its_signature_covers_the_claims_read() {
+        let s = signer();
+        let token = s.sign(&claims(&format!(r#""{ECS}""#)));
+        assert!(matches!(
+            s.verifier.verify(&format!("{token}.x"), NOW).await,
+            Err(TokenError::Malformed(_))
+        ));
+        // Claims of another token under this token's signature.
+        let (signed, sig) = token.rsplit_once('.').unwrap();
+        let (header, _) = signed.split_once('.').unwrap();
+        let forged = format!(
+            "{header}.{}.{sig}",
+            URL_SAFE_NO_PAD.encode(claims(&format!(r#"["{ECS}"]"#)))
+        );
+        assert_eq!(
+            s.verifier.verify(&forged, NOW).await,
+            Err(TokenError::BadSignature)
+        );
+    }
 }
