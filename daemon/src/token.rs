@@ -202,9 +202,11 @@ impl TokenVerifier {
             Some(_) => return Err(TokenError::WrongAudience),
             None => return Err(TokenError::BadClaim("aud")),
         }
+        // Saturating: the times are the issuer's numbers, and a wrapped sum would turn the
+        // longest lifetime into a negative one that passes.
         let leeway = LEEWAY_SECS as i64;
         let exp = c.exp.ok_or(TokenError::BadClaim("exp"))?;
-        if exp + leeway <= now {
+        if exp.saturating_add(leeway) <= now {
             return Err(TokenError::Expired);
         }
         if c.nbf.is_some_and(|nbf| nbf > now + leeway) {
@@ -213,7 +215,7 @@ impl TokenVerifier {
         if c.iat.is_some_and(|iat| iat > now + leeway) {
             return Err(TokenError::NotYetValid);
         }
-        let lifetime = exp - c.iat.unwrap_or(now);
+        let lifetime = exp.saturating_sub(c.iat.unwrap_or(now));
         if lifetime > issuer.max_lifetime {
             return Err(TokenError::LifetimeTooLong(lifetime, issuer.max_lifetime));
         }
@@ -637,6 +639,19 @@ mod tests {
         ));
         let escaped = ok.replace(r#""jti":"j1""#, r#""jti":"j\u0031""#);
         assert_eq!(s.verify(&escaped).await.unwrap().jti, "j1");
+    }
+
+    #[tokio::test]
+    async fn a_lifetime_past_the_end_of_time_is_too_long_not_negative() {
+        let s = signer();
+        let claims = format!(
+            r#"{{"iss":"{ISS}","sub":"ees1.ecsp.example","aud":"{ECS}","scope":"{SCOPE}","iat":-200,"exp":{},"jti":"j1"}}"#,
+            i64::MAX - 100
+        );
+        assert!(matches!(
+            s.verify(&claims).await,
+            Err(TokenError::LifetimeTooLong(i64::MAX, _))
+        ));
     }
 
     #[tokio::test]
