@@ -158,7 +158,7 @@ fn read(
         let (given, json) = text
             .split_once(' ')
             .ok_or_else(|| at(n, "not a backup line (no digest)"))?;
-        let line: Line = serde_json::from_str(json).map_err(|e| at(n, &e.to_string()))?;
+        let line = parse_line(json).map_err(|e| at(n, &e.to_string()))?;
         if digest.next(json) != given {
             return Err(at(
                 n,
@@ -196,6 +196,20 @@ fn read(
             "{}: no end record: the backup was cut short",
             path.display()
         )),
+    }
+}
+
+/// A line by its tag: an item is parsed as an item, so that a damaged one is named by what
+/// is wrong in it (an untagged variant would only say that no variant matched).
+fn parse_line(json: &str) -> serde_json::Result<Line> {
+    #[derive(Deserialize)]
+    struct Tag<'a> {
+        #[serde(borrow)]
+        t: Option<std::borrow::Cow<'a, str>>,
+    }
+    match serde_json::from_str::<Tag>(json)?.t.as_deref() {
+        Some("header" | "end") => serde_json::from_str(json),
+        _ => serde_json::from_str(json).map(|item| Line::Item(Box::new(item))),
     }
 }
 

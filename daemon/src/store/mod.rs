@@ -125,7 +125,7 @@ mod hex_bytes {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        hex::decode(String::deserialize(d)?).map_err(D::Error::custom)
+        hex::decode(String::deserialize(d)?).map_err(|e| D::Error::custom(format!("not hex: {e}")))
     }
 
     pub mod each {
@@ -138,7 +138,7 @@ mod hex_bytes {
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
             Vec::<String>::deserialize(d)?
                 .into_iter()
-                .map(|h| hex::decode(h).map_err(D::Error::custom))
+                .map(|h| hex::decode(h).map_err(|e| D::Error::custom(format!("not hex: {e}"))))
                 .collect()
         }
     }

@@ -420,7 +420,7 @@ async fn a_damaged_backup_is_refused_at_the_line_at_fault_and_writes_nothing() {
         ("cut", cut, "cut short"),
         ("swapped", swapped, "line 5"),
         ("appended", appended, "appended"),
-        ("not hex", not_hex, "line 2: "),
+        ("not hex", not_hex, "line 2: not hex: "),
     ] {
         let bad = dir.path().join(format!("{case}.jsonl"));
         std::fs::write(&bad, body).unwrap();
