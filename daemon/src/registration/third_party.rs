@@ -88,8 +88,8 @@ pub(super) async fn third_party_decision(
     f.cert_fingerprint = Some(leaf.fingerprint.clone());
     f.key = Some(leaf.key.describe());
     f.key_type = crate::trust::key_type(leaf.key.kind);
+    // Whether the certificate is free is read once, by the caller, under its reservation.
     let approval = judged.decision.outcome?;
-    third_party_cert_free(app, &leaf.fingerprint).await?;
     // The chain as accepted: what the client sent after the leaf, then the anchor reached.
     let mut accepted: Vec<Vec<u8>> = chain[1..].to_vec();
     if let Some(anchor) = &judged.anchor
