@@ -207,6 +207,12 @@ pub struct LocalIssuer {
     chain_der: Vec<Vec<u8>>,
     ca_not_after: i64,
     rng: SystemRandom,
+    /// What every certificate takes from the issuing CA, read once from it.
+    issuer_name: Name,
+    issuer_ski: Option<Vec<u8>>,
+    /// The CRL distribution point extension, encoded at the first issuance that names its
+    /// URL (an issuer's backend names one URL, known at start).
+    crl_pointer: std::sync::OnceLock<(String, Extension)>,
 }
 
 impl std::fmt::Debug for LocalIssuer {
@@ -258,10 +264,13 @@ impl LocalIssuer {
         Ok(LocalIssuer {
             checker,
             signer,
+            issuer_name: ca.tbs_certificate().subject().clone(),
+            issuer_ski: ski_of(&ca),
             ca,
             chain_der,
             ca_not_after,
             rng: SystemRandom::new(),
+            crl_pointer: std::sync::OnceLock::new(),
         })
     }
 
@@ -323,9 +332,24 @@ impl LocalIssuer {
             ext.push(extension(&SubjectAltName(sans), false)?);
         }
         if let Some(url) = &t.crl_url {
-            ext.push(extension(&crl_distribution_points(url)?, false)?);
+            ext.push(self.crl_pointer(url)?);
         }
         self.sign_certificate(subject, &t.spki_der, not_before, not_after, ext)
+    }
+
+    /// The CRL distribution point extension for `url`: the one encoded before when it names
+    /// the same URL.
+    fn crl_pointer(&self, url: &str) -> Result<Extension, Error> {
+        let encode = || Ok::<_, Error>(extension(&crl_distribution_points(url)?, false)?);
+        match self.crl_pointer.get() {
+            Some((known, ext)) if known == url => Ok(ext.clone()),
+            Some(_) => encode(),
+            None => {
+                let ext = encode()?;
+                let _ = self.crl_pointer.set((url.to_string(), ext.clone()));
+                Ok(ext)
+            }
+        }
     }
 
     /// Issues a subordinate CA certificate with this issuer's key (the ceremony's
@@ -346,9 +370,9 @@ impl LocalIssuer {
             self.signer.algorithm(),
             Profile {
                 subject,
-                issuer: Some(self.ca.tbs_certificate().subject().clone()),
+                issuer: Some(self.issuer_name.clone()),
                 extensions: ext,
-                issuer_ski: ski_of(&self.ca),
+                issuer_ski: self.issuer_ski.clone(),
             },
             &p.spki_der,
             p.not_before,
@@ -371,9 +395,9 @@ impl LocalIssuer {
             self.signer.algorithm(),
             Profile {
                 subject,
-                issuer: Some(self.ca.tbs_certificate().subject().clone()),
+                issuer: Some(self.issuer_name.clone()),
                 extensions,
-                issuer_ski: ski_of(&self.ca),
+                issuer_ski: self.issuer_ski.clone(),
             },
             spki_der,
             not_before,
@@ -919,6 +943,42 @@ mod tests {
             30 * 86_400
         );
         verify_cert_signed_by(&cert.der, &issuer.chain_der()[0]).unwrap();
+    }
+
+    #[test]
+    fn each_certificate_points_at_the_crl_its_template_names() {
+        let now = now_unix();
+        let issuer = test_issuer(now);
+        let crl_uri = |url: Option<&str>| {
+            let cert = issuer
+                .issue(&CertTemplate {
+                    common_name: "ees1.example".into(),
+                    organization: None,
+                    sans: vec![],
+                    spki_der: key().public_key_der().to_vec(),
+                    now,
+                    validity_secs: 86_400,
+                    client_auth: true,
+                    server_auth: false,
+                    crl_url: url.map(str::to_string),
+                    csr_pem: None,
+                })
+                .unwrap();
+            let (_, x) = X509Certificate::from_der(&cert.der).unwrap();
+            x.get_extension_unique(&oid_registry::OID_X509_EXT_CRL_DISTRIBUTION_POINTS)
+                .unwrap()
+                .map(|e| format!("{:?}", e.parsed_extension()))
+        };
+        let a = crl_uri(Some("https://ecs-a.example/pki/v1/crl")).unwrap();
+        assert!(a.contains("https://ecs-a.example/pki/v1/crl"), "{a}");
+        // Encoded once and kept; another URL is never given the first one's extension.
+        assert_eq!(
+            crl_uri(Some("https://ecs-a.example/pki/v1/crl")).unwrap(),
+            a
+        );
+        let b = crl_uri(Some("https://ecs-b.example/pki/v1/crl")).unwrap();
+        assert!(b.contains("https://ecs-b.example/pki/v1/crl"), "{b}");
+        assert_eq!(crl_uri(None), None);
     }
 
     #[test]
