@@ -680,16 +680,20 @@ pub fn verify_cert_signed_by(cert_der: &[u8], issuer_der: &[u8]) -> Result<(), E
     verify_signature(&spki, &cert.signature_algorithm().oid, &tbs, sig)
 }
 
-/// 20 octets from the OS CSPRNG, top bit clear (positive) and first octet non-zero (so DER
-/// keeps all 20): 159 bits of randomness.
+/// A serial of 20 octets: the milliseconds since the epoch in the first 6, big-endian, then
+/// 14 from the CSPRNG (112 bits; the CA/Browser Forum asks for at least 64). Serials issued
+/// together are neighbours in the store's serial index, where random ones would each
+/// rewrite a page of their own. The first octet is 0x01 until 2039 and stays below 0x80
+/// (a positive number, never a leading zero) for millennia.
 fn random_serial(rng: &SystemRandom) -> Result<SerialNumber, Error> {
     let mut bytes = [0u8; 20];
-    rng.fill(&mut bytes)
+    rng.fill(&mut bytes[6..])
         .map_err(|_| Error::Signing("the OS random generator failed".into()))?;
-    bytes[0] &= 0x7f;
-    if bytes[0] == 0 {
-        bytes[0] = 1;
-    }
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| Error::Signing("the clock is before 1970".into()))?
+        .as_millis() as u64;
+    bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
     Ok(SerialNumber::new(&bytes)?)
 }
 
@@ -979,6 +983,33 @@ mod tests {
         let b = crl_uri(Some("https://ecs-b.example/pki/v1/crl")).unwrap();
         assert!(b.contains("https://ecs-b.example/pki/v1/crl"), "{b}");
         assert_eq!(crl_uri(None), None);
+    }
+
+    #[test]
+    fn serials_are_positive_and_sort_in_issue_order() {
+        let rng = SystemRandom::new();
+        let mut last = String::new();
+        for _ in 0..3 {
+            let serial = random_serial(&rng).unwrap();
+            let bytes = serial.as_bytes();
+            assert_eq!(bytes.len(), 20);
+            assert!(bytes[0] > 0 && bytes[0] < 0x80, "{bytes:02x?}");
+            let ms = u64::from_be_bytes([
+                0, 0, bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5],
+            ]);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64;
+            assert!(
+                now - ms < 1_000,
+                "the first 6 octets are the issue time in ms"
+            );
+            let hex = hex::encode(bytes);
+            assert!(hex > last, "{hex} after {last}");
+            last = hex;
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     #[test]

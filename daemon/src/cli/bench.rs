@@ -298,7 +298,7 @@ pub async fn prefill(
 
     let make = |i: usize| -> Result<Commit, String> {
         let ees_id = format!("prefill-{run}-{i}.bench.example");
-        let id = crate::token::random_b64(18);
+        let id = crate::token::registration_id();
         let issued = issuer
             .issue(&CertTemplate {
                 common_name: ees_id.clone(),

@@ -621,7 +621,7 @@ async fn create_inner(
     } else {
         CertSource::ThirdParty
     };
-    let id = random_b64(18);
+    let id = crate::token::registration_id();
     cert.registration_id = id.clone();
     if cert_source == CertSource::ThirdParty {
         // Third-party serials are unique only per issuer, and one certificate may serve
