@@ -65,6 +65,41 @@ async fn only_the_ts33210_tls_profile_is_spoken() {
         let (ok, out) = s_client(&ecs, args);
         assert!(ok && out.contains(version), "{args:?} was refused:\n{out}");
     }
+    // The server's order picks the suite: AES-128-GCM for a client that lists AES-256
+    // first, and what a client offers alone.
+    let chosen: [(&[&str], &str); 4] = [
+        (
+            &[
+                "-tls1_3",
+                "-ciphersuites",
+                "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256",
+            ],
+            "TLS_AES_128_GCM_SHA256",
+        ),
+        (
+            &["-tls1_3", "-ciphersuites", "TLS_AES_256_GCM_SHA384"],
+            "TLS_AES_256_GCM_SHA384",
+        ),
+        (
+            &[
+                "-tls1_2",
+                "-cipher",
+                "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256",
+            ],
+            "ECDHE-ECDSA-AES128-GCM-SHA256",
+        ),
+        (
+            &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-GCM-SHA384"],
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+        ),
+    ];
+    for (args, suite) in chosen {
+        let (ok, out) = s_client(&ecs, args);
+        assert!(
+            ok && out.contains(&format!("Ciphersuite: {suite}")),
+            "{args:?}: not {suite}:\n{out}"
+        );
+    }
     // No renegotiation, no compression: rustls has neither; openssl reports it.
     let (_, out) = s_client(&ecs, &["-tls1_2", "-no_ticket"]);
     assert!(!out.contains("Compression: zlib"), "{out}");

@@ -14,19 +14,24 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
 use std::sync::Arc;
 
-/// The crypto provider restricted to the profile's suites and groups.
+/// The crypto provider restricted to the profile's suites and groups, in the server's order
+/// of preference. AES-128-GCM with SHA-256 comes first, as in Go's and BoringSSL's servers:
+/// the key exchange (X25519, P-256) and the P-256 signatures give 128-bit security, which
+/// AES-256 does not raise, and SHA-256 runs on the CPU's SHA instructions where SHA-384 has
+/// none (SHA-384 was 4 % of the CPU of a registration on a new connection). A client that
+/// offers only AES-256 or ChaCha20 still gets it.
 pub fn profile_provider() -> CryptoProvider {
     use provider::cipher_suite as cs;
     CryptoProvider {
         cipher_suites: vec![
-            cs::TLS13_AES_256_GCM_SHA384,
             cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
             cs::TLS13_CHACHA20_POLY1305_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
             cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
             cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-            cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
             cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
             cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
         ],
         kx_groups: vec![
@@ -246,6 +251,9 @@ pub fn server_config(cert: Arc<ServerCertificate>) -> Result<Arc<ServerConfig>, 
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // The suite is chosen by the order above, not by the client's (most clients list
+    // AES-256 first).
+    config.ignore_client_order = true;
     // An EES that reconnects resumes with a ticket instead of a full handshake (two
     // public-key operations saved on each side). Tickets are sealed with a key held only in
     // memory and rotated every 6 hours, so any number of EESs can resume without the
