@@ -932,6 +932,27 @@ async fn a_replayed_token_or_a_taken_ees_id_signs_nothing() {
     assert_eq!(issued(), 1, "a refused claim reached the signer");
 }
 
+/// A spent token and a taken EES ID are refused before the CSR and the policy are judged
+/// (the order of checks in the API reference): a replay learns nothing from its body.
+#[tokio::test]
+async fn a_spent_token_is_refused_as_replayed_whatever_its_body() {
+    let ecs = Ecs::start();
+    let id = "ees-order.ecsp.example";
+    let token = ecs.token(id);
+    let r = ecs
+        .post(Some(&token), &registration_body(id, &Key::new().csr(id)))
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let broken_csr = registration_body(
+        id,
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+    );
+    let r = ecs.post(Some(&token), &broken_csr).await;
+    assert_problem(&r, 403, "TOKEN_REPLAYED");
+    let r = ecs.post(Some(&ecs.token(id)), &broken_csr).await;
+    assert_problem(&r, 403, "EES_ALREADY_REGISTERED");
+}
+
 #[tokio::test]
 async fn the_admin_listener_reports_health_and_metrics() {
     let ecs = Ecs::start();

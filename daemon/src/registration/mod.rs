@@ -18,8 +18,8 @@ use third_party::{third_party_cert_free, third_party_decision, third_party_still
 use crate::clock::format_time;
 use crate::problem::{ApiError, Cause};
 use crate::store::{
-    CertRecord, CertSource, ClaimsCheck, Commit, RegState, RegistrationRecord, Revocation,
-    SpentToken, StoreError,
+    CertRecord, CertSource, Commit, RegState, RegistrationRecord, Revocation, SpentToken,
+    StoreError,
 };
 use crate::token::{TokenError, random_b64};
 use body::{RegistrationBody, parse_object, parse_registration};
@@ -278,23 +278,14 @@ fn endpoint_facts<'a>(
     }
 }
 
-/// What a new registration claims: its token ID and its EES ID.
-struct Claims {
-    iss: String,
-    jti: String,
-    ees_id: String,
-}
-
-/// Issues a certificate for `profile` with the key of `spki_der`, off the reactor, after
-/// `claims` are checked there when given. The certificate carries exactly the names the
-/// policy approved.
+/// Issues a certificate for `profile` with the key of `spki_der`, off the reactor. The
+/// certificate carries exactly the names the policy approved.
 async fn issue(
     app: &App,
     backend_name: &str,
     profile: &body::Profile,
     approval: &ecs_policy::Approval,
     csr: (&str, Vec<u8>),
-    claims: Option<(Arc<dyn ClaimsCheck>, Claims)>,
 ) -> Result<CertRecord, ApiError> {
     let (csr_pem, spki_der) = csr;
     let backend = app
@@ -321,16 +312,11 @@ async fn issue(
         crl_url: backend.crl_url.clone(),
         csr_pem: Some(csr_pem.to_string()),
     };
+    let started = Instant::now();
     let issuer = backend.issuer.clone();
-    let (issued, took) = tokio::task::spawn_blocking(move || {
-        if let Some((check, c)) = claims {
-            check.check_claims(&c.iss, &c.jti, &c.ees_id)?;
-        }
-        let started = Instant::now();
-        Ok::<_, StoreError>((issuer.issue(&template), started.elapsed()))
-    })
-    .await
-    .map_err(ApiError::internal)??;
+    let issued = tokio::task::spawn_blocking(move || issuer.issue(&template))
+        .await
+        .map_err(ApiError::internal)?;
     let issued = match issued {
         Ok(c) => c,
         Err(e) => {
@@ -344,7 +330,7 @@ async fn issue(
     app.metrics
         .issuance_seconds
         .with_label_values(&[backend_name])
-        .observe(took.as_secs_f64());
+        .observe(started.elapsed().as_secs_f64());
     Ok(CertRecord {
         serial: issued.serial_hex,
         registration_id: String::new(),
@@ -534,24 +520,12 @@ async fn create_inner(
             ApiError::from(StoreError::EesAlreadyRegistered)
         }
     });
-    // A spent token, or an EES ID another registration holds, is refused by the store before
-    // anything is signed. The store shows every commit made before the reservation was
-    // taken (a holder before us released it only after its commit): one read is enough. An
-    // embedded store reads on the thread that then signs, in the one hop off the reactor.
-    let claims = Claims {
-        iss: token.iss.clone(),
-        jti: token.jti.clone(),
-        ees_id: profile.ees_id.clone(),
-    };
-    let claims_in_hop = match app.store.blocking_claims() {
-        Some(check) if !onboarding.third_party_cert => Some((check, claims)),
-        _ => {
-            app.store
-                .check_claims(&claims.iss, &claims.jti, &claims.ees_id)
-                .await?;
-            None
-        }
-    };
+    // A spent token, or an EES ID another registration holds, refused before any work by
+    // the store, which shows every commit made before the reservation was taken (a holder
+    // before us released it only after its commit): one read is enough.
+    app.store
+        .check_claims(&token.iss, &token.jti, &profile.ees_id)
+        .await?;
     // What becomes the EES certificate: a third-party chain from this handshake, or a
     // certificate issued for the CSR's key.
     let (approval, material) = if onboarding.third_party_cert {
@@ -603,17 +577,7 @@ async fn create_inner(
     let backend = app.cfg.domain_backend(&domain).to_string();
     let _slot = app.signing.enter().await.ok_or_else(busy)?;
     let mut cert = match material {
-        Material::Csr(pem, spki) => {
-            issue(
-                app,
-                &backend,
-                profile,
-                &approval,
-                (pem, spki),
-                claims_in_hop,
-            )
-            .await?
-        }
+        Material::Csr(pem, spki) => issue(app, &backend, profile, &approval, (pem, spki)).await?,
         Material::ThirdParty(cert) => cert,
     };
     let cert_source = if cert.chain.is_empty() {
@@ -955,15 +919,8 @@ async fn update(
         // registration to the new CA, and the superseded certificate goes on the CRL of the
         // CA that issued it.
         let backend = app.cfg.domain_backend(&domain).to_string();
-        let mut new_cert = issue(
-            app,
-            &backend,
-            profile,
-            &approval,
-            (&csr_pem, csr.spki_der),
-            None,
-        )
-        .await?;
+        let mut new_cert =
+            issue(app, &backend, profile, &approval, (&csr_pem, csr.spki_der)).await?;
         new_cert.registration_id = reg.id.clone();
         commit_c.revocations.push((
             cert.serial.clone(),
