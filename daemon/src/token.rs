@@ -172,12 +172,8 @@ impl TokenVerifier {
             return Err(TokenError::Malformed("longer than 16 KiB".into()));
         }
         let parts = Parts::split(token)?;
-        let header = parts.header()?;
-        // The payload is decoded and parsed once: the issuer that picks the key, and every
-        // claim judged below, come from the very bytes the signature covers.
         let payload = parts.payload()?;
-        let c = Claims::parse(&payload)?;
-        let issuer = self.issuer(c.iss.as_deref())?;
+        let (header, c, issuer) = self.open(&parts, &payload)?;
         let kid = header.kid.clone().unwrap_or_default();
         let entry = match issuer.key(&kid) {
             Some(e) => e,
@@ -248,23 +244,30 @@ impl TokenVerifier {
     /// [`verify`]: TokenVerifier::verify
     pub fn signature_key(&self, token: &str) -> Result<(DecodingKey, Algorithm), TokenError> {
         let parts = Parts::split(token)?;
-        let header = parts.header()?;
         let payload = parts.payload()?;
-        let c = Claims::parse(&payload)?;
-        let issuer = self.issuer(c.iss.as_deref())?;
+        let (header, _, issuer) = self.open(&parts, &payload)?;
         let kid = header.kid.unwrap_or_default();
         let entry = issuer.key(&kid).ok_or(TokenError::UnknownKey(kid))?;
         Ok((entry.key.clone(), header.alg))
     }
 
-    /// The configured issuer that `iss` names: the issuer decides which keys may verify, so
-    /// it is read before the signature.
-    fn issuer(&self, iss: Option<&str>) -> Result<&Issuer, TokenError> {
-        let iss = iss.ok_or(TokenError::BadClaim("iss"))?;
-        self.issuers
+    /// The token's header, its claims parsed once from `payload` (its decoded payload), and
+    /// the configured issuer that `iss` names: the issuer decides which keys may verify, so
+    /// it is read before the signature, from the very bytes the signature covers.
+    fn open<'p>(
+        &self,
+        parts: &Parts<'_>,
+        payload: &'p [u8],
+    ) -> Result<(Header, Claims<'p>, &Issuer), TokenError> {
+        let header = parts.header()?;
+        let claims = Claims::parse(payload)?;
+        let iss = claims.iss.as_deref().ok_or(TokenError::BadClaim("iss"))?;
+        let issuer = self
+            .issuers
             .iter()
             .find(|i| i.issuer == iss)
-            .ok_or_else(|| TokenError::UnknownIssuer(iss.to_string()))
+            .ok_or_else(|| TokenError::UnknownIssuer(iss.to_string()))?;
+        Ok((header, claims, issuer))
     }
 }
 
