@@ -3,6 +3,7 @@
 
 use crate::clock::now;
 use crate::config::{BackendConfig, Config};
+use crate::lane::Lane;
 use crate::store::Store;
 use ecs_ca_backends::{
     CertIssuer, LocalIssuer, RevokedEntry, SoftwareKey, der_to_pem, pem_chain_to_der,
@@ -28,12 +29,42 @@ pub struct Backend {
     /// The chain as PEM, issuing CA first: encoded once, sent with every certificate.
     chain_pem: Vec<String>,
     crl: tokio::sync::Mutex<Option<CachedCrl>>,
+    /// The threads that wait for this backend's signatures, when they are made here.
+    lane: Option<Lane>,
+}
+
+/// Where a backend's signatures are made, which decides the threads that wait for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigningPlace {
+    /// In this process or an HSM session, at most this many at once: a [`Lane`] of as many
+    /// threads.
+    Here(usize),
+    /// At an external CA over the network: a thread of tokio's blocking pool per request in
+    /// flight, since most of its time is waiting.
+    Remote,
 }
 
 impl Backend {
     /// The chain as PEM, issuing CA first.
     pub fn chain_pem(&self) -> &[String] {
         &self.chain_pem
+    }
+
+    /// Runs `f`, which signs with this backend and may block, off the reactor: on the
+    /// backend's lane, or on the blocking pool for a remote CA.
+    pub async fn off_reactor<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, crate::problem::ApiError> {
+        match &self.lane {
+            Some(lane) => lane
+                .run(f)
+                .await
+                .map_err(crate::problem::ApiError::internal),
+            None => tokio::task::spawn_blocking(f)
+                .await
+                .map_err(crate::problem::ApiError::internal),
+        }
     }
 
     /// Forgets the cached CRL, so the next request signs a new one.
@@ -77,13 +108,13 @@ impl Backend {
         let listed = revoked.len() as u64;
         let number = store.next_crl_number(&self.name).await?;
         let issuer = self.issuer.clone();
-        let der = tokio::task::spawn_blocking(move || {
-            issuer
-                .sign_crl(number, now, now + validity, &revoked)
-                .map_err(crate::problem::ApiError::from)
-        })
-        .await
-        .map_err(crate::problem::ApiError::internal)??;
+        let der = self
+            .off_reactor(move || {
+                issuer
+                    .sign_crl(number, now, now + validity, &revoked)
+                    .map_err(crate::problem::ApiError::from)
+            })
+            .await??;
         let der = Arc::new(der);
         *cache = Some(CachedCrl {
             der: der.clone(),
@@ -129,7 +160,14 @@ pub fn load_all_keeping(
             backends.insert(name.clone(), backend);
             continue;
         }
-        let issuer = load_backend(name, b, base)?;
+        let (issuer, place) = load_backend(name, b, base)?;
+        let lane = match place {
+            SigningPlace::Here(threads) => Some(
+                Lane::new(&format!("sign-{name}"), threads)
+                    .map_err(|e| format!("backends.{name}: signing threads: {e}"))?,
+            ),
+            SigningPlace::Remote => None,
+        };
         for d in issuer.chain_der() {
             roots.extend_from_slice(der_to_pem(d, "CERTIFICATE").as_bytes());
         }
@@ -152,6 +190,7 @@ pub fn load_all_keeping(
                 issuer,
                 crl_url,
                 crl: tokio::sync::Mutex::new(None),
+                lane,
             }),
         );
     }
@@ -162,7 +201,10 @@ pub fn load_backend(
     name: &str,
     b: &BackendConfig,
     base: &std::path::Path,
-) -> Result<Arc<dyn CertIssuer>, String> {
+) -> Result<(Arc<dyn CertIssuer>, SigningPlace), String> {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     match b {
         BackendConfig::Software {
             key,
@@ -184,7 +226,8 @@ pub fn load_backend(
             let chain = read_chain(name, cert)?;
             let issuer = LocalIssuer::new(Arc::new(signer), chain)
                 .map_err(|e| format!("backends.{name}: {e}"))?;
-            Ok(Arc::new(issuer))
+            // Pure CPU: more threads than cores would only take turns.
+            Ok((Arc::new(issuer), SigningPlace::Here(cores)))
         }
         BackendConfig::Pkcs11 {
             module,
@@ -208,22 +251,21 @@ pub fn load_backend(
                     .and_then(|c| c.tbs_certificate().subject_public_key_info().to_der())
                     .map_err(|e| format!("backends.{name}.cert: {}: {e}", cert.display()))?
             };
-            let cores = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2);
+            let sessions = max_sessions.unwrap_or(2 * cores);
             let signer = Pkcs11Key::open(Pkcs11Config {
                 name: name.to_string(),
                 module,
                 uri,
                 pin: pin.as_str().into(),
-                max_sessions: max_sessions.unwrap_or(2 * cores),
+                max_sessions: sessions,
                 rsa_pss: *rsa_signature == crate::config::RsaSignature::Pss,
                 expected_spki,
             })
             .map_err(|e| format!("backends.{name}: {e}"))?;
             let issuer = LocalIssuer::new(Arc::new(signer), chain)
                 .map_err(|e| format!("backends.{name}: {e}"))?;
-            Ok(Arc::new(issuer))
+            // One thread per session: as many signatures at once as the token serves.
+            Ok((Arc::new(issuer), SigningPlace::Here(sessions)))
         }
         BackendConfig::Cfssl {
             url,
@@ -264,7 +306,7 @@ pub fn load_backend(
                     .collect(),
             })
             .map_err(|e| format!("backends.{name}.{e}"))?;
-            Ok(Arc::new(issuer))
+            Ok((Arc::new(issuer), SigningPlace::Remote))
         }
     }
 }

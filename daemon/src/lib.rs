@@ -27,6 +27,7 @@ pub mod files;
 pub mod fuzzing;
 pub mod hardening;
 pub mod http;
+pub mod lane;
 pub mod metrics;
 pub mod problem;
 pub mod ratelimit;

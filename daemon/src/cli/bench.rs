@@ -274,7 +274,7 @@ pub async fn prefill(
         .backends
         .get(&backend)
         .ok_or_else(|| format!("--prefill: no backend {backend:?} in the configuration"))?;
-    let issuer = crate::backends::load_backend(&backend, backend_cfg, &base)?;
+    let (issuer, _) = crate::backends::load_backend(&backend, backend_cfg, &base)?;
     // Recorded as governed by the first domain whose certificates this backend issues.
     let domain = cfg
         .domains

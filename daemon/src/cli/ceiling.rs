@@ -128,7 +128,7 @@ async fn prepare(cfg: &Config) -> Result<Work, String> {
         .backends
         .get(&backend)
         .ok_or_else(|| format!("no backend {backend:?} in the configuration"))?;
-    let issuer = crate::backends::load_backend(&backend, backend_cfg, &base)?;
+    let (issuer, _) = crate::backends::load_backend(&backend, backend_cfg, &base)?;
     if issuer.signer().is_none() {
         return Err(format!(
             "backend {backend:?} signs outside this process (an external CA): it has no \

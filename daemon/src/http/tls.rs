@@ -166,9 +166,10 @@ pub async fn server_identity(app: &App) -> Result<ServerIdentity, String> {
         csr_pem: None,
     };
     let issuer = backend.issuer.clone();
-    let issued = tokio::task::spawn_blocking(move || issuer.issue(&template))
+    let issued = backend
+        .off_reactor(move || issuer.issue(&template))
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.detail)?
         .map_err(|e| format!("issuing the server certificate: {e}"))?;
     let mut chain = vec![CertificateDer::from(issued.der)];
     // Everything but the root, which clients must already trust.

@@ -314,9 +314,7 @@ async fn issue(
     };
     let started = Instant::now();
     let issuer = backend.issuer.clone();
-    let issued = tokio::task::spawn_blocking(move || issuer.issue(&template))
-        .await
-        .map_err(ApiError::internal)?;
+    let issued = backend.off_reactor(move || issuer.issue(&template)).await?;
     let issued = match issued {
         Ok(c) => c,
         Err(e) => {
