@@ -522,6 +522,24 @@ async fn a_saturated_signer_turns_excess_requests_away_at_once() {
             (r, started.elapsed())
         }));
     }
+    // While one signs and one waits, a request with a broken CSR is still judged in the
+    // documented order: its CSR is refused before the full queue is.
+    while tasks.iter().filter(|t| t.is_finished()).count() < 4 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let id = "broken.ecsp-b.example";
+    let mut broken = partner_body(id, "ecsp-b");
+    broken["onboarding"]["csr"] =
+        json!("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n");
+    let r = ecs
+        .post(Some(&ecs.token_with(id, Some("ecsp-b"))), &broken)
+        .await;
+    assert_problem(&r, 400, "INVALID_CSR");
+    assert_eq!(
+        tasks.iter().filter(|t| !t.is_finished()).count(),
+        2,
+        "the queue was full while the broken CSR was judged"
+    );
     let (mut created, mut turned_away) = (0, 0);
     for t in tasks {
         let (r, took) = t.await.unwrap();

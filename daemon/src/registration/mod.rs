@@ -7,6 +7,7 @@
 
 use crate::app::App;
 use crate::audit::{Action, AuditEvent, Outcome};
+use crate::backends::Backend;
 use crate::clock::now;
 use crate::config::DEFAULT_DOMAIN;
 pub mod body;
@@ -21,7 +22,7 @@ use crate::store::{
     CertRecord, CertSource, Commit, RegState, RegistrationRecord, Revocation, SpentToken,
     StoreError,
 };
-use crate::token::{TokenError, random_b64};
+use crate::token::{TokenError, VerifiedToken, random_b64};
 use body::{RegistrationBody, parse_object, parse_registration};
 use ecs_ca_backends::{CertTemplate, RevocationReason, SanEntry, parse_csr, sha256_hex};
 use ecs_policy::{DomainPolicy, OnboardingFacts, SanName};
@@ -66,7 +67,20 @@ struct Facts {
     key_type: Option<ecs_policy::KeyType>,
 }
 
+/// A CSR's key as the audit record names it: its description and its policy type.
+type KeyFacts = (String, Option<ecs_policy::KeyType>);
+
+/// What the policy approved for a CSR, and the CSR's public key (SPKI DER).
+type Approved = (ecs_policy::Approval, Vec<u8>);
+
 impl Facts {
+    fn note_key(&mut self, key: Option<KeyFacts>) {
+        if let Some((description, key_type)) = key {
+            self.key = Some(description);
+            self.key_type = key_type;
+        }
+    }
+
     fn new(action: Action) -> Self {
         Facts {
             action,
@@ -281,18 +295,28 @@ fn endpoint_facts<'a>(
 /// Issues a certificate for `profile` with the key of `spki_der`, off the reactor. The
 /// certificate carries exactly the names the policy approved.
 async fn issue(
-    app: &App,
-    backend_name: &str,
+    app: &Arc<App>,
+    backend: &Arc<Backend>,
     profile: &body::Profile,
     approval: &ecs_policy::Approval,
     csr: (&str, Vec<u8>),
 ) -> Result<CertRecord, ApiError> {
+    let template = template(backend, profile, approval, csr);
+    let (app, signer) = (app.clone(), backend.clone());
+    backend
+        .off_reactor(move || issue_here(&app, &signer, &template))
+        .await?
+}
+
+/// The certificate `issue` asks for.
+fn template(
+    backend: &Backend,
+    profile: &body::Profile,
+    approval: &ecs_policy::Approval,
+    csr: (&str, Vec<u8>),
+) -> CertTemplate {
     let (csr_pem, spki_der) = csr;
-    let backend = app
-        .backend(backend_name)
-        .ok_or_else(|| ApiError::internal(format!("backend {backend_name} vanished")))?
-        .clone();
-    let template = CertTemplate {
+    CertTemplate {
         common_name: profile.ees_id.clone(),
         organization: profile.prov_id.clone(),
         sans: approval
@@ -311,28 +335,34 @@ async fn issue(
         server_auth: true,
         crl_url: backend.crl_url.clone(),
         csr_pem: Some(csr_pem.to_string()),
-    };
+    }
+}
+
+/// Signs `template` with `backend` on this thread, which may block.
+fn issue_here(
+    app: &App,
+    backend: &Backend,
+    template: &CertTemplate,
+) -> Result<CertRecord, ApiError> {
     let started = Instant::now();
-    let issuer = backend.issuer.clone();
-    let issued = backend.off_reactor(move || issuer.issue(&template)).await?;
-    let issued = match issued {
+    let issued = match backend.issuer.issue(template) {
         Ok(c) => c,
         Err(e) => {
             app.metrics
                 .backend_errors
-                .with_label_values(&[backend_name])
+                .with_label_values(&[&backend.name])
                 .inc();
             return Err(e.into());
         }
     };
     app.metrics
         .issuance_seconds
-        .with_label_values(&[backend_name])
+        .with_label_values(&[&backend.name])
         .observe(started.elapsed().as_secs_f64());
     Ok(CertRecord {
         serial: issued.serial_hex,
         registration_id: String::new(),
-        backend: backend_name.to_string(),
+        backend: backend.name.clone(),
         der: issued.der,
         fingerprint: issued.fingerprint,
         not_before: issued.not_before,
@@ -340,6 +370,63 @@ async fn issue(
         revoked: None,
         chain: Vec::new(),
     })
+}
+
+/// Steps 7 and 8 of an onboarding with a CSR: the CSR itself, then the domain's policy. The
+/// key's description comes back even when the policy refuses, for the audit record.
+fn judge_csr(
+    app: &App,
+    token: &VerifiedToken,
+    req: &RegistrationBody,
+    domain_name: &str,
+    domain: &DomainPolicy,
+    now: i64,
+) -> (Option<KeyFacts>, Result<Approved, ApiError>) {
+    let profile = &req.profile;
+    let onboarding = req.onboarding.as_ref();
+    let csr_pem = onboarding
+        .and_then(|o| o.csr.as_deref())
+        .unwrap_or_default();
+    let csr = match parse_csr(csr_pem) {
+        Ok(c) => c,
+        Err(e) => return (None, Err(e.into())),
+    };
+    let description = csr.key.describe();
+    let key_type = crate::trust::key_type(csr.key.kind);
+    let requested = profile.requested_names();
+    let decision = domain.decide_onboarding(
+        domain_name,
+        &OnboardingFacts {
+            token_issuer: &token.issuer_name,
+            ees_id: &profile.ees_id,
+            endpoint: endpoint_facts(app, profile, &requested),
+            key_type,
+            key_description: &description,
+            requested_expiry: req.exp_time,
+            secret_token_requested: onboarding.is_some_and(|o| o.secret_token),
+            now,
+        },
+    );
+    // The CSR checked here is the one issued for: parsed and verified once.
+    let judged = decision
+        .outcome
+        .map(|a| (a, csr.spki_der))
+        .map_err(ApiError::from);
+    (Some((description, key_type)), judged)
+}
+
+/// Step 6: a spent token, or an EES ID another registration holds, refused before any work
+/// by the store, which shows every commit made before the reservation was taken (a holder
+/// before us released it only after its commit): one read is enough.
+async fn check_claims(
+    app: &App,
+    token: &VerifiedToken,
+    profile: &body::Profile,
+) -> Result<(), ApiError> {
+    app.store
+        .check_claims(&token.iss, &token.jti, &profile.ees_id)
+        .await?;
+    Ok(())
 }
 
 async fn commit(app: &App, c: Commit) -> Result<(), ApiError> {
@@ -427,14 +514,6 @@ fn location(app: &App, id: &str) -> String {
     )
 }
 
-/// What becomes the EES certificate of a new registration.
-enum Material<'a> {
-    /// Issue for this CSR (PEM, as sent) and its public key (SPKI DER).
-    Csr(&'a str, Vec<u8>),
-    /// Accept this third-party certificate.
-    ThirdParty(CertRecord),
-}
-
 /// `POST /registrations`: onboard an EES (solution #12 steps 3–5).
 pub async fn create(app: &Arc<App>, ctx: &RequestCtx, body: &[u8]) -> Result<Reply, ApiError> {
     audited(app, ctx, Action::Register, async |f: &mut Facts| {
@@ -455,7 +534,7 @@ async fn create_inner(
             .map_err(|w| too_many(w, "too many registration requests from this address"))?;
     }
     let bearer = ctx.bearer.as_deref().ok_or(TokenError::Missing)?;
-    let token = app.tokens.verify(bearer, now).await?;
+    let token = Arc::new(app.tokens.verify(bearer, now).await?);
     if let Some(g) = &app.limiters.registrations_per_issuer {
         g.check(&token.issuer_name, Instant::now())
             .map_err(|w| too_many(w, "too many registrations from this token issuer"))?;
@@ -465,7 +544,7 @@ async fn create_inner(
     f.token_jti = Some(token.jti.clone());
 
     let obj = parse_object(body)?;
-    let req: RegistrationBody = parse_registration(&obj, now)?;
+    let req: Arc<RegistrationBody> = Arc::new(parse_registration(&obj, now)?);
     let profile = &req.profile;
     f.ees_id = Some(profile.ees_id.clone());
     f.prov_id = profile.prov_id.clone();
@@ -518,65 +597,76 @@ async fn create_inner(
             ApiError::from(StoreError::EesAlreadyRegistered)
         }
     });
-    // A spent token, or an EES ID another registration holds, refused before any work by
-    // the store, which shows every commit made before the reservation was taken (a holder
-    // before us released it only after its commit): one read is enough.
-    app.store
-        .check_claims(&token.iss, &token.jti, &profile.ees_id)
-        .await?;
+    let backend_name = app.cfg.domain_backend(&domain).to_string();
     // What becomes the EES certificate: a third-party chain from this handshake, or a
-    // certificate issued for the CSR's key.
-    let (approval, material) = if onboarding.third_party_cert {
+    // certificate issued for the CSR's key. Held until the commit: the reservations, and the
+    // signing slot (signing and storing are one unit of back-pressure).
+    let (approval, mut cert, _held) = if onboarding.third_party_cert {
+        check_claims(app, &token, profile).await?;
         let (approval, cert) =
             third_party_decision(app, ctx, &token, &req, &domain_name, &domain, now, f).await?;
-        (approval, Material::ThirdParty(cert))
+        let reserved = reservation?;
+        // One third-party certificate never serves two registrations: held the same way.
+        let certificate = app
+            .reserve(vec![format!("tp:{}", cert.fingerprint)])
+            .map_err(|_| {
+                ApiError::new(
+                    Cause::UntrustedClientCert,
+                    "this certificate is being registered by another request",
+                )
+            })?;
+        third_party_cert_free(app, &cert.fingerprint).await?;
+        let slot = app.signing.enter().await.ok_or_else(busy)?;
+        (approval, cert, (reserved, Some(certificate), slot))
     } else {
-        let csr_pem = onboarding.csr.as_deref().unwrap_or_default();
-        let csr = parse_csr(csr_pem)?;
-        let description = csr.key.describe();
-        f.key = Some(description.clone());
-        f.key_type = crate::trust::key_type(csr.key.kind);
-        let requested = profile.requested_names();
-        let decision = domain.decide_onboarding(
-            &domain_name,
-            &OnboardingFacts {
-                token_issuer: &token.issuer_name,
-                ees_id: &profile.ees_id,
-                endpoint: endpoint_facts(app, profile, &requested),
-                key_type: crate::trust::key_type(csr.key.kind),
-                key_description: &description,
-                requested_expiry: req.exp_time,
-                secret_token_requested: onboarding.secret_token,
-                now,
-            },
-        );
-        // The CSR checked above is the one issued for: parsed and verified once.
-        (decision.outcome?, Material::Csr(csr_pem, csr.spki_der))
-    };
-
-    let _reservation = reservation?;
-    // One third-party certificate never serves two registrations: held the same way.
-    let _certificate_reservation = match &material {
-        Material::ThirdParty(c) => {
-            let held = app
-                .reserve(vec![format!("tp:{}", c.fingerprint)])
-                .map_err(|_| {
-                    ApiError::new(
-                        Cause::UntrustedClientCert,
-                        "this certificate is being registered by another request",
-                    )
-                })?;
-            third_party_cert_free(app, &c.fingerprint).await?;
-            Some(held)
+        let Some(slot) = app.signing.enter().await else {
+            // No slot and no room to wait for one: the request is judged all the same, so
+            // that its answer is the first failing step's, and only then refused as busy.
+            check_claims(app, &token, profile).await?;
+            let (key, judged) = judge_csr(app, &token, &req, &domain_name, &domain, now);
+            f.note_key(key);
+            judged?;
+            reservation?;
+            return Err(busy());
+        };
+        // Steps 6 to 9 in one job where the backend signs: an onboarding leaves the reactor
+        // once before its commit. The checks run in their documented order all the same; a
+        // store that reads over the network is asked first, on the reactor.
+        let backend = app
+            .backend(&backend_name)
+            .ok_or_else(|| ApiError::internal(format!("backend {backend_name} vanished")))?;
+        let claims_here = app.store.blocking_claims();
+        if claims_here.is_none() {
+            check_claims(app, &token, profile).await?;
         }
-        Material::Csr(..) => None,
-    };
-
-    let backend = app.cfg.domain_backend(&domain).to_string();
-    let _slot = app.signing.enter().await.ok_or_else(busy)?;
-    let mut cert = match material {
-        Material::Csr(pem, spki) => issue(app, &backend, profile, &approval, (pem, spki)).await?,
-        Material::ThirdParty(cert) => cert,
+        // A twin holding the token or the EES ID is refused once this body has been judged.
+        let twin = reservation.as_ref().err().cloned();
+        let (job_app, job_token, job_req) = (app.clone(), token.clone(), req.clone());
+        let (job_domain, job_backend) = (domain_name.clone(), backend.clone());
+        let (key, outcome) = backend
+            .off_reactor(move || {
+                let (app, token, req) = (&*job_app, &*job_token, &*job_req);
+                if let Some(store) = claims_here
+                    && let Err(e) = store.check_claims(&token.iss, &token.jti, &req.profile.ees_id)
+                {
+                    return (None, Err(ApiError::from(e)));
+                }
+                let (key, judged) = judge_csr(app, token, req, &job_domain, &domain, now);
+                let issued = judged.and_then(|(approval, spki)| {
+                    if let Some(e) = twin {
+                        return Err(e);
+                    }
+                    let csr_pem = req.onboarding.as_ref().and_then(|o| o.csr.as_deref());
+                    let csr = (csr_pem.unwrap_or_default(), spki);
+                    let template = template(&job_backend, &req.profile, &approval, csr);
+                    Ok((approval, issue_here(app, &job_backend, &template)?))
+                });
+                (key, issued)
+            })
+            .await?;
+        f.note_key(key);
+        let (approval, cert) = outcome?;
+        (approval, cert, (reservation?, None, slot))
     };
     let cert_source = if cert.chain.is_empty() {
         CertSource::EcsIssued
@@ -600,7 +690,7 @@ async fn create_inner(
         ees_id: profile.ees_id.clone(),
         prov_id: profile.prov_id.clone(),
         domain: domain_name,
-        backend,
+        backend: backend_name,
         profile: profile.json.clone(),
         exp_time: approval.registration_expiry,
         supp_feat: req.supp_feat.clone(),
@@ -916,7 +1006,10 @@ async fn update(
         // The domain's backend now: after an issuing-CA rotation, a re-key moves the
         // registration to the new CA, and the superseded certificate goes on the CRL of the
         // CA that issued it.
-        let backend = app.cfg.domain_backend(&domain).to_string();
+        let backend_name = app.cfg.domain_backend(&domain);
+        let backend = app
+            .backend(backend_name)
+            .ok_or_else(|| ApiError::internal(format!("backend {backend_name} vanished")))?;
         let mut new_cert =
             issue(app, &backend, profile, &approval, (&csr_pem, csr.spki_der)).await?;
         new_cert.registration_id = reg.id.clone();
@@ -930,7 +1023,7 @@ async fn update(
         reg.current_cert = new_cert.serial.clone();
         reg.certs.push(new_cert.serial.clone());
         reg.cert_source = CertSource::EcsIssued;
-        reg.backend = backend;
+        reg.backend = backend.name.clone();
         f.cert_serial = Some(new_cert.serial.clone());
         f.cert_fingerprint = Some(new_cert.fingerprint.clone());
         commit_c.new_certs.push(new_cert.clone());

@@ -31,6 +31,13 @@ pub trait BlockingStore: Send + Sync + 'static {
     ) -> Result<Vec<(RegistrationRecord, CertRecord)>, StoreError>;
 }
 
+impl<T: BlockingStore> ClaimsCheck for T {
+    fn check_claims(&self, iss: &str, jti: &str, ees_id: &str) -> Result<(), StoreError> {
+        let held = self.active_registration_for(ees_id)?.is_some();
+        judge_claims(held, self.token_spent(iss, jti)?)
+    }
+}
+
 /// An embedded engine, its calls moved off the reactor.
 pub struct OffReactor<T>(Arc<T>);
 
@@ -86,11 +93,10 @@ impl<T: BlockingStore> Store for OffReactor<T> {
     }
     async fn check_claims(&self, iss: &str, jti: &str, ees_id: &str) -> Result<(), StoreError> {
         let (iss, jti, ees_id) = (iss.to_owned(), jti.to_owned(), ees_id.to_owned());
-        self.run(move |s| {
-            let held = s.active_registration_for(&ees_id)?.is_some();
-            judge_claims(held, s.token_spent(&iss, &jti)?)
-        })
-        .await
+        self.run(move |s| s.check_claims(&iss, &jti, &ees_id)).await
+    }
+    fn blocking_claims(&self) -> Option<Arc<dyn ClaimsCheck>> {
+        Some(self.0.clone())
     }
     async fn due_expiries(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
         self.run(move |s| s.due_expiries(now, limit)).await

@@ -226,6 +226,12 @@ pub trait Store: Send + Sync {
     /// Whether a new registration may claim this token ID and this EES ID, in one call:
     /// see [`judge_claims`].
     async fn check_claims(&self, iss: &str, jti: &str, ees_id: &str) -> Result<(), StoreError>;
+    /// The same check as a call that blocks, for an engine that reads local files: onboarding
+    /// runs it on the thread that then signs, in one hop off the reactor. `None` for an engine
+    /// that reads over the network.
+    fn blocking_claims(&self) -> Option<Arc<dyn ClaimsCheck>> {
+        None
+    }
     /// Active registrations whose `exp_time` is at or before `now`, at most `limit`.
     async fn due_expiries(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError>;
     /// (serial, revocation) of every revoked certificate of `backend`, for its CRL.
@@ -293,6 +299,11 @@ pub struct StoreCounts {
     /// What the store takes: SQLite's database pages, sled's files, the PostgreSQL
     /// database's size.
     pub bytes: u64,
+}
+
+/// [`Store::check_claims`] on a thread that may block.
+pub trait ClaimsCheck: Send + Sync {
+    fn check_claims(&self, iss: &str, jti: &str, ees_id: &str) -> Result<(), StoreError>;
 }
 
 /// The answer of [`Store::check_claims`] from what an engine read, the EES ID first and the

@@ -128,26 +128,54 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
+        self.blocking(move |inner| inner.read_here(f)).await
+    }
+
+    /// Runs `f` on the blocking pool.
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = inner
-                .readers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop();
-            let conn = match conn {
-                Some(c) => c,
-                None => connect(&inner.path, inner.cache_kib, false).map_err(io(&inner.path))?,
-            };
-            let result = f(&conn).map_err(|e| map_read_error(&inner.path, e));
-            let mut idle = inner.readers.lock().unwrap_or_else(|e| e.into_inner());
-            if idle.len() < READERS_KEPT {
-                idle.push(conn);
-            }
-            result
-        })
-        .await
-        .map_err(|e| StoreError::Io(format!("store task: {e}")))?
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Io(format!("store task: {e}")))?
+    }
+}
+
+impl Inner {
+    /// Runs `f` with a read connection on this thread, which may block.
+    fn read_here<R>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R>,
+    ) -> Result<R, StoreError> {
+        let conn = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => connect(&self.path, self.cache_kib, false).map_err(io(&self.path))?,
+        };
+        let result = f(&conn).map_err(|e| map_read_error(&self.path, e));
+        let mut idle = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < READERS_KEPT {
+            idle.push(conn);
+        }
+        result
+    }
+}
+
+impl ClaimsCheck for Inner {
+    fn check_claims(&self, iss: &str, jti: &str, ees_id: &str) -> Result<(), StoreError> {
+        let key = ees_id.to_ascii_lowercase();
+        let (held, spent) = self.read_here(|c| {
+            let held = c
+                .prepare_cached(schema::ACTIVE_FOR_EES)?
+                .exists(params![key])?;
+            let spent = c
+                .prepare_cached(schema::TOKEN_SPENT)?
+                .exists(params![iss, jti])?;
+            Ok((held, spent))
+        })?;
+        judge_claims(held, spent)
     }
 }
 
@@ -634,19 +662,13 @@ impl Store for SqliteStore {
     }
 
     async fn check_claims(&self, iss: &str, jti: &str, ees_id: &str) -> Result<(), StoreError> {
-        let (iss, jti, key) = (iss.to_owned(), jti.to_owned(), ees_id.to_ascii_lowercase());
-        let (held, spent) = self
-            .read(move |c| {
-                let held = c
-                    .prepare_cached(schema::ACTIVE_FOR_EES)?
-                    .exists(params![key])?;
-                let spent = c
-                    .prepare_cached(schema::TOKEN_SPENT)?
-                    .exists(params![iss, jti])?;
-                Ok((held, spent))
-            })
-            .await?;
-        judge_claims(held, spent)
+        let (iss, jti, ees_id) = (iss.to_owned(), jti.to_owned(), ees_id.to_owned());
+        self.blocking(move |inner| inner.check_claims(&iss, &jti, &ees_id))
+            .await
+    }
+
+    fn blocking_claims(&self) -> Option<Arc<dyn ClaimsCheck>> {
+        Some(self.inner.clone())
     }
 
     async fn due_expiries(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
