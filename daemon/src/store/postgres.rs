@@ -399,29 +399,20 @@ impl Writer {
         let client = self.client.as_ref().expect("ready");
         let st = self.statements.as_ref().expect("ready");
         client.batch_execute("BEGIN").await.map_err(&fail)?;
-        let mut results = Vec::with_capacity(group.len());
+        let results = match apply_pipelined(client, st, &label, group).await? {
+            Some(done) => done.into_iter().map(Ok).collect(),
+            None => apply_each(client, st, &label, group).await?,
+        };
         // The events to chain, each with the job it belongs to.
         let mut events: Vec<(usize, AuditEvent)> = Vec::new();
-        for (i, job) in group.iter().enumerate() {
-            match apply(client, st, &label, &job.work).await {
-                Ok(done) => {
-                    for c in job.work.commits() {
-                        events.extend(c.audit.iter().map(|e| (i, e.clone())));
-                    }
-                    results.push(Ok(done));
-                }
-                Err(e) => {
-                    if client.is_closed() {
-                        return Err(e);
-                    }
-                    client
-                        .batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
-                        .await
-                        .map_err(&fail)?;
-                    results.push(Err(e));
+        for (i, (job, result)) in group.iter().zip(&results).enumerate() {
+            if result.is_ok() {
+                for c in job.work.commits() {
+                    events.extend(c.audit.iter().map(|e| (i, e.clone())));
                 }
             }
         }
+        let mut results = results;
         if !events.is_empty() {
             let records = chain(client, st, &label, events.iter().map(|(_, e)| e)).await?;
             for ((i, _), rec) in events.iter().zip(records) {
@@ -433,6 +424,74 @@ impl Writer {
         client.batch_execute("COMMIT").await.map_err(&fail)?;
         Ok(results)
     }
+}
+
+/// The group's jobs one after the other, each in its savepoint: a job that fails is rolled
+/// back alone, and the others go on.
+async fn apply_each(
+    client: &Client,
+    st: &Statements,
+    label: &str,
+    group: &[Job],
+) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+    let fail = db_error(label);
+    let mut results = Vec::with_capacity(group.len());
+    for job in group {
+        match apply(client, st, label, &job.work).await {
+            Ok(done) => results.push(Ok(done)),
+            Err(e) => {
+                if client.is_closed() {
+                    return Err(e);
+                }
+                client
+                    .batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
+                    .await
+                    .map_err(&fail)?;
+                results.push(Err(e));
+            }
+        }
+    }
+    Ok(results)
+}
+
+/// The group's jobs as one pipeline (up to [`PIPELINE_MAX`] jobs per round trip), when each
+/// is a commit whose savepoint is released within its own statements: a group of new
+/// registrations waits for one answer instead of one per job. Once one job fails, the
+/// statements after it fail too (the transaction is aborted): then nothing is kept, the
+/// transaction begins again, and `None` says to apply the jobs one by one.
+async fn apply_pipelined(
+    client: &Client,
+    st: &Statements,
+    label: &str,
+    group: &[Job],
+) -> Result<Option<Vec<Done>>, StoreError> {
+    let fail = db_error(label);
+    let pipelines = |w: &Work| matches!(w, Work::Commit(c) if c.expect_current.is_none());
+    if group.len() < 2 || !group.iter().all(|j| pipelines(&j.work)) {
+        return Ok(None);
+    }
+    let mut done = Vec::with_capacity(group.len());
+    for jobs in group.chunks(PIPELINE_MAX) {
+        let answers =
+            futures_util::future::join_all(jobs.iter().map(|j| apply(client, st, label, &j.work)))
+                .await;
+        for answer in answers {
+            match answer {
+                Ok(d) => done.push(d),
+                Err(e) => {
+                    if client.is_closed() {
+                        return Err(e);
+                    }
+                    client
+                        .batch_execute("ROLLBACK; BEGIN")
+                        .await
+                        .map_err(&fail)?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+    Ok(Some(done))
 }
 
 /// Appends `events` to the audit chain, in order: takes the chain's lock (to the end of the
