@@ -180,7 +180,11 @@ impl HttpsClient {
                     .await
                     .map_err(|e| ClientError(format!("TLS with {host}:{port}: {e}")))?;
                 let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
-                Connection::over(tls, self.version, authority, alpn).await?
+                let resumed =
+                    tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                let mut conn = Connection::over(tls, self.version, authority, alpn).await?;
+                conn.resumed = resumed;
+                conn
             }
         };
         Ok((conn, target.path))
@@ -193,6 +197,8 @@ pub struct Connection {
     send: Sender,
     authority: String,
     alpn: Option<Vec<u8>>,
+    /// The TLS session was resumed with a ticket (no full handshake).
+    resumed: bool,
 }
 
 enum Sender {
@@ -232,7 +238,13 @@ impl Connection {
             send,
             authority,
             alpn,
+            resumed: false,
         })
+    }
+
+    /// Whether TLS resumed an earlier session with a ticket instead of a full handshake.
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     /// Sends one request; the answer comes with its body still to be read (a stream).

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub crl_next_update: IntGaugeVec,
     /// When the server certificate in use expires (Unix seconds).
     pub server_cert_not_after: IntGauge,
+    /// Completed TLS handshakes on the registration API, full or resumed with a ticket.
+    pub tls_handshakes: IntCounterVec,
 }
 
 impl Metrics {
@@ -103,8 +105,17 @@ impl Metrics {
             "When the TLS server certificate in use expires (Unix time)",
         )
         .expect("valid metric");
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "ecs_tls_handshakes_total",
+                "Completed TLS handshakes on the registration API, by kind (full or resumed)",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(backend_ready.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tls_handshakes.clone()),
             Box::new(build_info.clone()),
             Box::new(ca_not_after.clone()),
             Box::new(crl_next_update.clone()),
@@ -131,6 +142,7 @@ impl Metrics {
             ca_not_after,
             crl_next_update,
             server_cert_not_after,
+            tls_handshakes,
         }
     }
 
@@ -145,6 +157,9 @@ impl Metrics {
             self.backend_errors.with_label_values(&[b]);
             self.issuance_seconds.with_label_values(&[b]);
             self.backend_ready.with_label_values(&[b]);
+        }
+        for kind in ["full", "resumed"] {
+            self.tls_handshakes.with_label_values(&[kind]);
         }
         use crate::audit::Action;
         for a in [

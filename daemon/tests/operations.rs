@@ -951,6 +951,16 @@ async fn a_reconnecting_ees_resumes_its_tls_session_however_many_connected_since
         Some(rustls::HandshakeKind::Resumed),
         "the first EES, back after 300 others, resumes"
     );
+    // Operators see how many EESs resume: 301 first visits, one return.
+    let (_, metrics) = admin_get(ecs.admin_port, "/metrics").unwrap();
+    assert!(
+        metrics.contains("ecs_tls_handshakes_total{kind=\"full\"} 301"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ecs_tls_handshakes_total{kind=\"resumed\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// Attack review, item 3: connections that finished TLS and then stayed silent (HTTP/1.1
@@ -1217,6 +1227,7 @@ async fn metrics_exist_from_the_start_and_name_what_happened() {
         // Published at start, without anyone fetching it.
         r#"ecs_crl_next_update_seconds{backend="soft"}"#,
         "ecs_server_certificate_not_after_seconds",
+        r#"ecs_tls_handshakes_total{kind="resumed"} 0"#,
     ] {
         assert!(text.contains(series), "missing {series}:\n{text}");
     }

@@ -94,8 +94,6 @@ fn request(args: &BenchArgs, i: usize) -> (&'static str, Vec<(&'static str, Stri
 /// Runs the load and returns the report.
 pub async fn run(args: BenchArgs) -> Result<Value, String> {
     let args = Arc::new(args);
-    let client =
-        HttpsClient::new(&args.roots_pem, None, HttpVersion::Http1).map_err(|e| e.to_string())?;
     let total = args.csrs.len();
     let next = Arc::new(AtomicUsize::new(0));
     let cpu_before = args.server_pid.and_then(cpu_seconds);
@@ -103,9 +101,14 @@ pub async fn run(args: BenchArgs) -> Result<Value, String> {
     let deadline = args.duration.map(|d| started + d);
     let mut workers = Vec::new();
     for _ in 0..args.concurrency {
-        let (args, next, client) = (args.clone(), next.clone(), client.clone());
+        // Each worker is one client with its own TLS session cache, as each EES has: with
+        // a new connection per request it resumes with the ticket its last one received.
+        let client = HttpsClient::new(&args.roots_pem, None, HttpVersion::Http1)
+            .map_err(|e| e.to_string())?;
+        let (args, next) = (args.clone(), next.clone());
         workers.push(tokio::spawn(async move {
             let mut samples = Vec::new();
+            let (mut connections, mut resumed) = (0usize, 0usize);
             let mut conn: Option<Connection> = None;
             loop {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -118,7 +121,11 @@ pub async fn run(args: BenchArgs) -> Result<Value, String> {
                 let t0 = Instant::now();
                 if conn.is_none() || args.connections == Connections::New {
                     conn = match client.connect(&args.url).await {
-                        Ok((c, _)) => Some(c),
+                        Ok((c, _)) => {
+                            connections += 1;
+                            resumed += usize::from(c.resumed());
+                            Some(c)
+                        }
                         Err(e) => {
                             samples.push(Sample {
                                 latency: t0.elapsed(),
@@ -166,12 +173,14 @@ pub async fn run(args: BenchArgs) -> Result<Value, String> {
                     }
                 }
             }
-            samples
+            (samples, connections, resumed)
         }));
     }
-    let mut samples = Vec::new();
+    let (mut samples, mut connections, mut resumed) = (Vec::new(), 0, 0);
     for w in workers {
-        samples.extend(w.await.map_err(|e| e.to_string())?);
+        let (s, c, r) = w.await.map_err(|e| e.to_string())?;
+        samples.extend(s);
+        (connections, resumed) = (connections + c, resumed + r);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_after = args.server_pid.and_then(cpu_seconds);
@@ -206,6 +215,7 @@ pub async fn run(args: BenchArgs) -> Result<Value, String> {
         "rps": ok.len() as f64 / elapsed,
         "latency_ms": { "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": lat.last().copied().unwrap_or(0.0) },
         "errors": errors,
+        "tls": { "connections": connections, "resumed": resumed },
         "server_cpu_seconds": match (cpu_before, cpu_after) { (Some(a), Some(b)) => json!(b - a), _ => Value::Null },
         "server_peak_rss_mib": args.server_pid.and_then(peak_rss_mib),
     }))

@@ -318,6 +318,11 @@ pub async fn serve_api(
                     return;
                 }
             };
+            let kind = match tls.get_ref().1.handshake_kind() {
+                Some(rustls::HandshakeKind::Resumed) => "resumed",
+                _ => "full",
+            };
+            app.metrics.tls_handshakes.with_label_values(&[kind]).inc();
             let client_chain = Arc::new(
                 tls.get_ref()
                     .1
