@@ -680,13 +680,19 @@ pub fn verify_cert_signed_by(cert_der: &[u8], issuer_der: &[u8]) -> Result<(), E
     verify_signature(&spki, &cert.signature_algorithm().oid, &tbs, sig)
 }
 
-/// A serial of 20 octets: the milliseconds since the epoch in the first 6, big-endian, then
-/// 14 from the CSPRNG (112 bits; the CA/Browser Forum asks for at least 64). Serials issued
-/// together are neighbours in the store's serial index, where random ones would each
-/// rewrite a page of their own. The first octet is 0x01 until 2039 and stays below 0x80
-/// (a positive number, never a leading zero) for millennia.
+/// A serial of 20 octets from [`time_ordered`]: 14 of them from the CSPRNG (112 bits; the
+/// CA/Browser Forum asks for at least 64). The first octet is 0x01 until 2039 and stays below
+/// 0x80 (a positive number, never a leading zero) for millennia.
 fn random_serial(rng: &SystemRandom) -> Result<SerialNumber, Error> {
-    let mut bytes = [0u8; 20];
+    Ok(SerialNumber::new(&time_ordered::<20>(rng)?)?)
+}
+
+/// `N` octets that sort by when they were made: the milliseconds since the epoch in the
+/// first 6, big-endian, then `N - 6` from `rng`. Identifiers made together are neighbours
+/// in a store's indexes, where random ones would each rewrite an index page of their own.
+pub fn time_ordered<const N: usize>(rng: &SystemRandom) -> Result<[u8; N], Error> {
+    const { assert!(N > 6, "room for randomness after the milliseconds") };
+    let mut bytes = [0u8; N];
     rng.fill(&mut bytes[6..])
         .map_err(|_| Error::Signing("the OS random generator failed".into()))?;
     let ms = SystemTime::now()
@@ -694,7 +700,7 @@ fn random_serial(rng: &SystemRandom) -> Result<SerialNumber, Error> {
         .map_err(|_| Error::Signing("the clock is before 1970".into()))?
         .as_millis() as u64;
     bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-    Ok(SerialNumber::new(&bytes)?)
+    Ok(bytes)
 }
 
 /// A name from (attribute, value) pairs, most significant first. Values go in as hex DER

@@ -30,7 +30,7 @@ pub use error::Error;
 pub use issuer::{
     BACKDATE_SECS, CaParams, CertIssuer, CertTemplate, IssuedCert, LocalIssuer, PreparedCert,
     RevocationReason, RevokedEntry, SanEntry, make_ca_certificate, now_unix, sha256_hex,
-    verify_cert_signed_by,
+    time_ordered, verify_cert_signed_by,
 };
 pub use key::{
     KeyKind, KeySigner, PublicKeyInfo, SigAlg, SignatureChecker, classify_spki, verify_signature,

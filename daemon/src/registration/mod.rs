@@ -19,8 +19,8 @@ use third_party::{third_party_cert_free, third_party_decision, third_party_still
 use crate::clock::format_time;
 use crate::problem::{ApiError, Cause};
 use crate::store::{
-    CertRecord, CertSource, Commit, RegState, RegistrationRecord, Revocation, SpentToken,
-    StoreError,
+    CertRecord, CertSource, ClaimsCheck, Commit, RegState, RegistrationRecord, Revocation,
+    SpentToken, StoreError,
 };
 use crate::token::{TokenError, VerifiedToken, random_b64};
 use body::{RegistrationBody, parse_object, parse_registration};
@@ -372,17 +372,28 @@ fn issue_here(
     })
 }
 
-/// Steps 7 and 8 of an onboarding with a CSR: the CSR itself, then the domain's policy. The
-/// key's description comes back even when the policy refuses, for the audit record.
-fn judge_csr(
+/// Steps 6 to 8 of an onboarding with a CSR, in the order of the API reference: the claims
+/// (`claims`, an embedded store read on this thread; `None` when they were checked before),
+/// the CSR, the domain's policy, and then a twin request holding the token or the EES ID
+/// (`twin`), refused once this body has been judged. The key's description comes back even
+/// when the policy refuses, for the audit record.
+#[allow(clippy::too_many_arguments)]
+fn judge_onboarding(
     app: &App,
+    claims: Option<&dyn ClaimsCheck>,
     token: &VerifiedToken,
     req: &RegistrationBody,
     domain_name: &str,
     domain: &DomainPolicy,
+    twin: Option<ApiError>,
     now: i64,
 ) -> (Option<KeyFacts>, Result<Approved, ApiError>) {
     let profile = &req.profile;
+    if let Some(store) = claims
+        && let Err(e) = store.check_claims(&token.iss, &token.jti, &profile.ees_id)
+    {
+        return (None, Err(e.into()));
+    }
     let onboarding = req.onboarding.as_ref();
     let csr_pem = onboarding
         .and_then(|o| o.csr.as_deref())
@@ -408,10 +419,11 @@ fn judge_csr(
         },
     );
     // The CSR checked here is the one issued for: parsed and verified once.
-    let judged = decision
-        .outcome
-        .map(|a| (a, csr.spki_der))
-        .map_err(ApiError::from);
+    let judged = match (decision.outcome, twin) {
+        (Err(refusal), _) => Err(refusal.into()),
+        (Ok(_), Some(twin)) => Err(twin),
+        (Ok(approval), None) => Ok((approval, csr.spki_der)),
+    };
     (Some((description, key_type)), judged)
 }
 
@@ -623,10 +635,11 @@ async fn create_inner(
             // No slot and no room to wait for one: the request is judged all the same, so
             // that its answer is the first failing step's, and only then refused as busy.
             check_claims(app, &token, profile).await?;
-            let (key, judged) = judge_csr(app, &token, &req, &domain_name, &domain, now);
+            let twin = reservation.err();
+            let (key, judged) =
+                judge_onboarding(app, None, &token, &req, &domain_name, &domain, twin, now);
             f.note_key(key);
             judged?;
-            reservation?;
             return Err(busy());
         };
         // Steps 6 to 9 in one job where the backend signs: an onboarding leaves the reactor
@@ -639,23 +652,16 @@ async fn create_inner(
         if claims_here.is_none() {
             check_claims(app, &token, profile).await?;
         }
-        // A twin holding the token or the EES ID is refused once this body has been judged.
         let twin = reservation.as_ref().err().cloned();
         let (job_app, job_token, job_req) = (app.clone(), token.clone(), req.clone());
         let (job_domain, job_backend) = (domain_name.clone(), backend.clone());
         let (key, outcome) = backend
             .off_reactor(move || {
                 let (app, token, req) = (&*job_app, &*job_token, &*job_req);
-                if let Some(store) = claims_here
-                    && let Err(e) = store.check_claims(&token.iss, &token.jti, &req.profile.ees_id)
-                {
-                    return (None, Err(ApiError::from(e)));
-                }
-                let (key, judged) = judge_csr(app, token, req, &job_domain, &domain, now);
+                let claims = claims_here.as_deref();
+                let (key, judged) =
+                    judge_onboarding(app, claims, token, req, &job_domain, &domain, twin, now);
                 let issued = judged.and_then(|(approval, spki)| {
-                    if let Some(e) = twin {
-                        return Err(e);
-                    }
                     let csr_pem = req.onboarding.as_ref().and_then(|o| o.csr.as_deref());
                     let csr = (csr_pem.unwrap_or_default(), spki);
                     let template = template(&job_backend, &req.profile, &approval, csr);

@@ -125,11 +125,16 @@ mod hex_bytes {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        hex::decode(String::deserialize(d)?).map_err(|e| D::Error::custom(format!("not hex: {e}")))
+        hex::decode(String::deserialize(d)?).map_err(not_hex)
+    }
+
+    /// A field that is not hex, named so in the damaged line's message.
+    fn not_hex<E: Error>(e: hex::FromHexError) -> E {
+        E::custom(format!("not hex: {e}"))
     }
 
     pub mod each {
-        use serde::{Deserialize, Deserializer, Serializer, de::Error};
+        use serde::{Deserialize, Deserializer, Serializer};
 
         pub fn serialize<S: Serializer>(items: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
             s.collect_seq(items.iter().map(hex::encode))
@@ -138,7 +143,7 @@ mod hex_bytes {
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
             Vec::<String>::deserialize(d)?
                 .into_iter()
-                .map(|h| hex::decode(h).map_err(|e| D::Error::custom(format!("not hex: {e}"))))
+                .map(|h| hex::decode(h).map_err(super::not_hex))
                 .collect()
         }
     }

@@ -434,24 +434,37 @@ async fn apply_each(
     label: &str,
     group: &[Job],
 ) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
-    let fail = db_error(label);
     let mut results = Vec::with_capacity(group.len());
     for job in group {
         match apply(client, st, label, &job.work).await {
             Ok(done) => results.push(Ok(done)),
             Err(e) => {
-                if client.is_closed() {
-                    return Err(e);
-                }
-                client
-                    .batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
-                    .await
-                    .map_err(&fail)?;
+                undo(
+                    client,
+                    label,
+                    "ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job",
+                    &e,
+                )
+                .await?;
                 results.push(Err(e));
             }
         }
     }
     Ok(results)
+}
+
+/// After `failed`: runs `sql` (a rollback) to go on with the group; on a closed connection
+/// the group fails with `failed`.
+async fn undo(
+    client: &Client,
+    label: &str,
+    sql: &str,
+    failed: &StoreError,
+) -> Result<(), StoreError> {
+    if client.is_closed() {
+        return Err(failed.clone());
+    }
+    client.batch_execute(sql).await.map_err(db_error(label))
 }
 
 /// The group's jobs as one pipeline (up to [`PIPELINE_MAX`] jobs per round trip), when each
@@ -465,7 +478,6 @@ async fn apply_pipelined(
     label: &str,
     group: &[Job],
 ) -> Result<Option<Vec<Done>>, StoreError> {
-    let fail = db_error(label);
     let pipelines = |w: &Work| matches!(w, Work::Commit(c) if c.expect_current.is_none());
     if group.len() < 2 || !group.iter().all(|j| pipelines(&j.work)) {
         return Ok(None);
@@ -479,13 +491,7 @@ async fn apply_pipelined(
             match answer {
                 Ok(d) => done.push(d),
                 Err(e) => {
-                    if client.is_closed() {
-                        return Err(e);
-                    }
-                    client
-                        .batch_execute("ROLLBACK; BEGIN")
-                        .await
-                        .map_err(&fail)?;
+                    undo(client, label, "ROLLBACK; BEGIN", &e).await?;
                     return Ok(None);
                 }
             }
