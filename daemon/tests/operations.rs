@@ -870,6 +870,40 @@ async fn a_prefilled_store_serves_its_registrations_and_crl() {
 }
 
 #[tokio::test]
+async fn the_load_generator_registers_for_real_and_reports_both_sides_cpu() {
+    // `ecsd bench` against a running ECS: every request a full registration over TLS (a new
+    // connection each, resumed after the first of each client), and the CPU of the server
+    // and of the load generator itself, which shares the machine's cores with it.
+    let ecs = Ecs::start();
+    let pid = ecs.pid().to_string();
+    let args = [
+        "--requests",
+        "24",
+        "--concurrency",
+        "3",
+        "--connections",
+        "new",
+    ];
+    let report = bench_report(
+        &ecs,
+        &[&args[..], &["--format", "json", "--pid", &pid]].concat(),
+    );
+    assert_eq!(report["ok"], json!(24), "{report}");
+    assert_eq!(report["errors"], json!({}), "{report}");
+    assert_eq!(report["tls"]["connections"], json!(24), "{report}");
+    assert_eq!(report["tls"]["resumed"], json!(21), "{report}");
+    // Counted in clock ticks (10 ms): a run this short may round to zero.
+    for side in ["server_cpu_seconds", "client_cpu_seconds"] {
+        assert!(
+            report[side].as_f64().is_some_and(|s| s >= 0.0),
+            "{side} in {report}"
+        );
+    }
+    let (_, metrics) = admin_get(ecs.admin_port, "/metrics").unwrap();
+    assert!(metrics.contains("ecs_active_registrations 24"), "{metrics}");
+}
+
+#[tokio::test]
 async fn the_ceiling_times_the_four_operations_of_a_registration_with_the_configured_keys() {
     // `ecsd bench --ceiling` needs no running daemon: it loads the token issuer and the
     // default backend, checks each operation once (a failing one is an error, not a rate)

@@ -97,6 +97,9 @@ pub async fn run(args: BenchArgs) -> Result<Value, String> {
     let total = args.csrs.len();
     let next = Arc::new(AtomicUsize::new(0));
     let cpu_before = args.server_pid.and_then(cpu_seconds);
+    // The load generator shares the machine's cores with the server: its own CPU is part of
+    // what bounds a rate measured on one machine, so it is reported beside the server's.
+    let own_before = cpu_seconds(std::process::id());
     let started = Instant::now();
     let deadline = args.duration.map(|d| started + d);
     let mut workers = Vec::new();
@@ -184,6 +187,7 @@ pub async fn run(args: BenchArgs) -> Result<Value, String> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_after = args.server_pid.and_then(cpu_seconds);
+    let own_after = cpu_seconds(std::process::id());
     let ok: Vec<&Sample> = samples
         .iter()
         .filter(|s| (200..300).contains(&s.status))
@@ -217,6 +221,7 @@ pub async fn run(args: BenchArgs) -> Result<Value, String> {
         "errors": errors,
         "tls": { "connections": connections, "resumed": resumed },
         "server_cpu_seconds": match (cpu_before, cpu_after) { (Some(a), Some(b)) => json!(b - a), _ => Value::Null },
+        "client_cpu_seconds": match (own_before, own_after) { (Some(a), Some(b)) => json!(b - a), _ => Value::Null },
         "server_peak_rss_mib": args.server_pid.and_then(peak_rss_mib),
     }))
 }
@@ -241,7 +246,7 @@ pub fn peak_rss_mib(pid: u32) -> Option<f64> {
 /// One line for people.
 pub fn render_text(v: &Value) -> String {
     format!(
-        "{} {} c={}: {} ok of {} in {:.1} s = {:.0} req/s; latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}; errors {}; server cpu {} s, peak rss {} MiB\n",
+        "{} {} c={}: {} ok of {} in {:.1} s = {:.0} req/s; latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}; errors {}; server cpu {} s, load generator cpu {} s, peak rss {} MiB\n",
         v["target"].as_str().unwrap_or(""),
         v["connections"].as_str().unwrap_or(""),
         v["concurrency"],
@@ -255,6 +260,7 @@ pub fn render_text(v: &Value) -> String {
         v["latency_ms"]["max"].as_f64().unwrap_or(0.0),
         v["errors"],
         v["server_cpu_seconds"],
+        v["client_cpu_seconds"],
         v["server_peak_rss_mib"],
     )
 }
