@@ -613,6 +613,14 @@ async fn an_ees_reads_updates_rekeys_and_deregisters_with_its_certificate() {
         .await
         .unwrap();
     assert_problem(&r, 403, "NOT_REGISTRATION_OWNER");
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("bound to another registration"),
+        "{}",
+        r.json()
+    );
     let r = ecs
         .client_as(&a)
         .request("GET", &ecs.url(&format!("{API}/nope")), &[], None)
@@ -701,6 +709,14 @@ async fn an_ees_reads_updates_rekeys_and_deregisters_with_its_certificate() {
         .await
         .unwrap();
     assert_problem(&r, 403, "NOT_REGISTRATION_OWNER");
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("revoked (superseded)"),
+        "{}",
+        r.json()
+    );
     let r = ecs
         .client_as(&a2)
         .request("GET", &a.location, &[], None)

@@ -502,4 +502,19 @@ async fn one_third_party_certificate_serves_one_active_registration_at_a_time() 
     assert_eq!(r.json()["eesProf"]["eesId"], json!(b));
     let r = client.request("GET", &location, &[], None).await.unwrap();
     assert_eq!(r.status, 404);
+    // Presented on another EES's registration, it is recognised as bound to its own.
+    let other = ecs.register("ees-issued.ecsp.example").await;
+    let r = client
+        .request("GET", &other.location, &[], None)
+        .await
+        .unwrap();
+    assert_problem(&r, 403, "NOT_REGISTRATION_OWNER");
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("bound to another registration"),
+        "{}",
+        r.json()
+    );
 }

@@ -790,10 +790,9 @@ async fn authorize(
             let fp = sha256_hex(der);
             f.cert_fingerprint = Some(fp.clone());
             let owner = |detail: &str| ApiError::new(Cause::NotRegistrationOwner, detail);
-            let cert =
-                app.store.cert_by_fingerprint(&fp).await?.ok_or_else(|| {
-                    owner("the client certificate is not bound to this registration")
-                })?;
+            let cert = presented_cert(app, &current, der, &fp)
+                .await?
+                .ok_or_else(|| owner("the client certificate is not bound to this registration"))?;
             f.cert_serial = Some(cert.serial.clone());
             if cert.registration_id != id {
                 return Err(owner(
@@ -835,6 +834,34 @@ async fn authorize(
         }
     }
     Ok((reg, current, by))
+}
+
+/// The stored record of the certificate a client presented, if there is one: the
+/// registration's current certificate (the common case, already loaded), else an ECS-issued
+/// certificate found by its serial, else a third-party one found by its fingerprint. A record
+/// is the presented certificate only if their fingerprints are equal.
+async fn presented_cert(
+    app: &App,
+    current: &CertRecord,
+    der: &[u8],
+    fingerprint: &str,
+) -> Result<Option<CertRecord>, ApiError> {
+    if current.fingerprint == fingerprint {
+        return Ok(Some(current.clone()));
+    }
+    use der::Decode;
+    if let Ok(cert) = x509_cert::Certificate::from_der(der) {
+        let serial = hex::encode(cert.tbs_certificate().serial_number().as_bytes());
+        if let Some(issued) = app.store.cert(&serial).await?
+            && issued.fingerprint == fingerprint
+        {
+            return Ok(Some(issued));
+        }
+    }
+    Ok(app
+        .store
+        .third_party_cert_by_fingerprint(fingerprint)
+        .await?)
 }
 
 /// `GET /registrations/{id}`.

@@ -4,8 +4,7 @@
 
 use super::*;
 
-/// The backend name under which accepted third-party certificates are recorded.
-pub const THIRD_PARTY: &str = "third-party";
+pub use crate::store::THIRD_PARTY;
 
 /// Judges a chain by the domain's policy in force now, with its CRLs fetched when due.
 #[allow(clippy::too_many_arguments)]
@@ -116,7 +115,11 @@ pub(super) async fn third_party_decision(
 /// current certificate of an active registration cannot onboard another. (Ending a
 /// registration revokes its certificates here, which frees the certificate again.)
 pub(super) async fn third_party_cert_free(app: &App, fingerprint: &str) -> Result<(), ApiError> {
-    match app.store.cert_by_fingerprint(fingerprint).await? {
+    match app
+        .store
+        .third_party_cert_by_fingerprint(fingerprint)
+        .await?
+    {
         Some(existing) if existing.revoked.is_none() => Err(ApiError::new(
             Cause::UntrustedClientCert,
             "this certificate is already the EES certificate of another active registration",

@@ -12,7 +12,10 @@ pub trait BlockingStore: Send + Sync + 'static {
     fn registration(&self, id: &str) -> Result<Option<RegistrationRecord>, StoreError>;
     fn active_registration_for(&self, ees_id: &str) -> Result<Option<String>, StoreError>;
     fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError>;
-    fn cert_by_fingerprint(&self, fingerprint: &str) -> Result<Option<CertRecord>, StoreError>;
+    fn third_party_cert_by_fingerprint(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<CertRecord>, StoreError>;
     fn token_spent(&self, iss: &str, jti: &str) -> Result<bool, StoreError>;
     fn due_expiries(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError>;
     fn revoked(&self, backend: &str) -> Result<Vec<(String, Revocation)>, StoreError>;
@@ -80,12 +83,13 @@ impl<T: BlockingStore> Store for OffReactor<T> {
         let serial = serial.to_owned();
         self.run(move |s| s.cert(&serial)).await
     }
-    async fn cert_by_fingerprint(
+    async fn third_party_cert_by_fingerprint(
         &self,
         fingerprint: &str,
     ) -> Result<Option<CertRecord>, StoreError> {
         let fingerprint = fingerprint.to_owned();
-        self.run(move |s| s.cert_by_fingerprint(&fingerprint)).await
+        self.run(move |s| s.third_party_cert_by_fingerprint(&fingerprint))
+            .await
     }
     async fn token_spent(&self, iss: &str, jti: &str) -> Result<bool, StoreError> {
         let (iss, jti) = (iss.to_owned(), jti.to_owned());

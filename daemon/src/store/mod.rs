@@ -91,6 +91,9 @@ pub struct RegistrationRecord {
     pub token_issuer: String,
 }
 
+/// The backend name under which accepted third-party certificates are recorded.
+pub const THIRD_PARTY: &str = "third-party";
+
 /// A certificate the ECS issued (or accepted).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CertRecord {
@@ -223,7 +226,11 @@ pub trait Store: Send + Sync {
     async fn registration(&self, id: &str) -> Result<Option<RegistrationRecord>, StoreError>;
     async fn active_registration_for(&self, ees_id: &str) -> Result<Option<String>, StoreError>;
     async fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError>;
-    async fn cert_by_fingerprint(
+    /// The newest third-party certificate record with this fingerprint (one record per
+    /// registration it served). Only third-party records are looked up by fingerprint: an
+    /// ECS-issued certificate is found by its serial, so that a registration's commit does
+    /// not write to an index keyed by a hash.
+    async fn third_party_cert_by_fingerprint(
         &self,
         fingerprint: &str,
     ) -> Result<Option<CertRecord>, StoreError>;

@@ -882,13 +882,16 @@ impl Store for PostgresStore {
         rows.first().map(cert_from).transpose()
     }
 
-    async fn cert_by_fingerprint(
+    async fn third_party_cert_by_fingerprint(
         &self,
         fingerprint: &str,
     ) -> Result<Option<CertRecord>, StoreError> {
         let rows = self
             .query(
-                &format!("{CERTIFICATE_SELECT} WHERE fingerprint = $1 ORDER BY seq DESC LIMIT 1"),
+                &format!(
+                    "{CERTIFICATE_SELECT} {}",
+                    schema::THIRD_PARTY_BY_FINGERPRINT
+                ),
                 &[&fingerprint],
             )
             .await?;
@@ -1171,12 +1174,15 @@ mod tests {
             "{claims}"
         );
         let by_fingerprint = plan(
-            format!("{CERTIFICATE_SELECT} WHERE fingerprint = $1 ORDER BY seq DESC LIMIT 1"),
+            format!(
+                "{CERTIFICATE_SELECT} {}",
+                schema::THIRD_PARTY_BY_FINGERPRINT
+            ),
             1,
         )
         .await;
         assert!(
-            by_fingerprint.contains("certificates_by_fingerprint"),
+            by_fingerprint.contains("certificates_third_party_by_fingerprint"),
             "{by_fingerprint}"
         );
         let due = plan(schema::DUE_EXPIRIES.to_string(), 2).await;

@@ -221,7 +221,9 @@ impl SledStore {
                     return Err(Abort(StoreError::SerialCollision));
                 }
                 tx.insert(key, encode(cert))?;
-                tx.insert(k("fp/", &cert.fingerprint), cert.serial.as_bytes())?;
+                if cert.backend == super::THIRD_PARTY {
+                    tx.insert(k("fp/", &cert.fingerprint), cert.serial.as_bytes())?;
+                }
             }
             for (serial, rev) in &c.revocations {
                 let key = k("cert/", serial);
@@ -331,11 +333,18 @@ impl BlockingStore for SledStore {
         self.get(&k("cert/", serial))
     }
 
-    fn cert_by_fingerprint(&self, fingerprint: &str) -> Result<Option<CertRecord>, StoreError> {
-        match self.tree.get(k("fp/", fingerprint)).map_err(io)? {
-            Some(serial) => self.cert(&String::from_utf8_lossy(&serial)),
-            None => Ok(None),
-        }
+    fn third_party_cert_by_fingerprint(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<CertRecord>, StoreError> {
+        // A store written before this lookup served only third-party certificates also
+        // holds `fp/` entries of ECS-issued ones: they are not answers.
+        Ok(match self.tree.get(k("fp/", fingerprint)).map_err(io)? {
+            Some(serial) => self
+                .cert(&String::from_utf8_lossy(&serial))?
+                .filter(|c| c.backend == super::THIRD_PARTY),
+            None => None,
+        })
     }
 
     fn token_spent(&self, iss: &str, jti: &str) -> Result<bool, StoreError> {

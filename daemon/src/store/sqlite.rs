@@ -637,14 +637,15 @@ impl Store for SqliteStore {
         self.read(move |c| one_cert(c, &serial)).await
     }
 
-    async fn cert_by_fingerprint(
+    async fn third_party_cert_by_fingerprint(
         &self,
         fingerprint: &str,
     ) -> Result<Option<CertRecord>, StoreError> {
         let fp = fingerprint.to_owned();
         self.read(move |c| {
             c.prepare_cached(&format!(
-                "{CERTIFICATE_SELECT} WHERE fingerprint = $1 ORDER BY seq DESC LIMIT 1"
+                "{CERTIFICATE_SELECT} {}",
+                schema::THIRD_PARTY_BY_FINGERPRINT
             ))?
             .query_row(params![fp], cert_row)
             .optional()

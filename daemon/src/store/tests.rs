@@ -139,6 +139,7 @@ async fn records_read_back_as_written_and_survive_a_reopen() {
         let s = open(&cfg).await.unwrap();
         let mut c = create("r1", "ees1", "j1");
         c.new_certs[0].chain = vec![vec![0x30, 3, 2, 1, 2], vec![0x30, 3, 2, 1, 3]];
+        c.new_certs[0].backend = super::THIRD_PARTY.into();
         c.registration.as_mut().unwrap().cert_source = CertSource::ThirdParty;
         let written = s.commit(c).await.unwrap().unwrap();
         assert_eq!(written.seq, 1);
@@ -152,7 +153,7 @@ async fn records_read_back_as_written_and_survive_a_reopen() {
         );
         assert_eq!(got.der, vec![0x30, 0x03, 0x02, 0x01, 0x01]);
         assert_eq!(
-            s.cert_by_fingerprint("fps-r1")
+            s.third_party_cert_by_fingerprint("fps-r1")
                 .await
                 .unwrap()
                 .unwrap()
@@ -172,6 +173,14 @@ async fn records_read_back_as_written_and_survive_a_reopen() {
             "{kind:?}"
         );
         assert_eq!(s.counts().await.unwrap().active_registrations, 1);
+        // An ECS-issued certificate is found by its serial, never by its fingerprint.
+        s.commit(create("r2", "ees2", "j2")).await.unwrap();
+        assert!(s.cert("s-r2").await.unwrap().is_some(), "{kind:?}");
+        assert_eq!(
+            s.third_party_cert_by_fingerprint("fps-r2").await.unwrap(),
+            None,
+            "{kind:?}"
+        );
     }
 }
 
