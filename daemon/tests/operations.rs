@@ -130,14 +130,11 @@ async fn a_client_certificate_from_an_unknown_issuer_reaches_the_route() {
         .request("GET", &e.location, &[], None)
         .await
         .unwrap();
-    assert_problem(&r, 403, "NOT_REGISTRATION_OWNER");
-    assert!(
-        r.json()["detail"]
-            .as_str()
-            .unwrap()
-            .contains("not bound to this registration"),
-        "{}",
-        r.json()
+    assert_refusal(
+        &r,
+        403,
+        "NOT_REGISTRATION_OWNER",
+        "not bound to this registration",
     );
     let id = "ees-tp.ecsp.example";
     let body = json!({"eesProf": {"eesId": id, "endPt": {"fqdn": id}, "eecRegConf": false}, "onboarding": {"thirdPartyCert": true}});

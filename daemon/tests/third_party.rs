@@ -508,13 +508,10 @@ async fn one_third_party_certificate_serves_one_active_registration_at_a_time() 
         .request("GET", &other.location, &[], None)
         .await
         .unwrap();
-    assert_problem(&r, 403, "NOT_REGISTRATION_OWNER");
-    assert!(
-        r.json()["detail"]
-            .as_str()
-            .unwrap()
-            .contains("bound to another registration"),
-        "{}",
-        r.json()
+    assert_refusal(
+        &r,
+        403,
+        "NOT_REGISTRATION_OWNER",
+        "bound to another registration",
     );
 }

@@ -357,6 +357,14 @@ pub fn assert_problem(r: &Response, status: u16, cause: &str) {
     assert_eq!(body["status"], json!(status));
 }
 
+/// Asserts a problem answer, as [`assert_problem`], whose detail says `why`.
+#[track_caller]
+pub fn assert_refusal(r: &Response, status: u16, cause: &str, why: &str) {
+    assert_problem(r, status, cause);
+    let detail = r.json()["detail"].as_str().unwrap_or("").to_string();
+    assert!(detail.contains(why), "{why:?} not in {detail:?}");
+}
+
 /// An HTTP/1.1 request without a body on a stream: (status, body).
 fn raw_request(mut s: impl Read + Write, method: &str, path: &str) -> (u16, String) {
     write!(
