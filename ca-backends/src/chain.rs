@@ -155,7 +155,7 @@ pub fn leaf_facts(der: &[u8]) -> Result<LeafFacts, Error> {
         not_after: tbs.validity().not_after.to_unix_duration().as_secs() as i64,
         key: classify_spki(&spki)?,
         spki_der: spki,
-        serial_hex: hex::encode(tbs.serial_number().as_bytes()),
+        serial_hex: crate::issuer::serial_hex(tbs.serial_number()),
         fingerprint: sha256_hex(der),
     })
 }

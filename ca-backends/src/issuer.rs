@@ -577,7 +577,7 @@ fn prepare(
         Some(bytes) => serial_from(bytes)?,
         None => random_serial(rng)?,
     };
-    let serial_hex = hex::encode(serial.as_bytes());
+    let serial_hex = serial_hex(&serial);
     let validity = Validity::new(time_of(not_before)?, time_of(not_after)?);
     let mut builder = CertificateBuilder::new(profile, serial, validity, spki)
         .map_err(|e| Error::Encoding(e.to_string()))?;
@@ -678,6 +678,17 @@ pub fn verify_cert_signed_by(cert_der: &[u8], issuer_der: &[u8]) -> Result<(), E
         .as_bytes()
         .ok_or_else(|| Error::Encoding("signature is not whole bytes".into()))?;
     verify_signature(&spki, &cert.signature_algorithm().oid, &tbs, sig)
+}
+
+/// A serial as records keep it and lookups find it: its INTEGER octets, lower-case hex.
+pub fn serial_hex(serial: &SerialNumber) -> String {
+    hex::encode(serial.as_bytes())
+}
+
+/// The serial of a DER certificate as [`serial_hex`] writes it; `None` if it is not one.
+pub fn cert_serial_hex(der: &[u8]) -> Option<String> {
+    let cert = Certificate::from_der(der).ok()?;
+    Some(serial_hex(cert.tbs_certificate().serial_number()))
 }
 
 /// A serial of 20 octets from [`time_ordered`]: 14 of them from the CSPRNG (112 bits; the
@@ -921,6 +932,12 @@ mod tests {
         assert_eq!(x.version(), X509Version::V3);
         assert_eq!(x.raw_serial().len(), 20);
         assert_eq!(x.raw_serial_as_string().replace(':', ""), cert.serial_hex);
+        // A presented certificate's serial is read back the way the record wrote it.
+        assert_eq!(
+            cert_serial_hex(&cert.der).as_deref(),
+            Some(&*cert.serial_hex)
+        );
+        assert_eq!(cert_serial_hex(b"not a certificate"), None);
         assert_eq!(
             x.subject().to_string(),
             "O=ecsp-a, CN=ees1.edn1.ecsp-a.example"

@@ -29,8 +29,8 @@ pub use csr::{CsrInfo, build_csr, parse_csr};
 pub use error::Error;
 pub use issuer::{
     BACKDATE_SECS, CaParams, CertIssuer, CertTemplate, IssuedCert, LocalIssuer, PreparedCert,
-    RevocationReason, RevokedEntry, SanEntry, make_ca_certificate, now_unix, sha256_hex,
-    time_ordered, verify_cert_signed_by,
+    RevocationReason, RevokedEntry, SanEntry, cert_serial_hex, make_ca_certificate, now_unix,
+    serial_hex, sha256_hex, time_ordered, verify_cert_signed_by,
 };
 pub use key::{
     KeyKind, KeySigner, PublicKeyInfo, SigAlg, SignatureChecker, classify_spki, verify_signature,

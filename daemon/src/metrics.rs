@@ -33,7 +33,19 @@ pub struct Metrics {
     pub tls_handshakes: IntCounterVec,
 }
 
+/// The `kind` label of `ecs_tls_handshakes_total`.
+fn handshake_kind(resumed: bool) -> &'static str {
+    if resumed { "resumed" } else { "full" }
+}
+
 impl Metrics {
+    /// Counts a completed TLS handshake on the registration API.
+    pub fn tls_handshake(&self, resumed: bool) {
+        self.tls_handshakes
+            .with_label_values(&[handshake_kind(resumed)])
+            .inc();
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
@@ -158,8 +170,9 @@ impl Metrics {
             self.issuance_seconds.with_label_values(&[b]);
             self.backend_ready.with_label_values(&[b]);
         }
-        for kind in ["full", "resumed"] {
-            self.tls_handshakes.with_label_values(&[kind]);
+        for resumed in [false, true] {
+            self.tls_handshakes
+                .with_label_values(&[handshake_kind(resumed)]);
         }
         use crate::audit::Action;
         for a in [

@@ -96,6 +96,13 @@ pub async fn run(args: BenchArgs) -> Result<Value, String> {
     let args = Arc::new(args);
     let total = args.csrs.len();
     let next = Arc::new(AtomicUsize::new(0));
+    // Each worker is one client with its own TLS session cache, as each EES has: with a new
+    // connection per request it resumes with the ticket its last one received. Made before
+    // the clock starts, like everything else the load needs.
+    let clients = (0..args.concurrency)
+        .map(|_| HttpsClient::new(&args.roots_pem, None, HttpVersion::Http1))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
     let cpu_before = args.server_pid.and_then(cpu_seconds);
     // The load generator shares the machine's cores with the server: its own CPU is part of
     // what bounds a rate measured on one machine, so it is reported beside the server's.
@@ -103,11 +110,7 @@ pub async fn run(args: BenchArgs) -> Result<Value, String> {
     let started = Instant::now();
     let deadline = args.duration.map(|d| started + d);
     let mut workers = Vec::new();
-    for _ in 0..args.concurrency {
-        // Each worker is one client with its own TLS session cache, as each EES has: with
-        // a new connection per request it resumes with the ticket its last one received.
-        let client = HttpsClient::new(&args.roots_pem, None, HttpVersion::Http1)
-            .map_err(|e| e.to_string())?;
+    for client in clients {
         let (args, next) = (args.clone(), next.clone());
         workers.push(tokio::spawn(async move {
             let mut samples = Vec::new();

@@ -318,11 +318,8 @@ pub async fn serve_api(
                     return;
                 }
             };
-            let kind = match tls.get_ref().1.handshake_kind() {
-                Some(rustls::HandshakeKind::Resumed) => "resumed",
-                _ => "full",
-            };
-            app.metrics.tls_handshakes.with_label_values(&[kind]).inc();
+            let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            app.metrics.tls_handshake(resumed);
             let client_chain = Arc::new(
                 tls.get_ref()
                     .1

@@ -849,14 +849,11 @@ async fn presented_cert(
     if current.fingerprint == fingerprint {
         return Ok(Some(current.clone()));
     }
-    use der::Decode;
-    if let Ok(cert) = x509_cert::Certificate::from_der(der) {
-        let serial = hex::encode(cert.tbs_certificate().serial_number().as_bytes());
-        if let Some(issued) = app.store.cert(&serial).await?
-            && issued.fingerprint == fingerprint
-        {
-            return Ok(Some(issued));
-        }
+    if let Some(serial) = ecs_ca_backends::cert_serial_hex(der)
+        && let Some(issued) = app.store.cert(&serial).await?
+        && issued.fingerprint == fingerprint
+    {
+        return Ok(Some(issued));
     }
     Ok(app
         .store

@@ -399,7 +399,7 @@ impl Writer {
         let client = self.client.as_ref().expect("ready");
         let st = self.statements.as_ref().expect("ready");
         client.batch_execute("BEGIN").await.map_err(&fail)?;
-        let results = match apply_pipelined(client, st, &label, group).await? {
+        let mut results = match apply_pipelined(client, st, &label, group).await? {
             Some(done) => done.into_iter().map(Ok).collect(),
             None => apply_each(client, st, &label, group).await?,
         };
@@ -412,7 +412,6 @@ impl Writer {
                 }
             }
         }
-        let mut results = results;
         if !events.is_empty() {
             let records = chain(client, st, &label, events.iter().map(|(_, e)| e)).await?;
             for ((i, _), rec) in events.iter().zip(records) {
